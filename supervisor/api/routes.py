@@ -1,0 +1,347 @@
+"""HTTP API v1 routes (SPEC §6). Thin: validate, authorize, call
+:mod:`supervisor.batches` or a named query, shape the JSON."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from supervisor import batches, models
+from supervisor.api import schemas, sse
+from supervisor.api.context import CTX, ApiContext, principal
+from supervisor.api.problems import Problem, ValidationFailed
+
+routes = web.RouteTableDef()
+JSON_CT = "application/json"
+
+
+def ctx_of(request: web.Request) -> ApiContext:
+    return request.app[CTX]
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(text=json.dumps(data), status=status, content_type=JSON_CT, headers=headers)
+
+
+def _cursor_encode(obj: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+
+def _cursor_decode(text: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        if not isinstance(obj, dict):
+            raise ValueError
+        return obj
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ValidationFailed(
+            [{"path": "cursor", "message": "not a cursor returned by this API"}], 400
+        ) from None
+
+
+async def _batch_or_404(request: web.Request) -> Any:
+    ctx = ctx_of(request)
+    who = principal(request)
+    row = await batches.get(ctx.db, request.match_info["id"], who.tenant_filter)
+    if row is None:
+        raise Problem(404, f"no batch {request.match_info['id']!r}")
+    return row
+
+
+async def _read_json(request: web.Request) -> Any:
+    ctx = ctx_of(request)
+    limit = ctx.cfg.server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise Problem(
+            413,
+            f"request body of {request.content_length} bytes exceeds the limit of "
+            f"{limit} bytes ([server] max_body_bytes)",
+        )
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise Problem(
+            413, f"request body exceeds the limit of {limit} bytes ([server] max_body_bytes)"
+        ) from None
+    if not raw:
+        return None
+    return schemas.parse_json(raw)
+
+
+@routes.post("/v1/batches")
+async def create_batch(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    who = principal(request)
+    who.require("write")
+    body = await _read_json(request)
+    if body is None:
+        raise Problem(400, "request body is empty: expected a JSON object")
+    nb = schemas.submission(
+        body,
+        header_key=request.headers.get("Idempotency-Key"),
+        handler_exists=lambda name: name in ctx.cfg.handlers,
+        max_items=ctx.cfg.server.max_items_per_batch,
+    )
+    hcfg = ctx.cfg.handlers[nb.handler]
+    try:
+        result = await batches.submit(
+            ctx.db,
+            nb,
+            tenant=who.tenant,
+            actor=who.name,
+            attempt_budget=hcfg.max_attempts,
+            callback_handler=nb.on_complete or hcfg.on_complete,
+        )
+    except batches.IdempotencyConflict as exc:
+        raise Problem(409, str(exc)) from None
+    b = result.batch
+    return _json(
+        b,
+        201 if result.created else 200,
+        {"Location": f"/v1/batches/{b['id']}", "ETag": f'"{b["version"]}"'},
+    )
+
+
+@routes.get("/v1/batches")
+async def list_batches(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    who = principal(request)
+    who.require("read")
+    q = request.query
+    limit = schemas.limit_param(q.get("limit"))
+    t: datetime | None = None
+    cid: uuid.UUID | None = None
+    if q.get("cursor"):
+        c = _cursor_decode(q["cursor"])
+        try:
+            t, cid = datetime.fromisoformat(c["t"]), uuid.UUID(c["id"])
+        except (KeyError, ValueError, TypeError):
+            raise ValidationFailed(
+                [{"path": "cursor", "message": "not a cursor returned by this API"}], 400
+            ) from None
+    rows = await ctx.db.fetch(
+        "list_batches", who.tenant_filter, q.get("status"), q.get("handler"), t, cid, limit + 1
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    nxt = (
+        _cursor_encode({"t": rows[-1]["created_at"].isoformat(), "id": str(rows[-1]["id"])})
+        if more
+        else None
+    )
+    return _json({"batches": [models.batch_json(r) for r in rows], "next_cursor": nxt})
+
+
+@routes.get("/v1/batches/{id}")
+async def get_batch(request: web.Request) -> web.StreamResponse:
+    principal(request).require("read")
+    row = await _batch_or_404(request)
+    etag = f'"{row["version"]}"'
+    inm = request.headers.get("If-None-Match")
+    if inm and etag in [t.strip() for t in inm.split(",")]:
+        return web.Response(status=304, headers={"ETag": etag})
+    return _json(models.batch_json(row), headers={"ETag": etag})
+
+
+@routes.patch("/v1/batches/{id}")
+async def patch_batch(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    who = principal(request)
+    who.require("write")
+    fields = schemas.patch(await _read_json(request))
+    row = await _batch_or_404(request)
+    mf = fields.get("max_failures")
+    outcome = await batches.control(
+        ctx.db,
+        "patch_batch",
+        request.match_info["id"],
+        who.tenant_filter,
+        who.name,
+        json.dumps(fields),
+        fields.get("priority"),
+        fields.get("max_concurrency"),
+        json.dumps(mf) if mf is not None else None,
+        batches.failure_limit(mf, row["total"]),
+    )
+    return await _control_response(request, outcome)
+
+
+@routes.delete("/v1/batches/{id}")
+async def delete_batch(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    who = principal(request)
+    who.require("write")
+    row = await _batch_or_404(request)
+    deleted = await ctx.db.fetchval("delete_batch", row["id"], who.tenant_filter)
+    if deleted is None:
+        raise Problem(409, f"batch is {row['status']}: only a terminal batch can be deleted")
+    return web.Response(status=204)
+
+
+async def _control_response(request: web.Request, outcome: str) -> web.Response:
+    if outcome == "not_found":
+        raise Problem(404, f"no batch {request.match_info['id']!r}")
+    if outcome.startswith("conflict:"):
+        raise Problem(409, outcome.partition(":")[2])
+    row = await _batch_or_404(request)
+    return _json(models.batch_json(row), headers={"ETag": f'"{row["version"]}"'})
+
+
+async def _control(request: web.Request, query: str, *args: Any) -> web.Response:
+    ctx = ctx_of(request)
+    who = principal(request)
+    who.require("write")
+    outcome = await batches.control(
+        ctx.db, query, request.match_info["id"], who.tenant_filter, who.name, *args
+    )
+    return await _control_response(request, outcome)
+
+
+@routes.post("/v1/batches/{id}/cancel")
+async def cancel_batch(request: web.Request) -> web.Response:
+    return await _control(request, "cancel_batch")
+
+
+@routes.post("/v1/batches/{id}/pause")
+async def pause_batch(request: web.Request) -> web.Response:
+    return await _control(request, "pause_batch", True)
+
+
+@routes.post("/v1/batches/{id}/resume")
+async def resume_batch(request: web.Request) -> web.Response:
+    return await _control(request, "pause_batch", False)
+
+
+@routes.post("/v1/batches/{id}/retry")
+async def retry_batch(request: web.Request) -> web.Response:
+    body = await _read_json(request)
+    include = False
+    if body is not None:
+        if not isinstance(body, dict) or set(body) - {"include_cancelled"}:
+            raise ValidationFailed(
+                [{"path": "", "message": 'body may only hold {"include_cancelled": true|false}'}]
+            )
+        include = body.get("include_cancelled", False)
+        if not isinstance(include, bool):
+            raise ValidationFailed([{"path": "/include_cancelled", "message": "must be a boolean"}])
+    return await _control(request, "retry_batch", include)
+
+
+@routes.get("/v1/batches/{id}/items")
+async def list_items(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    principal(request).require("read")
+    row = await _batch_or_404(request)
+    q = request.query
+    limit = schemas.limit_param(q.get("limit"))
+    after = 0
+    if q.get("cursor"):
+        c = _cursor_decode(q["cursor"])
+        raw_after = c.get("after")
+        after = raw_after if isinstance(raw_after, int) else -1
+        if after < 0:
+            raise ValidationFailed(
+                [{"path": "cursor", "message": "not a cursor returned by this API"}], 400
+            )
+    rows = await ctx.db.fetch("list_items", row["id"], q.get("status"), after, limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    nxt = _cursor_encode({"after": rows[-1]["id"]}) if more else None
+    return _json({"items": [models.item_json(r) for r in rows], "next_cursor": nxt})
+
+
+@routes.get("/v1/items/{id}")
+async def get_item(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    who = principal(request)
+    who.require("read")
+    raw = request.match_info["id"]
+    if not raw.isdigit() or len(raw) > 18:
+        raise Problem(404, f"no item {raw!r}")
+    row = await ctx.db.fetchrow("get_item", int(raw), who.tenant_filter)
+    if row is None:
+        raise Problem(404, f"no item {raw!r}")
+    return _json(models.item_json(row, with_errors=True))
+
+
+@routes.get("/v1/batches/{id}/summary")
+async def get_summary(request: web.Request) -> web.Response:
+    principal(request).require("read")
+    row = await _batch_or_404(request)
+    return _json(await batches.summary(ctx_of(request).db, row))
+
+
+@routes.get("/v1/batches/{id}/log")
+async def get_log(request: web.Request) -> web.Response:
+    principal(request).require("read")
+    row = await _batch_or_404(request)
+    rows = await ctx_of(request).db.fetch("batch_log", row["id"])
+    return _json(
+        {
+            "batch_id": str(row["id"]),
+            "entries": [
+                {
+                    "at": models.rfc3339(r["at"]),
+                    "action": r["action"],
+                    "actor": r["actor"],
+                    "detail": models.loads(r["detail"]),
+                }
+                for r in rows
+            ],
+        }
+    )
+
+
+@routes.get("/v1/batches/{id}/events")
+async def events(request: web.Request) -> web.StreamResponse:
+    principal(request).require("read")
+    row = await _batch_or_404(request)
+    return await sse.stream(request, ctx_of(request), row)
+
+
+@routes.get("/v1/workers")
+async def workers(request: web.Request) -> web.Response:
+    principal(request).require("read")
+    rows = await ctx_of(request).db.fetch("list_workers")
+    return _json(
+        {
+            "workers": [
+                {
+                    "name": r["name"],
+                    "host": r["host"],
+                    "pid": r["pid"],
+                    "state": r["state"],
+                    "started_at": models.rfc3339(r["started_at"]),
+                    "heartbeat_at": models.rfc3339(r["heartbeat_at"]),
+                    "in_flight": r["in_flight"],
+                    "concurrency": r["concurrency"],
+                }
+                for r in rows
+            ]
+        }
+    )
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    ready, reasons = await ctx_of(request).readiness()
+    return _json({"ready": ready, "reasons": reasons}, 200 if ready else 503)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    body = ctx_of(request).metrics.render()
+    return web.Response(
+        body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )

@@ -1,0 +1,312 @@
+"""Request validation. Every bad field is reported with its JSON Pointer path
+(``/items/3/key``) and a message; the whole request is checked before anything
+is written, so a rejected submission leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from supervisor.api.problems import Problem, ValidationFailed
+from supervisor.batches import NewBatch
+
+INT32 = 2**31 - 1
+SUBMIT_FIELDS = (
+    "handler",
+    "items",
+    "priority",
+    "max_concurrency",
+    "max_attempts",
+    "max_failures",
+    "metadata",
+    "idempotency_key",
+    "on_complete",
+)
+PATCH_FIELDS = ("priority", "max_concurrency", "max_failures")
+_PERCENT = re.compile(r"^(\d{1,3}(?:\.\d+)?)%$")
+KEY_MAX = 1000
+IDEMPOTENCY_MAX = 255
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(raw: bytes) -> Any:
+    """Strict JSON (no NaN/Infinity); malformed input is a 400."""
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Problem(400, f"request body is not valid JSON: {exc}") from None
+
+
+def _find_unstorable(value: Any, path: str) -> tuple[str, str] | None:
+    """Locate a string PostgreSQL cannot store (NUL, lone surrogate)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return path, "contains \\u0000, which PostgreSQL cannot store"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path, "contains an unpaired surrogate, which is not valid Unicode"
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            sub = f"{path}/{_escape(k)}"
+            found = _find_unstorable(k, sub) or _find_unstorable(v, sub)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _find_unstorable(v, f"{path}/{i}")
+            if found:
+                return found
+    return None
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def storable_json(value: Any, path: str, errors: list[dict[str, str]]) -> str | None:
+    """JSON text for jsonb, or None with an error naming the bad path."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    bad = "\\u0000" in text
+    if not bad:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            bad = True
+    if bad:
+        found = _find_unstorable(value, path) or (path, "cannot be stored")
+        errors.append({"path": found[0], "message": found[1]})
+        return None
+    return text
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _opt_int(
+    body: Mapping[str, Any],
+    field: str,
+    errors: list[dict[str, str]],
+    *,
+    minimum: int,
+    maximum: int = INT32,
+) -> int | None:
+    v = body.get(field)
+    if v is None:
+        return None
+    if not _is_int(v) or not minimum <= v <= maximum:
+        errors.append(
+            {
+                "path": f"/{field}",
+                "message": f"must be null or an integer from {minimum} to {maximum}",
+            }
+        )
+        return None
+    return int(v)
+
+
+def _max_failures(v: Any, path: str, errors: list[dict[str, str]]) -> int | str | None:
+    if v is None:
+        return None
+    if _is_int(v) and 0 <= v <= INT32:
+        return int(v)
+    if isinstance(v, str):
+        m = _PERCENT.match(v)
+        if m and 0 <= float(m.group(1)) <= 100:
+            return v
+    errors.append(
+        {"path": path, "message": 'must be null, a non-negative integer or a percentage like "10%"'}
+    )
+    return None
+
+
+def _priority(body: Mapping[str, Any], errors: list[dict[str, str]]) -> int:
+    v = body.get("priority", 0)
+    if v is None:
+        return 0
+    if not _is_int(v) or not -1000 <= v <= 1000:
+        errors.append({"path": "/priority", "message": "must be an integer from -1000 to 1000"})
+        return 0
+    return int(v)
+
+
+def _unknown(body: Mapping[str, Any], known: tuple[str, ...], errors: list[dict[str, str]]) -> None:
+    for k in body:
+        if k not in known:
+            errors.append(
+                {
+                    "path": f"/{_escape(str(k))}",
+                    "message": f"unknown field (known: {', '.join(known)})",
+                }
+            )
+
+
+def submission(
+    body: Any, *, header_key: str | None, handler_exists: Callable[[str], bool], max_items: int
+) -> NewBatch:
+    """Validate a POST /v1/batches body into a NewBatch, or raise with every error."""
+    if not isinstance(body, dict):
+        raise ValidationFailed([{"path": "", "message": "the body must be a JSON object"}])
+    errors: list[dict[str, str]] = []
+    _unknown(body, SUBMIT_FIELDS, errors)
+
+    handler = body.get("handler")
+    if not isinstance(handler, str) or not handler:
+        errors.append({"path": "/handler", "message": "required: the name of a configured handler"})
+    elif not handler_exists(handler):
+        errors.append({"path": "/handler", "message": f"unknown handler {handler!r}"})
+
+    raw_items = body.get("items")
+    items: list[tuple[str | None, str]] = []
+    if not isinstance(raw_items, list) or not raw_items:
+        errors.append({"path": "/items", "message": "required: a non-empty array of items"})
+    elif len(raw_items) > max_items:
+        raise Problem(
+            413,
+            f"/items: {len(raw_items)} items exceed the limit of {max_items} "
+            "per batch ([server] max_items_per_batch)",
+        )
+    else:
+        seen: dict[str, int] = {}
+        for i, entry in enumerate(raw_items):
+            key: str | None = None
+            payload = entry
+            if isinstance(entry, dict) and "payload" in entry and set(entry) <= {"key", "payload"}:
+                payload = entry["payload"]
+                k = entry.get("key")
+                if k is not None:
+                    if not isinstance(k, str) or not k or len(k) > KEY_MAX:
+                        errors.append(
+                            {
+                                "path": f"/items/{i}/key",
+                                "message": f"must be null or a non-empty string of at most {KEY_MAX} chars",
+                            }
+                        )
+                    elif "\x00" in k:
+                        errors.append(
+                            {
+                                "path": f"/items/{i}/key",
+                                "message": "contains \\u0000, which PostgreSQL cannot store",
+                            }
+                        )
+                    elif k in seen:
+                        errors.append(
+                            {
+                                "path": f"/items/{i}/key",
+                                "message": f"duplicate key {k!r} (also /items/{seen[k]}/key)",
+                            }
+                        )
+                    else:
+                        seen[k] = i
+                        key = k
+                payload_path = f"/items/{i}/payload"
+            else:
+                payload_path = f"/items/{i}"
+            text = storable_json(payload, payload_path, errors)
+            if text is not None:
+                items.append((key, text))
+            if len(errors) >= 50:
+                break
+
+    metadata = body.get("metadata", {})
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        errors.append({"path": "/metadata", "message": "must be a JSON object"})
+        metadata = {}
+    else:
+        storable_json(metadata, "/metadata", errors)
+
+    idem = body.get("idempotency_key")
+    if idem is not None and (
+        not isinstance(idem, str) or not idem or len(idem) > IDEMPOTENCY_MAX or "\x00" in idem
+    ):
+        errors.append(
+            {
+                "path": "/idempotency_key",
+                "message": f"must be null or a string of 1 to {IDEMPOTENCY_MAX} characters",
+            }
+        )
+        idem = None
+    if header_key is not None:
+        if not header_key or len(header_key) > IDEMPOTENCY_MAX:
+            errors.append(
+                {
+                    "path": "Idempotency-Key",
+                    "message": f"header must be 1 to {IDEMPOTENCY_MAX} characters",
+                }
+            )
+        elif idem is not None and idem != header_key:
+            errors.append(
+                {"path": "/idempotency_key", "message": "differs from the Idempotency-Key header"}
+            )
+        else:
+            idem = header_key
+
+    on_complete = body.get("on_complete")
+    if on_complete is not None:
+        if not isinstance(on_complete, str):
+            errors.append({"path": "/on_complete", "message": "must be null or a handler name"})
+            on_complete = None
+        elif not handler_exists(on_complete):
+            errors.append({"path": "/on_complete", "message": f"unknown handler {on_complete!r}"})
+
+    nb_priority = _priority(body, errors)
+    max_concurrency = _opt_int(body, "max_concurrency", errors, minimum=1)
+    max_attempts = _opt_int(body, "max_attempts", errors, minimum=1, maximum=1000)
+    max_failures = _max_failures(body.get("max_failures"), "/max_failures", errors)
+    if errors:
+        raise ValidationFailed(errors)
+    return NewBatch(
+        handler=str(handler),
+        items=items,
+        priority=nb_priority,
+        max_concurrency=max_concurrency,
+        max_attempts=max_attempts,
+        max_failures=max_failures,
+        metadata=metadata,
+        idempotency_key=idem,
+        on_complete=on_complete,
+    )
+
+
+def patch(body: Any) -> dict[str, Any]:
+    """Validate a PATCH body; returns only the fields present."""
+    if not isinstance(body, dict):
+        raise ValidationFailed([{"path": "", "message": "the body must be a JSON object"}])
+    errors: list[dict[str, str]] = []
+    _unknown(body, PATCH_FIELDS, errors)
+    if not any(k in body for k in PATCH_FIELDS):
+        errors.append({"path": "", "message": f"give at least one of {', '.join(PATCH_FIELDS)}"})
+    out: dict[str, Any] = {}
+    if "priority" in body:
+        out["priority"] = _priority(body, errors)
+    if "max_concurrency" in body:
+        out["max_concurrency"] = _opt_int(body, "max_concurrency", errors, minimum=1)
+    if "max_failures" in body:
+        out["max_failures"] = _max_failures(body["max_failures"], "/max_failures", errors)
+    if errors:
+        raise ValidationFailed(errors)
+    return out
+
+
+def limit_param(value: str | None, default: int = 100, maximum: int = 500) -> int:
+    if value is None:
+        return default
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if not 1 <= n <= maximum:
+        raise ValidationFailed(
+            [{"path": "limit", "message": f"must be an integer from 1 to {maximum}"}], 400
+        )
+    return n

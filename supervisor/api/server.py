@@ -1,0 +1,100 @@
+"""The aiohttp application and its runner component.
+
+Middleware turns every error into problem+json: validation and state errors
+raised as :class:`Problem`, a database outage as 503, aiohttp's own 404/405/413,
+and anything unexpected as a logged 500 (never a bare traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from importlib import resources
+
+import anyio
+import anyio.abc
+from aiohttp import web
+
+from supervisor.api import routes
+from supervisor.api.context import CTX, PRINCIPAL, ApiContext
+from supervisor.api.problems import Problem, render
+from supervisor.errors import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+PUBLIC = ("/healthz", "/readyz", "/metrics", "/v1/openapi.json", "/", "/static/")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        path = request.path
+        if not (path in PUBLIC or path.startswith("/static/")):
+            request[PRINCIPAL] = request.app[CTX].auth.authenticate(request)
+        return await handler(request)
+    except Problem as p:
+        return render(p.status, p.detail, instance=request.path, errors=p.errors, headers=p.headers)
+    except DatabaseUnavailable as exc:
+        log.warning("api.db_unavailable path=%s error=%s", request.path, exc)
+        return render(
+            503,
+            "the database is unavailable; retry shortly",
+            instance=request.path,
+            headers={"Retry-After": "1"},
+        )
+    except web.HTTPRequestEntityTooLarge as exc:
+        return render(413, exc.text or "request body too large", instance=request.path)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        detail = (
+            exc.reason if exc.status != 404 else f"no route for {request.method} {request.path}"
+        )
+        return render(exc.status, detail, instance=request.path, headers=None)
+    except Exception:
+        log.exception("api.internal_error method=%s path=%s", request.method, request.path)
+        return render(500, "internal error; the daemon logged the details", instance=request.path)
+
+
+def _static(name: str, content_type: str) -> Handler:
+    async def serve(request: web.Request) -> web.StreamResponse:
+        try:
+            data = resources.files("supervisor").joinpath("api", "static", name).read_bytes()
+        except FileNotFoundError:
+            raise Problem(404, f"{name} is not shipped with this build") from None
+        return web.Response(body=data, content_type=content_type)
+
+    return serve
+
+
+def build_app(ctx: ApiContext) -> web.Application:
+    app = web.Application(middlewares=[problems], client_max_size=ctx.cfg.server.max_body_bytes)
+    app[CTX] = ctx
+    app.add_routes(routes.routes)
+    app.router.add_get("/v1/openapi.json", _static("openapi.json", "application/json"))
+    app.router.add_get("/", _static("index.html", "text/html"))
+    return app
+
+
+class ApiServer:
+    def __init__(self, ctx: ApiContext) -> None:
+        self._ctx = ctx
+        self.port: int | None = None
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        runner = web.AppRunner(build_app(self._ctx), access_log=None, shutdown_timeout=2.0)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self._ctx.cfg.server.host, self._ctx.cfg.server.port)
+            await site.start()
+            server = getattr(site, "_server", None)
+            sockets = getattr(server, "sockets", None) or []
+            self.port = sockets[0].getsockname()[1] if sockets else self._ctx.cfg.server.port
+            log.info("api.listening host=%s port=%s", self._ctx.cfg.server.host, self.port)
+            task_status.started()
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await runner.cleanup()

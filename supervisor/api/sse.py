@@ -1,0 +1,104 @@
+"""Server-Sent Events for one batch (SPEC §6).
+
+On connect: ``snapshot`` (the batch JSON). Then, on every change (woken by
+NOTIFY from any daemon, or polling when LISTEN is down): ``item`` events for
+items that reached a terminal state, and a new ``snapshot`` when the version
+moved, at most ~5 per second. After the terminal snapshot: ``end``, and the
+stream closes. Snapshots carry ``id: <version>``; ``Last-Event-ID`` resumes
+item events from that version (at least once: a resumed stream may repeat an
+item event, never skip one).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import anyio
+from aiohttp import web
+
+from supervisor import models
+from supervisor.api.context import ApiContext
+from supervisor.errors import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+MIN_SNAPSHOT_GAP_S = 0.2
+POLL_S = 0.25
+LISTEN_IDLE_S = 5.0
+KEEPALIVE_S = 15.0
+ITEMS_PER_TICK = 1000
+
+
+def _frame(event: str, data: Any, event_id: int | None = None) -> bytes:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+async def stream(request: web.Request, ctx: ApiContext, row: Any) -> web.StreamResponse:
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await resp.prepare(request)
+    batch_id = row["id"]
+    resume = request.headers.get("Last-Event-ID", "")
+    cursor = int(resume) if resume.isdigit() else row["version"]
+    sent_version = -1
+    last_snapshot = 0.0
+    last_write = time.monotonic()
+    with ctx.bus.subscribe(str(batch_id)) as changed:
+        while True:
+            try:
+                row = await ctx.db.fetchrow("get_batch", batch_id, None)
+                if row is None:
+                    break  # deleted meanwhile
+                items = await ctx.db.fetch("items_finished_since", batch_id, cursor, ITEMS_PER_TICK)
+            except DatabaseUnavailable:
+                await changed.wait(1.0)
+                continue
+            for it in items:
+                await resp.write(
+                    _frame(
+                        "item",
+                        {
+                            "id": str(it["id"]),
+                            "key": it["key"],
+                            "status": it["status"],
+                            "error": models.loads(it["error"]),
+                        },
+                    )
+                )
+                cursor = max(cursor, it["finished_version"])
+            if len(items) == ITEMS_PER_TICK:
+                continue  # more finished items to send before the snapshot
+            if row["version"] != sent_version:
+                await resp.write(_frame("snapshot", models.batch_json(row), row["version"]))
+                sent_version = row["version"]
+                cursor = max(cursor, row["version"])
+                last_snapshot = time.monotonic()
+                last_write = last_snapshot
+            if models.is_terminal(row):
+                await resp.write(
+                    _frame(
+                        "end", {"batch_id": str(batch_id), "status": row["status"]}, row["version"]
+                    )
+                )
+                break
+            if ctx.bus.closing:
+                break  # the daemon is draining: clients reconnect to another one
+            await changed.wait(LISTEN_IDLE_S if ctx.bus.listening else POLL_S)
+            if ctx.bus.closing:
+                break
+            gap = MIN_SNAPSHOT_GAP_S - (time.monotonic() - last_snapshot)
+            if gap > 0:
+                await anyio.sleep(gap)  # coalesce bursts of changes into one snapshot
+            if time.monotonic() - last_write > KEEPALIVE_S:
+                await resp.write(b": keepalive\n\n")
+                last_write = time.monotonic()
+    await resp.write_eof()
+    return resp

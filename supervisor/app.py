@@ -1,0 +1,233 @@
+"""The composition root: starts the database (embedded or configured), migrates,
+checks handlers, and runs every component in one task group; owns the signals
+and the two-phase stop.
+
+Start order (each ``await tg.start`` returns once the component is ready):
+events bus → outbox → heartbeat (registers, reclaims the previous incarnation)
+→ reaper → metrics sampler → callbacks → dispatcher → API → READY=1.
+
+Stop (SIGTERM/SIGINT): draining (readyz 503, workers row, metrics, STOPPING=1)
+→ dispatcher and callbacks stop claiming → running items get drain_timeout
+(a second signal skips the wait) → what still runs is released → every outcome
+is written → deregister → API and the rest stop → embedded server stops → exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from supervisor import (
+    callbacks,
+    dispatcher,
+    embedded,
+    events,
+    handlers,
+    heartbeat,
+    reaper,
+    retention,
+    systemd,
+)
+from supervisor import db as dbm
+from supervisor import metrics as metrics_mod
+from supervisor import outbox as outbox_mod
+from supervisor.api.auth import Authenticator
+from supervisor.api.context import ApiContext
+from supervisor.api.server import ApiServer
+from supervisor.config import Config
+from supervisor.errors import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+OUTBOX_FLUSH_TIMEOUT_S = 30.0
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.lease = str(uuid.uuid4())
+        self.metrics = metrics_mod.Metrics()
+        self.state = "starting"
+        self.pg: embedded.EmbeddedPostgres | None = None
+        self.api: ApiServer | None = None
+        self._on_first_signal: Callable[[], None] = lambda: None
+        self._on_second_signal: Callable[[], None] = lambda: None
+
+    # -- database ---------------------------------------------------------------
+
+    async def _dsn(self) -> str:
+        url = self.cfg.database_url
+        if url:
+            return url
+        data_dir = self.cfg.embedded_data_dir
+        self.pg = embedded.EmbeddedPostgres(
+            data_dir, port=self.cfg.embedded.port, bin_dir=self.cfg.embedded.bin_dir or None
+        )
+        log.info("embedded.starting data_dir=%s", data_dir)
+        pg = self.pg
+        return await anyio.to_thread.run_sync(pg.start)
+
+    async def _stop_embedded(self) -> None:
+        if self.pg is not None:
+            pg = self.pg
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(pg.stop)
+            log.info("embedded.stopped")
+
+    # -- readiness ----------------------------------------------------------------
+
+    async def readiness(
+        self, db: dbm.Database, disp: dispatcher.Dispatcher
+    ) -> tuple[bool, list[str]]:
+        reasons: list[str] = []
+        if self.state != "running":
+            reasons.append(f"worker is {self.state}")
+        try:
+            with anyio.fail_after(2):
+                version, latest = await dbm.schema_status(db)
+            if version != latest:
+                reasons.append(f"schema at version {version}, expected {latest}")
+        except (DatabaseUnavailable, TimeoutError) as exc:
+            reasons.append(f"database unreachable: {exc}")
+        if not disp.db_ok:
+            reasons.append("database unavailable to the dispatcher")
+        return not reasons, reasons
+
+    # -- run ----------------------------------------------------------------------
+
+    async def run(self) -> int:
+        built = handlers.build_all(self.cfg)  # a broken handler stops us before anything starts
+        main = anyio.CancelScope()
+        self._on_first_signal = main.cancel  # before we serve, a signal just aborts start-up
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._signals)
+                try:
+                    with main:
+                        dsn = await self._dsn()
+                        await self._run(dsn, built)
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await handlers.close_all(built)
+                await self._stop_embedded()
+        return 0
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            first = True
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if first:
+                    log.info("app.signal signal=%s: draining", name)
+                    first = False
+                    self._on_first_signal()
+                else:
+                    log.info("app.signal signal=%s: skipping the drain wait", name)
+                    self._on_second_signal()
+
+    async def _run(self, dsn: str, built: dict[str, handlers.Handler]) -> int:
+        db = await dbm.Database.connect(self.cfg, dsn, on_error=self.metrics.db_error)
+        try:
+            applied = await dbm.with_retry(lambda: dbm.migrate(db))
+            if applied:
+                log.info("app.migrated versions=%s", applied)
+            return await self._serve(db, dsn, built)
+        finally:
+            await db.close()
+
+    async def _serve(self, db: dbm.Database, dsn: str, built: dict[str, handlers.Handler]) -> int:
+        cfg = self.cfg
+        actor = cfg.worker.name
+        ob = outbox_mod.Outbox(db, actor, self.metrics.applied)
+        disp = dispatcher.Dispatcher(cfg, db, built, ob, self.lease, self.metrics.in_flight_delta)
+        bus = events.Bus(db, cfg.database.listen_url or dsn, cfg.database.schema)
+        cbs = callbacks.Callbacks(cfg, db, built, self.lease, self.metrics)
+
+        def on_wake(payload: str) -> None:
+            disp.wake(payload)
+            cbs.wake(payload)
+
+        bus.on_wake = on_wake
+        bus.on_cancel = lambda batch_id: None if disp.cancel_batch(batch_id) else None
+
+        def reclaimed(rows: list[Any]) -> None:
+            counts: dict[str, int] = {}
+            for r in rows:
+                if r["kind"] == "item":
+                    counts[r["handler"]] = counts.get(r["handler"], 0) + 1
+                else:
+                    self.metrics.finished(r["status"], float(r["seconds"] or 0))
+            self.metrics.reclaimed(counts)
+
+        hb = heartbeat.Heartbeat(
+            cfg, db, self.lease, lambda: self.state, lambda: disp.in_flight, reclaimed
+        )
+        ctx = ApiContext(
+            cfg=cfg,
+            db=db,
+            bus=bus,
+            metrics=self.metrics,
+            auth=Authenticator(cfg.tokens),
+            readiness=lambda: self.readiness(db, disp),
+            draining=lambda: self.state == "draining",
+        )
+        self.api = ApiServer(ctx)
+
+        def drain() -> None:
+            self._set_state("draining")
+            systemd.notify("STOPPING=1")
+            hb.wake()
+            bus.close_streams()
+            disp.stop_claiming()
+            cbs.stop_claiming()
+
+        async with anyio.create_task_group() as root:
+            await root.start(bus.run)
+            await root.start(ob.run)
+            await hb.register()
+            await root.start(hb.run)
+            await root.start(reaper.Reaper(cfg, db, reclaimed).run)
+            await root.start(metrics_mod.QueueSampler(db, self.metrics).run)
+            await root.start(retention.Retention(cfg, db).run)
+            await root.start(systemd.Watchdog(lambda: dispatcher.status_line(disp)).run)
+            async with anyio.create_task_group() as work:
+                await work.start(cbs.run)
+                await work.start(disp.run)
+                await root.start(self.api.run)
+                self._on_first_signal = drain
+                self._on_second_signal = disp.skip_drain
+                self._set_state("running")
+                systemd.notify("READY=1")
+                log.info(
+                    "app.ready worker=%s lease=%s port=%s concurrency=%s",
+                    cfg.worker.name,
+                    self.lease,
+                    self.api.port,
+                    cfg.worker.concurrency,
+                )
+            # The work group has ended: every attempt finished or was released.
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(OUTBOX_FLUSH_TIMEOUT_S) as flush:
+                    await ob.wait_empty()
+                if flush.cancelled_caught:
+                    log.error(
+                        "app.outcomes_unwritten count=%s: the database stayed away; the "
+                        "items stay running and are reclaimed on restart",
+                        ob.pending,
+                    )
+                self._set_state("stopped")
+                await hb.deregister()
+            root.cancel_scope.cancel()
+        log.info("app.stopped released=%s", disp.released)
+        return 0
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        self.metrics.set_state(state)

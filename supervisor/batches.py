@@ -1,0 +1,178 @@
+"""Batch operations shared by the API, the CLI and callbacks: submission (one
+transaction: batch row, every item by COPY, audit entry, wake-up), reads,
+summaries and the controls (cancel, pause, resume, retry, patch, delete).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from supervisor import db as dbm
+from supervisor import models, states
+
+ITEM_COLUMNS = ("batch_id", "seq", "key", "handler", "payload", "max_attempts")
+
+
+@dataclasses.dataclass(frozen=True)
+class NewBatch:
+    """A validated submission (see api/schemas.py)."""
+
+    handler: str
+    items: Sequence[tuple[str | None, str]]  # (key, payload as JSON text)
+    priority: int = 0
+    max_concurrency: int | None = None
+    max_attempts: int | None = None
+    max_failures: int | str | None = None
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    idempotency_key: str | None = None
+    on_complete: str | None = None
+
+    def request_hash(self) -> str:
+        h = hashlib.sha256()
+        head = {k: v for k, v in dataclasses.asdict(self).items() if k != "items"}
+        h.update(json.dumps(head, sort_keys=True, default=str).encode())
+        for key, payload in self.items:
+            h.update(b"\x1e" + (key or "").encode() + b"\x1f" + payload.encode())
+        return h.hexdigest()
+
+
+def failure_limit(max_failures: int | str | None, total: int) -> int | None:
+    """The failure budget as a count: an integer, or "N%" of ``total``."""
+    if max_failures is None:
+        return None
+    if isinstance(max_failures, str):
+        return math.floor(total * float(max_failures.rstrip("%")) / 100)
+    return int(max_failures)
+
+
+@dataclasses.dataclass(frozen=True)
+class Submitted:
+    batch: dict[str, Any]
+    created: bool  # False: an idempotent repeat of an earlier submission
+
+
+class IdempotencyConflict(Exception):
+    """The idempotency key was used before with different content."""
+
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(f"idempotency key already used by batch {batch_id} with different content")
+        self.batch_id = batch_id
+
+
+async def submit(
+    db: dbm.Database,
+    nb: NewBatch,
+    *,
+    tenant: str,
+    actor: str,
+    attempt_budget: int,
+    callback_handler: str | None,
+) -> Submitted:
+    """Insert a batch and all its items in one transaction: all or nothing."""
+    batch_id = uuid.uuid4()
+    digest = nb.request_hash()
+    total = len(nb.items)
+    async with db.transaction("submit") as tx:
+        inserted = await tx.fetchval(
+            "insert_batch",
+            batch_id,
+            tenant,
+            nb.handler,
+            nb.priority,
+            nb.max_concurrency,
+            nb.max_attempts,
+            attempt_budget,
+            json.dumps(nb.max_failures) if nb.max_failures is not None else None,
+            failure_limit(nb.max_failures, total),
+            json.dumps(nb.metadata),
+            nb.idempotency_key,
+            digest,
+            total,
+            actor,
+            callback_handler,
+        )
+        if inserted is None:
+            row = await tx.fetchrow("find_idempotent_batch", tenant, nb.idempotency_key)
+            assert row is not None  # the conflicting row is committed and visible now
+            if row["request_hash"] != digest:
+                raise IdempotencyConflict(str(row["id"]))
+            existing = await tx.fetchrow("get_batch", row["id"], tenant)
+            assert existing is not None
+            return Submitted(models.batch_json(existing), created=False)
+        budget = nb.max_attempts or attempt_budget
+        await tx.copy_items(
+            db.schema,
+            ITEM_COLUMNS,
+            [
+                (batch_id, i, key, nb.handler, payload, budget)
+                for i, (key, payload) in enumerate(nb.items)
+            ],
+        )
+        await tx.execute(
+            "log_event",
+            batch_id,
+            "created",
+            actor,
+            json.dumps({"items": total, "handler": nb.handler}),
+        )
+        await tx.execute("notify_wake", nb.handler)
+        await tx.execute("notify_batch", f"{batch_id}:1:queued")
+        row = await tx.fetchrow("get_batch", batch_id, tenant)
+        assert row is not None
+    return Submitted(models.batch_json(row), created=True)
+
+
+async def get(db: dbm.Database, batch_id: str, tenant: str | None) -> asyncpg.Record | None:
+    try:
+        bid = uuid.UUID(batch_id)
+    except ValueError:
+        return None
+    return await db.fetchrow("get_batch", bid, tenant)
+
+
+async def summary(db: dbm.Database, row: asyncpg.Record) -> dict[str, Any]:
+    stats = await db.fetchrow("item_stats", row["id"])
+    started, finished = row["started_at"], row["finished_at"]
+    duration = None
+    if started is not None:
+        duration = round(((finished or datetime.now(UTC)) - started).total_seconds(), 3)
+    batch = models.batch_json(row)
+
+    def num(v: Any) -> float | None:
+        return round(float(v), 4) if v is not None else None
+
+    return {
+        "batch_id": batch["id"],
+        "final": states.is_batch_terminal(row["status"]),
+        "status": row["status"],
+        "counts": batch["counts"],
+        "duration_seconds": duration,
+        "item_seconds": {
+            "p50": num(stats["p50"]) if stats else None,
+            "p95": num(stats["p95"]) if stats else None,
+            "max": num(stats["max"]) if stats else None,
+        },
+        "errors_by_type": models.loads(stats["errors_by_type"]) if stats else {},
+        "callback": batch["callback"],
+    }
+
+
+async def control(
+    db: dbm.Database, query: str, batch_id: str, tenant: str | None, actor: str, *args: Any
+) -> str:
+    """Run one control function; returns 'ok', 'not_found' or 'conflict:<reason>'."""
+    try:
+        bid = uuid.UUID(batch_id)
+    except ValueError:
+        return "not_found"
+    outcome: str = await db.fetchval(query, bid, tenant, actor, *args)
+    return outcome

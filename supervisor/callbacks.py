@@ -1,0 +1,179 @@
+"""Durable completion callbacks.
+
+When a batch turns terminal with a callback handler, the same transaction sets
+``callback.state = pending``. This component claims pending callbacks (SKIP
+LOCKED, fenced by lease and attempt like items), runs the handler with
+``{"batch": <batch JSON>, "summary": <summary>}`` through the executor's
+invoke path (same timeout, retry and error recording), and records the
+outcome. A failing callback never changes the batch's status. At shutdown a
+running callback goes back to pending.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import uuid
+from collections.abc import Mapping
+
+import anyio
+import anyio.abc
+
+from supervisor import batches, executor, models, states
+from supervisor import db as dbm
+from supervisor.config import Config
+from supervisor.errors import DatabaseUnavailable
+from supervisor.events import Wakeup
+from supervisor.handlers import Handler
+from supervisor.metrics import Metrics
+
+log = logging.getLogger(__name__)
+MAX_PARALLEL = 4
+
+
+class Callbacks:
+    def __init__(
+        self,
+        cfg: Config,
+        db: dbm.Database,
+        handlers: Mapping[str, Handler],
+        lease: str,
+        metrics: Metrics,
+    ) -> None:
+        self._cfg = cfg
+        self._db = db
+        self._handlers = handlers
+        self._lease = lease
+        self._metrics = metrics
+        self._wakeup = Wakeup()
+        self._claim_scope = anyio.CancelScope()
+        self._running = 0
+
+    def wake(self, _payload: str = "") -> None:
+        self._wakeup.set()
+
+    def stop_claiming(self) -> None:
+        self._claim_scope.cancel()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with anyio.create_task_group() as tg:
+            task_status.started()
+            with self._claim_scope:
+                while True:
+                    free = MAX_PARALLEL - self._running
+                    rows = []
+                    if free > 0:
+                        try:
+                            rows = await self._db.fetch(
+                                "claim_callbacks",
+                                free,
+                                uuid.UUID(self._lease),
+                                self._cfg.worker.name,
+                            )
+                        except DatabaseUnavailable:
+                            rows = []  # the dispatcher reports outages; poll again later
+                    for row in rows:
+                        self._running += 1
+                        tg.start_soon(self._run_one, row)
+                    if not rows:
+                        await self._wakeup.wait(self._cfg.worker.poll_interval_s * 2)
+            # Soft stop: let running callbacks finish within the drain window.
+            with anyio.move_on_after(self._cfg.worker.drain_timeout_s):
+                while self._running:
+                    await self._wakeup.wait(0.1)
+            tg.cancel_scope.cancel()
+
+    async def _run_one(self, row: dbm.Record) -> None:
+        attempt_no = row["callback_attempts"]
+        handler = self._handlers.get(row["callback_handler"])
+        outcome: str = "pending"
+        error: dict[str, object] | None = None
+        delay = 0.0
+        try:
+            if handler is None:
+                outcome = "failed"
+                error = executor.error_entry(
+                    attempt_no,
+                    "HandlerNotConfigured",
+                    f"no handler {row['callback_handler']!r} in this daemon's configuration",
+                    None,
+                    self._cfg.worker.name,
+                )
+            else:
+                payload = {
+                    "batch": models.batch_json(row),
+                    "summary": await batches.summary(self._db, row),
+                }
+                item = models.Item(
+                    id=f"callback:{row['id']}",
+                    batch_id=str(row["id"]),
+                    key=None,
+                    payload=payload,
+                    attempt=attempt_no,
+                    max_attempts=handler.config.max_attempts,
+                    handler=handler.config.name,
+                    batch_metadata=models.loads(row["metadata"]),
+                )
+                result = await executor.invoke(handler, item, self._cfg.worker.name)
+                error = result.error
+                if result.outcome is states.Outcome.SUCCEEDED:
+                    outcome = "succeeded"
+                elif (
+                    result.outcome is states.Outcome.RETRY
+                    and attempt_no < handler.config.max_attempts
+                ):
+                    outcome = "pending"
+                    delay = result.delay_s or handler.config.retry_backoff.delay(
+                        attempt_no, random.random()
+                    )
+                else:
+                    outcome = "failed"
+        except anyio.get_cancelled_exc_class():
+            outcome, error = "pending", None  # shutdown: release it to be run again
+            raise
+        except DatabaseUnavailable as exc:
+            outcome, error = (
+                "pending",
+                executor.error_entry(
+                    attempt_no, "DatabaseUnavailable", str(exc), None, self._cfg.worker.name
+                ),
+            )
+            delay = 1.0
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._finish(row, attempt_no, outcome, error, delay)
+            self._running -= 1
+            self._wakeup.set()
+
+    async def _finish(
+        self,
+        row: dbm.Record,
+        attempt_no: int,
+        outcome: str,
+        error: dict[str, object] | None,
+        delay: float,
+    ) -> None:
+        try:
+            await dbm.with_retry(
+                lambda: self._db.execute(
+                    "finish_callback",
+                    row["id"],
+                    uuid.UUID(self._lease),
+                    attempt_no,
+                    outcome,
+                    json.dumps(error) if error is not None else None,
+                    delay,
+                    self._cfg.worker.name,
+                ),
+                stop_after_s=30,
+            )
+        except DatabaseUnavailable as exc:
+            # Left running under our lease: the reaper (or our restart) sets it pending again.
+            log.warning("callbacks.finish_failed batch=%s error=%s", row["id"], exc)
+            return
+        label = "retried" if outcome == "pending" else outcome
+        self._metrics.callbacks.labels(label).inc()
+        log.info("callbacks.%s batch=%s attempt=%s", label, row["id"], attempt_no)

@@ -1,0 +1,412 @@
+"""Command line: the daemon (``run``), operator tools (``migrate``, ``check``,
+``doctor``) and HTTP client verbs (``submit``, ``status``, ``watch``, ``list``,
+``cancel``, ``pause``, ``resume``, ``retry``).
+
+Exit codes: 0 ok; 1 failure (API error, batch not completed cleanly, drift
+found); 2 usage; 78 (EX_CONFIG) invalid configuration or a broken handler.
+Client errors print one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from supervisor import __version__, config, handlers, logs
+from supervisor import db as dbm
+from supervisor.errors import ConfigError, HandlerLoadError, SchemaTooNew, SupervisorError
+
+EX_CONFIG = 78
+log = logging.getLogger("supervisor.cli")
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+class ClientError(Exception):
+    """An API call failed; the message is the one line shown to the user."""
+
+
+# -- daemon and operator commands ----------------------------------------------------
+
+
+def _load(args: argparse.Namespace) -> config.Config:
+    cfg = config.load(args.config)
+    logs.setup(cfg.logging.level, cfg.logging.format)
+    return cfg
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from supervisor import app
+
+    cfg = _load(args)
+    import anyio
+
+    return anyio.run(app.Daemon(cfg).run)
+
+
+@contextlib.asynccontextmanager
+async def _database(cfg: config.Config) -> AsyncIterator[dbm.Database]:
+    """A pool on the configured database, starting the embedded server if needed
+    (and stopping it again only if we started it)."""
+    from supervisor import embedded
+
+    url = cfg.database_url
+    pg: embedded.EmbeddedPostgres | None = None
+    if not url:
+        pg = embedded.EmbeddedPostgres(
+            cfg.embedded_data_dir, port=cfg.embedded.port, bin_dir=cfg.embedded.bin_dir or None
+        )
+        url = await asyncio.to_thread(pg.start)
+    db = await dbm.Database.connect(cfg, url)
+    try:
+        yield db
+    finally:
+        await db.close()
+        if pg is not None and not pg.adopted:
+            await asyncio.to_thread(pg.stop)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+
+    async def go() -> int:
+        async with _database(cfg) as db:
+            applied = await dbm.migrate(db)
+            version, _ = await dbm.schema_status(db)
+        print(
+            f"schema {cfg.database.schema!r} at version {version}"
+            + (f" (applied {', '.join(map(str, applied))})" if applied else " (already current)")
+        )
+        return 0
+
+    return asyncio.run(go())
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    problems = handlers.check_all(cfg)
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    if problems:
+        return EX_CONFIG
+    print(f"configuration ok: {len(cfg.handlers)} handler(s): {', '.join(cfg.handlers) or '-'}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+
+    async def go() -> int:
+        async with _database(cfg) as db:
+            drift = await db.fetch("doctor_drift")
+            orphans = await db.fetchval("doctor_orphans")
+            for r in drift:
+                counted = {
+                    k: r[k[0]] for k in ("queued", "running", "succeeded", "failed", "cancelled")
+                }
+                stored = {k: r[k] for k in counted}
+                print(
+                    f"drift: batch {r['id']} status={r['status']} total={r['total']} "
+                    f"(items: {r['n']}) stored={stored} counted={counted}"
+                )
+                if args.repair:
+                    status = await db.fetchval("doctor_repair", r["id"], "doctor")
+                    print(f"  repaired: batch {r['id']} -> {status}")
+            if orphans:
+                print(
+                    f"note: {orphans} item(s) running under a lease no live worker holds; "
+                    "a running daemon's reaper reclaims them"
+                )
+            if not drift:
+                print("no drift: every batch's counters and status match its items")
+                return 0
+            return 0 if args.repair else 1
+
+    return asyncio.run(go())
+
+
+# -- HTTP client ----------------------------------------------------------------------
+
+
+def _client_url(args: argparse.Namespace) -> str:
+    return (args.url or os.environ.get("BATCH_SUPERVISOR_URL") or DEFAULT_URL).rstrip("/")
+
+
+def _headers() -> dict[str, str]:
+    token = os.environ.get("BATCH_SUPERVISOR_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+async def _call(session: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> Any:
+    try:
+        async with session.request(method, url, headers=_headers(), **kw) as resp:
+            text = await resp.text()
+            if resp.status >= 400:
+                detail = text
+                with contextlib.suppress(ValueError):
+                    body = json.loads(text)
+                    detail = body.get("detail") or body.get("title") or text
+                    if body.get("errors"):
+                        detail += "; " + "; ".join(
+                            f"{e['path']}: {e['message']}" for e in body["errors"][:5]
+                        )
+                raise ClientError(f"{method} {url}: {resp.status} {detail}")
+            return json.loads(text) if text else None
+    except aiohttp.ClientError as exc:
+        raise ClientError(f"cannot reach {url}: {exc}") from None
+
+
+def _read_items(path: str, key_field: str | None) -> list[Any]:
+    text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+    stripped = text.lstrip()
+    try:
+        if stripped.startswith("["):
+            payloads = json.loads(text)
+        else:
+            payloads = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise ClientError(f"{path}: not JSON Lines or a JSON array: {exc}") from None
+    if key_field is None:
+        return list(payloads)
+    items = []
+    for i, p in enumerate(payloads):
+        if not isinstance(p, dict) or key_field not in p:
+            raise ClientError(f"{path}: item {i} has no field {key_field!r} for --key-field")
+        items.append({"key": str(p[key_field]), "payload": p})
+    return items
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    filled = int(width * done / total) if total else width
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def _print_status(b: dict[str, Any]) -> None:
+    c = b["counts"]
+    print(f"batch     {b['id']}")
+    print(f"handler   {b['handler']}")
+    print(f"status    {b['status']}")
+    print(
+        f"progress  {_bar(c['succeeded'] + c['failed'] + c['cancelled'], c['total'])} "
+        f"{b['progress'] * 100:.1f}%"
+    )
+    print("counts    " + "  ".join(f"{k}={v}" for k, v in c.items()))
+    print(f"created   {b['created_at']}   finished {b['finished_at'] or '-'}")
+    cb = b["callback"]
+    if cb["handler"]:
+        print(f"callback  {cb['handler']}: {cb['state']} (attempts {cb['attempts']})")
+
+
+async def _sse(session: aiohttp.ClientSession, url: str) -> AsyncIterator[tuple[str, Any]]:
+    async with session.get(
+        url,
+        headers=_headers() | {"Accept": "text/event-stream"},
+        timeout=aiohttp.ClientTimeout(total=None, sock_read=60),
+    ) as resp:
+        if resp.status >= 400:
+            raise ClientError(f"GET {url}: {resp.status} {await resp.text()}")
+        event, data = "message", list[str]()
+        async for raw in resp.content:
+            line = raw.decode().rstrip("\n")
+            if not line:
+                if data:
+                    yield event, json.loads("\n".join(data))
+                event, data = "message", []
+            elif line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+
+
+async def _watch(session: aiohttp.ClientSession, base: str, batch_id: str, quiet: bool) -> int:
+    start = time.monotonic()
+    first_done: int | None = None
+    final: dict[str, Any] | None = None
+    failures = 0
+    async for event, data in _sse(session, f"{base}/v1/batches/{batch_id}/events"):
+        if event == "snapshot":
+            final = data
+            c = data["counts"]
+            done = c["succeeded"] + c["failed"] + c["cancelled"]
+            if first_done is None:
+                first_done = done
+            elapsed = max(1e-6, time.monotonic() - start)
+            rate = (done - first_done) / elapsed
+            eta = f"{(c['total'] - done) / rate:.0f}s" if rate > 0 and done < c["total"] else "-"
+            if not quiet:
+                sys.stderr.write(
+                    f"\r{_bar(done, c['total'])} {done}/{c['total']} "
+                    f"{rate:.1f}/s eta {eta} failed {c['failed']} "
+                    f"[{data['status']}]   "
+                )
+                sys.stderr.flush()
+        elif event == "item" and data.get("status") == "failed":
+            failures += 1
+        elif event == "end":
+            break
+    if not quiet:
+        sys.stderr.write("\n")
+    if final is None:
+        raise ClientError("the event stream ended before any snapshot")
+    if final["status"] != "completed":
+        items = await _call(
+            session, "GET", f"{base}/v1/batches/{batch_id}/items?status=failed&limit=20"
+        )
+        print(
+            f"batch {batch_id} ended {final['status']}: "
+            f"{final['counts']['failed']} failed, {final['counts']['cancelled']} cancelled"
+        )
+        for it in items["items"]:
+            err = it.get("error") or {}
+            print(f"  item {it['id']} key={it['key']}: {err.get('type')}: {err.get('message')}")
+        return 1
+    print(f"batch {batch_id} completed: {final['counts']['succeeded']} succeeded")
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    base = _client_url(args)
+
+    async def go() -> int:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
+            verb = args.command
+            if verb == "submit":
+                body: dict[str, Any] = {
+                    "handler": args.handler,
+                    "items": _read_items(args.file, args.key_field),
+                }
+                for field in ("priority", "max_concurrency", "idempotency_key", "max_attempts"):
+                    if getattr(args, field, None) is not None:
+                        body[field] = getattr(args, field)
+                b = await _call(s, "POST", f"{base}/v1/batches", json=body)
+                print(b["id"] if not args.json else json.dumps(b))
+                if args.wait:
+                    return await _watch(s, base, b["id"], quiet=args.json)
+                return 0
+            if verb == "status":
+                b = await _call(s, "GET", f"{base}/v1/batches/{args.id}")
+                if args.json:
+                    print(json.dumps(b, indent=2))
+                else:
+                    _print_status(b)
+                return 0
+            if verb == "watch":
+                return await _watch(s, base, args.id, quiet=False)
+            if verb == "list":
+                q = f"?limit={args.limit}" + (f"&status={args.status}" if args.status else "")
+                data = await _call(s, "GET", f"{base}/v1/batches{q}")
+                if args.json:
+                    print(json.dumps(data, indent=2))
+                for b in [] if args.json else data["batches"]:
+                    c = b["counts"]
+                    print(
+                        f"{b['id']}  {b['status']:<22} {b['handler']:<12} "
+                        f"{c['succeeded'] + c['failed'] + c['cancelled']}/{c['total']}  "
+                        f"{b['created_at']}"
+                    )
+                return 0
+            body2 = (
+                {"include_cancelled": True} if getattr(args, "include_cancelled", False) else None
+            )
+            b = await _call(s, "POST", f"{base}/v1/batches/{args.id}/{verb}", json=body2)
+            print(f"batch {b['id']}: {b['status']}")
+            return 0
+
+    try:
+        return asyncio.run(go())
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, KeyboardInterrupt) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+# -- argument parsing -----------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="batch-supervisor", description="A durable batch-job daemon on PostgreSQL."
+    )
+    p.add_argument("--version", action="version", version=f"batch-supervisor {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument(
+            "--config", help="config file (default ./config.toml, env BATCH_SUPERVISOR_CONFIG)"
+        )
+        return sp
+
+    def with_url(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        with_config(sp)
+        sp.add_argument(
+            "--url", help=f"API base URL (env BATCH_SUPERVISOR_URL, default {DEFAULT_URL})"
+        )
+        return sp
+
+    with_config(sub.add_parser("run", help="run the daemon"))
+    with_config(sub.add_parser("migrate", help="apply database migrations"))
+    with_config(sub.add_parser("check", help="validate the configuration and every handler"))
+    d = with_config(sub.add_parser("doctor", help="check the SPEC §4 invariants of every batch"))
+    d.add_argument("--repair", action="store_true", help="fix the drift found")
+
+    s = with_url(sub.add_parser("submit", help="submit a batch from JSON Lines or a JSON array"))
+    s.add_argument("handler")
+    s.add_argument("file", help="file with one payload per line, or a JSON array; - for stdin")
+    s.add_argument("--key-field", help="use this payload field as each item's key")
+    s.add_argument("--priority", type=int)
+    s.add_argument("--max-concurrency", type=int)
+    s.add_argument("--max-attempts", type=int)
+    s.add_argument("--idempotency-key")
+    s.add_argument("--wait", action="store_true", help="watch until terminal; exit 0 on completed")
+    s.add_argument("--json", action="store_true", help="print the batch JSON")
+    st = with_url(sub.add_parser("status", help="show a batch"))
+    st.add_argument("id")
+    st.add_argument("--json", action="store_true")
+    w = with_url(sub.add_parser("watch", help="live progress until the batch is terminal"))
+    w.add_argument("id")
+    ls = with_url(sub.add_parser("list", help="list batches, newest first"))
+    ls.add_argument("--status")
+    ls.add_argument("--limit", type=int, default=20)
+    ls.add_argument("--json", action="store_true")
+    for verb in ("cancel", "pause", "resume", "retry"):
+        v = with_url(sub.add_parser(verb, help=f"{verb} a batch"))
+        v.add_argument("id")
+        if verb == "retry":
+            v.add_argument("--include-cancelled", action="store_true")
+    return p
+
+
+COMMANDS = {"run": cmd_run, "migrate": cmd_migrate, "check": cmd_check, "doctor": cmd_doctor}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return COMMANDS.get(args.command, cmd_client)(args)
+    except ConfigError as exc:
+        print(f"batch-supervisor: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except HandlerLoadError as exc:
+        print(f"batch-supervisor: handler check failed: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except SchemaTooNew as exc:
+        print(f"batch-supervisor: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except SupervisorError as exc:
+        print(f"batch-supervisor: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The database: pool lifecycle, the only executor of SQL, and the policy for
+transient errors.
+
+Queries are named (``sql/queries.sql``) and run through :class:`Database`;
+errors that mean "the database is away for now" are wrapped once, here, into
+:class:`~supervisor.errors.DatabaseUnavailable`, and retried with the single
+tenacity policy defined below by the callers that must not give up (outcome
+writes, heartbeats, start-up).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import asyncpg
+import tenacity
+
+from supervisor import sqlfile
+from supervisor.config import Config
+from supervisor.errors import DatabaseUnavailable, SchemaTooNew
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Record = asyncpg.Record
+
+_TRANSIENT = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+    OSError,
+    TimeoutError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors that go away by themselves: retry, do not crash."""
+    if isinstance(exc, DatabaseUnavailable | _TRANSIENT):
+        return True
+    if isinstance(exc, asyncpg.InterfaceError):
+        text = str(exc).lower()
+        return "connection" in text and ("closed" in text or "lost" in text)
+    return False
+
+
+def retrying(
+    *, max_wait_s: float = 5.0, stop_after_s: float | None = None
+) -> tenacity.AsyncRetrying:
+    """The one retry policy for database calls: transient errors only, exponential
+    backoff with jitter, forever unless ``stop_after_s``."""
+    stop: Any = (
+        tenacity.stop_never if stop_after_s is None else tenacity.stop_after_delay(stop_after_s)
+    )
+    return tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_exception(is_transient),
+        wait=tenacity.wait_exponential_jitter(initial=0.05, max=max_wait_s),
+        stop=stop,
+        reraise=True,
+        before_sleep=lambda rs: log.warning(
+            "db.retry attempt=%s error=%s", rs.attempt_number, rs.outcome and rs.outcome.exception()
+        ),
+    )
+
+
+async def with_retry(fn: Callable[[], Awaitable[T]], *, stop_after_s: float | None = None) -> T:
+    async for attempt in retrying(stop_after_s=stop_after_s):
+        with attempt:
+            return await fn()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class Database:
+    """A pool plus the named queries. Every method wraps transient failures."""
+
+    def __init__(self, pool: asyncpg.Pool, schema: str, on_error: Callable[[str], None]) -> None:
+        self.pool = pool
+        self.schema = schema
+        self.queries = sqlfile.load_queries(schema)
+        self._on_error = on_error
+
+    @classmethod
+    async def connect(
+        cls, cfg: Config, dsn: str, on_error: Callable[[str], None] = lambda op: None
+    ) -> Database:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=0,
+            max_size=cfg.database.pool_max,
+            statement_cache_size=cfg.database.statement_cache_size,
+            command_timeout=60,
+            timeout=5,
+            max_inactive_connection_lifetime=60,
+        )
+        return cls(pool, cfg.database.schema, on_error)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):  # closing a pool whose server is gone must not raise
+            await self.pool.close()
+
+    def sql(self, name: str) -> str:
+        return self.queries[name]
+
+    @contextlib.asynccontextmanager
+    async def _guard(self, op: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except Exception as exc:
+            if is_transient(exc):
+                self._on_error(op)
+                raise DatabaseUnavailable(f"{op}: {type(exc).__name__}: {exc}") from exc
+            raise
+
+    async def fetch(self, name: str, *args: Any) -> list[Record]:
+        async with self._guard(name):
+            return await self.pool.fetch(self.queries[name], *args)
+
+    async def fetchrow(self, name: str, *args: Any) -> Record | None:
+        async with self._guard(name):
+            return await self.pool.fetchrow(self.queries[name], *args)
+
+    async def fetchval(self, name: str, *args: Any) -> Any:
+        async with self._guard(name):
+            return await self.pool.fetchval(self.queries[name], *args)
+
+    async def execute(self, name: str, *args: Any) -> str:
+        async with self._guard(name):
+            return await self.pool.execute(self.queries[name], *args)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, op: str) -> AsyncIterator[Tx]:
+        """One transaction on one connection; transient errors wrapped as above."""
+        async with self._guard(op), self.pool.acquire() as conn, conn.transaction():
+            yield Tx(conn, self.queries)  # type: ignore[arg-type]  # pool proxy of a Connection
+
+    async def listen_connection(self, dsn: str) -> asyncpg.Connection:
+        async with self._guard("listen"):
+            conn: asyncpg.Connection = await asyncpg.connect(dsn, timeout=5, statement_cache_size=0)
+            return conn
+
+
+class Tx:
+    """Named-query execution inside one transaction."""
+
+    def __init__(self, conn: asyncpg.Connection, queries: dict[str, str]) -> None:
+        self.conn = conn
+        self._q = queries
+
+    async def fetch(self, name: str, *args: Any) -> list[Record]:
+        return await self.conn.fetch(self._q[name], *args)
+
+    async def fetchrow(self, name: str, *args: Any) -> Record | None:
+        return await self.conn.fetchrow(self._q[name], *args)
+
+    async def fetchval(self, name: str, *args: Any) -> Any:
+        return await self.conn.fetchval(self._q[name], *args)
+
+    async def execute(self, name: str, *args: Any) -> str:
+        return await self.conn.execute(self._q[name], *args)
+
+    async def copy_items(
+        self, schema: str, columns: Sequence[str], records: Sequence[tuple[Any, ...]]
+    ) -> None:
+        await self.conn.copy_records_to_table(
+            "items", schema_name=schema, columns=list(columns), records=records
+        )
+
+
+async def migrate(db: Database) -> list[int]:
+    """Apply pending migrations under an advisory lock; refuse a newer schema.
+
+    Returns the versions applied now (empty when already current)."""
+    known = sqlfile.load_migrations(db.schema)
+    latest = known[-1].version
+    applied_now: list[int] = []
+    async with db._guard("migrate"), db.pool.acquire() as conn:
+        await conn.execute(db.queries["lock_migrations"])
+        try:
+            await conn.execute(db.queries["create_schema"])
+            applied = {r["version"] for r in await conn.fetch(db.queries["applied_versions"])}
+            if applied and max(applied) > latest:
+                raise SchemaTooNew(
+                    f"database schema {db.schema!r} is at version {max(applied)}, but this "
+                    f"batch-supervisor only knows versions up to {latest}: upgrade it "
+                    "(refusing to run against a schema it does not understand)"
+                )
+            for mig in known:
+                if mig.version in applied:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(mig.sql)
+                    await conn.execute(db.queries["record_migration"], mig.version, mig.name)
+                applied_now.append(mig.version)
+                log.info("db.migrated version=%s name=%s", mig.version, mig.name)
+        finally:
+            await conn.execute(db.queries["unlock_migrations"])
+    return applied_now
+
+
+async def schema_status(db: Database) -> tuple[int, int]:
+    """(applied version, latest known version) for readiness and `check`."""
+    latest = sqlfile.load_migrations(db.schema)[-1].version
+    present = await db.fetchval("schema_exists")
+    if not present:
+        return 0, latest
+    versions = [r["version"] for r in await db.fetch("applied_versions")]
+    return (max(versions) if versions else 0), latest

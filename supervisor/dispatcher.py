@@ -1,0 +1,262 @@
+"""The claim loop: claims items into free capacity only, runs each in the work
+task group, and owns the two-phase stop.
+
+Claiming (``claim_items``) commits each item as ``running`` with its attempt
+counted and this lease recorded before its handler is started: persist before
+work. Capacity is ``[worker] concurrency`` minus what is in flight, further
+capped by each handler's ``concurrency``; the global caps (``global_concurrency``,
+``rate_limit``, a batch's ``max_concurrency``) are enforced in the claim itself.
+
+Stop: :meth:`stop_claiming` is the soft stop (no new claims); running items get
+``[worker] drain_timeout`` to finish (:meth:`skip_drain` ends the wait early),
+then the work group is cancelled with reason SHUTDOWN and every attempt still
+running is *released*: back to queued without spending the attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from supervisor import db as dbm
+from supervisor import executor, states
+from supervisor.config import Config
+from supervisor.errors import DatabaseUnavailable
+from supervisor.events import Wakeup
+from supervisor.executor import StopReason
+from supervisor.handlers import Handler
+from supervisor.models import Item
+from supervisor.outbox import Outbox
+
+log = logging.getLogger(__name__)
+CONTROL_CHECK_S = 2.0
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        cfg: Config,
+        db: dbm.Database,
+        handlers: Mapping[str, Handler],
+        outbox: Outbox,
+        lease: str,
+        on_in_flight: Callable[[str, int], None] = lambda handler, delta: None,
+    ) -> None:
+        self._cfg = cfg
+        self._db = db
+        self._handlers = handlers
+        self._outbox = outbox
+        self._lease = lease
+        self._worker = cfg.worker.name
+        self._on_in_flight = on_in_flight
+        self.in_flight = 0
+        self.per_handler: Counter[str] = Counter()
+        self._running: dict[int, tuple[str, anyio.CancelScope]] = {}
+        self._reasons: dict[int, StopReason] = {}
+        self._wakeup = Wakeup()
+        self._idle = anyio.Event()
+        self._claim_scope = anyio.CancelScope()
+        self._drain_scope = anyio.CancelScope()
+        self._meta_cache: dict[str, Any] = {}
+        self.db_ok = True
+        self.claiming = False
+        self.released = 0
+
+    # -- control from outside -------------------------------------------------
+
+    def wake(self, _payload: str = "") -> None:
+        self._wakeup.set()
+
+    def stop_claiming(self) -> None:
+        """Soft stop: claim nothing more. Harmless before start or twice."""
+        self._claim_scope.cancel()
+
+    def skip_drain(self) -> None:
+        """Second signal: stop waiting for running items; release them now."""
+        self._claim_scope.cancel()
+        self._drain_scope.cancel()
+
+    def cancel_batch(self, batch_id: str) -> int:
+        """Stop this daemon's running attempts of a batch being cancelled."""
+        n = 0
+        for item_id, (bid, scope) in list(self._running.items()):
+            if bid == batch_id and item_id not in self._reasons:
+                self._reasons[item_id] = StopReason.CANCELLED
+                scope.cancel()
+                n += 1
+        if n:
+            log.info("dispatcher.cancel batch=%s stopped=%s", batch_id, n)
+        return n
+
+    # -- the component ----------------------------------------------------------
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with anyio.create_task_group() as work:
+            work.start_soon(self._watch_stopping_batches)
+            task_status.started()
+            with self._claim_scope:
+                self.claiming = True
+                await self._claim_loop(work)
+            self.claiming = False
+            if self.in_flight:
+                log.info(
+                    "dispatcher.draining in_flight=%s timeout=%ss",
+                    self.in_flight,
+                    self._cfg.worker.drain_timeout_s,
+                )
+                with self._drain_scope, anyio.move_on_after(self._cfg.worker.drain_timeout_s):
+                    while self.in_flight:
+                        self._idle = anyio.Event()
+                        await self._idle.wait()
+            self.released = self.in_flight
+            for item_id in self._running:
+                self._reasons.setdefault(item_id, StopReason.SHUTDOWN)
+            work.cancel_scope.cancel()
+        if self.released:
+            log.info(
+                "dispatcher.released items=%s (back to queued, attempt not counted)", self.released
+            )
+
+    async def _claim_loop(self, work: anyio.abc.TaskGroup) -> None:
+        names = list(self._handlers)
+        concurrency = self._cfg.worker.concurrency
+        batch_size = self._cfg.worker.claim_batch_size
+        refill = max(1, min(batch_size, concurrency // 4))
+        turn = 0
+        failures = 0
+        while True:
+            free = concurrency - self.in_flight
+            if free <= 0:
+                await self._wakeup.wait()
+                continue
+            claimed = 0
+            saturated = False
+            turn += 1
+            try:
+                for name in (
+                    names[turn % len(names) :] + names[: turn % len(names)] if names else []
+                ):
+                    hcfg = self._handlers[name].config
+                    n = min(free - claimed, batch_size)
+                    if hcfg.concurrency is not None:
+                        n = min(n, hcfg.concurrency - self.per_handler[name])
+                    if n <= 0:
+                        continue
+                    rows = await self._db.fetch(
+                        "claim_items",
+                        name,
+                        n,
+                        self._worker,
+                        self._lease,
+                        hcfg.global_concurrency,
+                        hcfg.rate_per_s,
+                        max(1.0, hcfg.rate_per_s or 0.0),
+                    )
+                    for row in rows:
+                        self._start(work, name, row)
+                    claimed += len(rows)
+                    saturated = saturated or len(rows) == n
+                self.db_ok = True
+                failures = 0
+            except DatabaseUnavailable as exc:
+                self.db_ok = False
+                failures += 1
+                delay = min(5.0, 0.1 * 2 ** min(failures, 6)) * (0.5 + random.random())
+                log.warning("dispatcher.claim_failed error=%s retry_in=%.2fs", exc, delay)
+                await anyio.sleep(delay)
+                continue
+            if saturated and self.in_flight < concurrency:
+                continue  # probably more runnable work: claim again at once
+            poll = self._cfg.worker.poll_interval_s * (0.8 + 0.4 * random.random())
+            await self._wakeup.wait(poll)
+            # Woken by finished items: let a few more finish so claims stay batched.
+            deadline = time.monotonic() + 0.005
+            while concurrency - self.in_flight < refill and time.monotonic() < deadline:
+                await self._wakeup.wait(max(0.0, deadline - time.monotonic()))
+
+    def _start(self, work: anyio.abc.TaskGroup, handler: str, row: Any) -> None:
+        batch_id = str(row["batch_id"])
+        meta_text = row["batch_metadata"]
+        meta = self._meta_cache.get(meta_text)
+        if meta is None:
+            meta = json.loads(meta_text) if meta_text else {}
+            if len(self._meta_cache) > 1000:
+                self._meta_cache.clear()
+            self._meta_cache[meta_text] = meta
+        item = Item(
+            id=str(row["id"]),
+            batch_id=batch_id,
+            key=row["key"],
+            payload=json.loads(row["payload"]),
+            attempt=row["attempts"],
+            max_attempts=row["max_attempts"],
+            handler=handler,
+            batch_metadata=meta,
+        )
+        scope = anyio.CancelScope()
+        self._running[int(row["id"])] = (batch_id, scope)
+        self.in_flight += 1
+        self.per_handler[handler] += 1
+        self._on_in_flight(handler, 1)
+        work.start_soon(self._run_item, item, scope)
+
+    async def _run_item(self, item: Item, scope: anyio.CancelScope) -> None:
+        started = time.monotonic()
+        key = int(item.id)
+        attempt: executor.Attempt | None = None
+        try:
+            with scope:
+                attempt = await executor.invoke(self._handlers[item.handler], item, self._worker)
+            if attempt is None:  # our own scope was cancelled: batch stop
+                reason = self._reasons.get(key, StopReason.CANCELLED)
+                attempt = executor.cancelled_attempt(item, reason, self._worker)
+        except anyio.get_cancelled_exc_class():
+            attempt = executor.cancelled_attempt(
+                item, self._reasons.get(key, StopReason.SHUTDOWN), self._worker
+            )
+            raise
+        finally:
+            if attempt is not None:
+                self._outbox.put(executor.record(item, self._lease, attempt, started))
+            self._running.pop(key, None)
+            self._reasons.pop(key, None)
+            self.in_flight -= 1
+            self.per_handler[item.handler] -= 1
+            self._on_in_flight(item.handler, -1)
+            self._wakeup.set()
+            if not self.in_flight:
+                self._idle.set()
+
+    async def _watch_stopping_batches(self) -> None:
+        """Backstop for a missed cancel NOTIFY: ask the database which of our
+        running items belong to batches being stopped."""
+        while True:
+            await anyio.sleep(CONTROL_CHECK_S)
+            if not self._running:
+                continue
+            try:
+                rows = await self._db.fetch("stopping_batches_of_lease", self._lease)
+            except DatabaseUnavailable:
+                continue  # the claim loop reports the outage; try again next round
+            for r in rows:
+                self.cancel_batch(str(r["batch_id"]))
+
+
+def status_line(d: Dispatcher) -> str:
+    by = ", ".join(f"{h}={n}" for h, n in sorted(d.per_handler.items()) if n)
+    state = "claiming" if d.claiming else "not claiming"
+    db = "ok" if d.db_ok else "unavailable"
+    return f"{d.in_flight} in flight ({by or 'idle'}); {state}; db {db}"
+
+
+__all__ = ["Dispatcher", "states", "status_line"]

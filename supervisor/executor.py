@@ -1,0 +1,182 @@
+"""Runs one claimed item: timeout, outcome, and hand-off of the outcome to the
+outbox, which persists it (fenced, group-committed, shielded from shutdown).
+
+The executor maps every way an attempt can end onto the closed outcome
+vocabulary of :mod:`supervisor.states`; nothing is swallowed and nothing is
+recorded as "Unknown error": every failed attempt carries its exception type,
+message and traceback tail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import random
+import time
+import traceback
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+
+from supervisor import states
+from supervisor.errors import PermanentError, RetryAfter
+from supervisor.handlers import Handler
+from supervisor.models import Item
+
+log = logging.getLogger(__name__)
+TRACEBACK_TAIL = 4000
+MESSAGE_MAX = 2000
+
+
+class StopReason(enum.Enum):
+    """Why a running attempt was cancelled from outside."""
+
+    CANCELLED = "cancelled"  # its batch was cancelled or exceeded its failure budget
+    SHUTDOWN = "shutdown"  # drain deadline: release without spending the attempt
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Attempt:
+    """How one handler attempt ended, ready to be written."""
+
+    outcome: states.Outcome
+    result_json: str | None = None
+    error: dict[str, Any] | None = None
+    delay_s: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OutcomeRecord:
+    """One fenced write: the outcome of attempt ``attempt`` under ``lease``."""
+
+    item_id: int
+    attempt: int
+    lease: str
+    handler: str
+    outcome: states.Outcome
+    result_json: str | None
+    error_json: str | None
+    delay_s: float
+    duration_s: float
+
+
+def _clean(text: str, limit: int) -> str:
+    # PostgreSQL text and jsonb cannot hold NUL; keep the tail, where the cause usually is.
+    text = text.replace("\x00", "\\u0000")
+    return text if len(text) <= limit else "…" + text[-limit:]
+
+
+def error_entry(
+    attempt: int, type_name: str, message: str, tb: str | None, worker: str
+) -> dict[str, Any]:
+    return {
+        "attempt": attempt,
+        "type": type_name,
+        "message": _clean(message, MESSAGE_MAX) or type_name,
+        "traceback": _clean(tb, TRACEBACK_TAIL) if tb else None,
+        "at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "worker": worker,
+    }
+
+
+def encode_result(value: Any) -> str:
+    """JSON text PostgreSQL can store; raises PermanentError otherwise."""
+    try:
+        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise PermanentError(f"handler result is not JSON-serialisable: {exc}") from exc
+    if "\\u0000" in text:
+        raise PermanentError(
+            "handler result contains a NUL character (\\u0000), which PostgreSQL cannot store"
+        )
+    return text
+
+
+async def invoke(handler: Handler, item: Item, worker: str) -> Attempt:
+    """Run one attempt of ``handler`` on ``item`` and classify how it ended.
+
+    Cancellation from outside (batch cancel, drain deadline) propagates to the
+    caller, which knows why it cancelled (see :func:`cancelled_attempt`).
+    """
+    hcfg = handler.config
+    backoff = hcfg.retry_backoff
+    try:
+        with anyio.fail_after(hcfg.timeout_s):
+            value = await handler.run(item)
+        return Attempt(states.Outcome.SUCCEEDED, result_json=encode_result(value))
+    except anyio.get_cancelled_exc_class():
+        raise
+    except PermanentError as exc:
+        return Attempt(
+            states.Outcome.FAILED,
+            error=error_entry(
+                item.attempt, type(exc).__name__, str(exc), traceback.format_exc(), worker
+            ),
+        )
+    except RetryAfter as exc:
+        return Attempt(
+            states.Outcome.RETRY,
+            error=error_entry(item.attempt, "RetryAfter", str(exc), None, worker),
+            delay_s=max(0.0, exc.seconds),
+        )
+    except TimeoutError as exc:
+        timed_out = not str(exc)
+        return Attempt(
+            states.Outcome.RETRY,
+            error=error_entry(
+                item.attempt,
+                "Timeout" if timed_out else type(exc).__name__,
+                f"attempt exceeded the handler timeout of {hcfg.timeout_s:g}s"
+                if timed_out
+                else str(exc),
+                None if timed_out else traceback.format_exc(),
+                worker,
+            ),
+            delay_s=backoff.delay(item.attempt, random.random()),
+        )
+    except Exception as exc:  # any other handler failure is retried (SPEC §5)
+        return Attempt(
+            states.Outcome.RETRY,
+            error=error_entry(
+                item.attempt,
+                type(exc).__name__,
+                str(exc) or repr(exc),
+                traceback.format_exc(),
+                worker,
+            ),
+            delay_s=getattr(exc, "retry_after", None)
+            or backoff.delay(item.attempt, random.random()),
+        )
+
+
+def cancelled_attempt(item: Item, reason: StopReason, worker: str) -> Attempt:
+    """The outcome of an attempt stopped from outside, by reason."""
+    if reason is StopReason.SHUTDOWN:
+        return Attempt(states.Outcome.RELEASED)
+    return Attempt(
+        states.Outcome.CANCELLED,
+        error=error_entry(
+            item.attempt,
+            "Cancelled",
+            "the batch was stopped while this attempt was running",
+            None,
+            worker,
+        ),
+    )
+
+
+def record(item: Item, lease: str, attempt: Attempt, started: float) -> OutcomeRecord:
+    return OutcomeRecord(
+        item_id=int(item.id),
+        attempt=item.attempt,
+        lease=lease,
+        handler=item.handler,
+        outcome=attempt.outcome,
+        result_json=attempt.result_json,
+        error_json=json.dumps(attempt.error) if attempt.error is not None else None,
+        delay_s=attempt.delay_s,
+        duration_s=time.monotonic() - started,
+    )

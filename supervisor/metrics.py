@@ -1,0 +1,145 @@
+"""Prometheus metrics (names fixed by SPEC §8), one registry per daemon.
+
+Fed by the components at the points where things actually happen: the outbox
+after a write lands (item outcomes, finished batches), the dispatcher (in
+flight), the database wrapper (errors), the app (worker state) and a sampler
+that reads queue depth and lag from the database.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import anyio
+import anyio.abc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from supervisor import __version__
+from supervisor import db as dbm
+from supervisor.errors import DatabaseUnavailable
+from supervisor.executor import OutcomeRecord
+from supervisor.outbox import Applied, metric_outcome
+
+log = logging.getLogger(__name__)
+PREFIX = "batch_supervisor_"
+WORKER_STATES = ("starting", "running", "draining", "stopped")
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.items = Counter(
+            PREFIX + "items_total", "Item attempts by outcome.", ["handler", "outcome"], registry=r
+        )
+        self.item_duration = Histogram(
+            PREFIX + "item_duration_seconds",
+            "Handler attempt duration.",
+            ["handler", "outcome"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            PREFIX + "items_in_flight", "Items running in this daemon.", ["handler"], registry=r
+        )
+        self.queued = Gauge(
+            PREFIX + "items_queued",
+            "Runnable items in the database (sampled).",
+            ["handler"],
+            registry=r,
+        )
+        self.queue_lag = Gauge(
+            PREFIX + "queue_lag_seconds",
+            "Age of the oldest runnable queued item (sampled).",
+            ["handler"],
+            registry=r,
+        )
+        self.batches_finished = Counter(
+            PREFIX + "batches_finished_total",
+            "Batches that reached a terminal state.",
+            ["status"],
+            registry=r,
+        )
+        self.batch_duration = Histogram(
+            PREFIX + "batch_duration_seconds",
+            "Batch duration from creation to terminal state.",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.callbacks = Counter(
+            PREFIX + "callbacks_total", "Completion callback attempts.", ["outcome"], registry=r
+        )
+        self.db_errors = Counter(
+            PREFIX + "db_errors_total", "Transient database errors.", ["operation"], registry=r
+        )
+        self.worker_state = Gauge(
+            PREFIX + "worker_state", "1 for the current worker state.", ["state"], registry=r
+        )
+        self.build_info = Gauge(
+            PREFIX + "build_info", "Build information.", ["version"], registry=r
+        )
+        self.build_info.labels(__version__).set(1)
+        self.set_state("starting")
+
+    def set_state(self, state: str) -> None:
+        for s in WORKER_STATES:
+            self.worker_state.labels(s).set(1 if s == state else 0)
+
+    def in_flight_delta(self, handler: str, delta: int) -> None:
+        self.in_flight.labels(handler).inc(delta)
+
+    def db_error(self, operation: str) -> None:
+        self.db_errors.labels(operation).inc()
+
+    def applied(self, chunk: Sequence[OutcomeRecord], applied: Applied) -> None:
+        for rec in chunk:
+            status = applied.items.get(rec.item_id)
+            if status is None:
+                continue  # fenced: counted by the outbox log, not as an outcome
+            outcome = metric_outcome(rec, status)
+            self.items.labels(rec.handler, outcome).inc()
+            self.item_duration.labels(rec.handler, outcome).observe(rec.duration_s)
+        for _bid, status, seconds in applied.finished:
+            self.finished(status, seconds)
+
+    def finished(self, status: str, seconds: float) -> None:
+        self.batches_finished.labels(status).inc()
+        self.batch_duration.observe(seconds)
+
+    def reclaimed(self, handler_counts: dict[str, int]) -> None:
+        for handler, n in handler_counts.items():
+            self.items.labels(handler, "reclaimed").inc(n)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class QueueSampler:
+    """Samples queue depth and lag per handler from the database."""
+
+    def __init__(self, db: dbm.Database, metrics: Metrics, interval_s: float = 5.0) -> None:
+        self._db = db
+        self._metrics = metrics
+        self._interval = interval_s
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        seen: set[str] = set()
+        while True:
+            try:
+                rows = await self._db.fetch("queue_stats")
+            except DatabaseUnavailable:
+                rows = None  # keep the last sample; the outage is reported elsewhere
+            if rows is not None:
+                now = {r["handler"] for r in rows}
+                for r in rows:
+                    self._metrics.queued.labels(r["handler"]).set(r["queued"] or 0)
+                    self._metrics.queue_lag.labels(r["handler"]).set(float(r["lag"] or 0))
+                for h in seen - now:
+                    self._metrics.queued.labels(h).set(0)
+                    self._metrics.queue_lag.labels(h).set(0)
+                seen |= now
+            await anyio.sleep(self._interval)

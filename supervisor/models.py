@@ -1,0 +1,106 @@
+"""Records the daemon passes around (frozen) and their JSON shapes for the API."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, Protocol
+
+from supervisor import states
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """What a handler receives: one work item and the attempt being made."""
+
+    id: str
+    batch_id: str
+    key: str | None
+    payload: Any
+    attempt: int
+    max_attempts: int
+    handler: str
+    batch_metadata: Mapping[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"batch_metadata": dict(self.batch_metadata)}
+
+
+class Row(Protocol):
+    """A database row (asyncpg.Record) or any mapping with the same keys."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+def rfc3339(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value is not None else None
+
+
+def loads(value: Any) -> Any:
+    """jsonb arrives from asyncpg as text."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def counts(row: Row) -> dict[str, int]:
+    return {
+        k: int(row[k]) for k in ("total", "queued", "running", "succeeded", "failed", "cancelled")
+    }
+
+
+def batch_json(row: Row) -> dict[str, Any]:
+    c = counts(row)
+    done = c["succeeded"] + c["failed"] + c["cancelled"]
+    return {
+        "id": str(row["id"]),
+        "handler": row["handler"],
+        "tenant": row["tenant"],
+        "status": row["status"],
+        "counts": c,
+        "progress": round(done / c["total"], 4) if c["total"] else 1.0,
+        "priority": row["priority"],
+        "max_concurrency": row["max_concurrency"],
+        "max_failures": loads(row["max_failures"]),
+        "max_attempts": row["max_attempts"],
+        "metadata": loads(row["metadata"]),
+        "idempotency_key": row["idempotency_key"],
+        "version": row["version"],
+        "created_at": rfc3339(row["created_at"]),
+        "started_at": rfc3339(row["started_at"]),
+        "finished_at": rfc3339(row["finished_at"]),
+        "callback": {
+            "handler": row["callback_handler"],
+            "state": row["callback_state"],
+            "attempts": row["callback_attempts"],
+            "error": loads(row["callback_error"]),
+        },
+    }
+
+
+def item_json(row: Row, *, with_errors: bool = False) -> dict[str, Any]:
+    out = {
+        "id": str(row["id"]),
+        "batch_id": str(row["batch_id"]),
+        "key": row["key"],
+        "status": row["status"],
+        "payload": loads(row["payload"]),
+        "result": loads(row["result"]),
+        "attempts": row["attempts"],
+        "max_attempts": row["max_attempts"],
+        "error": loads(row["error"]),
+        "run_after": rfc3339(row["run_after"])
+        if row["status"] == states.ItemStatus.QUEUED
+        else None,
+        "worker": row["worker"],
+        "created_at": rfc3339(row["created_at"]),
+        "started_at": rfc3339(row["started_at"]),
+        "finished_at": rfc3339(row["finished_at"]),
+    }
+    if with_errors:
+        out["errors"] = loads(row["errors"])
+    return out
+
+
+def is_terminal(row: Row) -> bool:
+    return states.is_batch_terminal(row["status"])

@@ -1,0 +1,126 @@
+"""Group commit of attempt outcomes.
+
+Handlers finish one by one; their outcomes are written many at a time: while a
+write is in flight, newly finished outcomes accumulate and go together in the
+next one (one ``apply_outcomes`` call = one transaction that moves the items,
+the batch counters and, for a last item, the batch's terminal status). A write
+that fails because the database is away is retried with backoff until it lands;
+the outcomes wait in memory meanwhile, and the items stay ``running`` in the
+database (so a crash meanwhile means at-least-once re-execution, never loss).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import anyio
+
+from supervisor import db as dbm
+from supervisor import states
+from supervisor.executor import OutcomeRecord
+
+log = logging.getLogger(__name__)
+MAX_PER_WRITE = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What one write changed: per-item final statuses and batches that finished."""
+
+    items: dict[int, str]
+    finished: list[tuple[str, str, float]]  # (batch_id, status, seconds)
+
+
+class Outbox:
+    def __init__(
+        self,
+        db: dbm.Database,
+        actor: str,
+        on_applied: Callable[[Sequence[OutcomeRecord], Applied], None],
+    ) -> None:
+        self._db = db
+        self._actor = actor
+        self._on_applied = on_applied
+        self._pending: list[OutcomeRecord] = []
+        self._wakeup = anyio.Event()
+        self._idle = anyio.Event()
+        self._idle.set()
+        self.unavailable = False
+
+    def put(self, rec: OutcomeRecord) -> None:
+        self._pending.append(rec)
+        self._idle = anyio.Event() if self._idle.is_set() else self._idle
+        self._wakeup.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def wait_empty(self) -> None:
+        """Wait until every outcome handed in so far has been written."""
+        while self._pending:
+            await self._idle.wait()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        while True:
+            if not self._pending:
+                self._idle.set()
+                await self._wakeup.wait()
+                self._wakeup = anyio.Event()
+                continue
+            chunk = self._pending[:MAX_PER_WRITE]
+            applied = await self._write(chunk)
+            del self._pending[: len(chunk)]
+            self._on_applied(chunk, applied)
+
+    async def _write(self, chunk: list[OutcomeRecord]) -> Applied:
+        args = (
+            [r.item_id for r in chunk],
+            [r.attempt for r in chunk],
+            [r.lease for r in chunk],
+            [r.outcome.value for r in chunk],
+            [r.result_json for r in chunk],
+            [r.error_json for r in chunk],
+            [r.delay_s if math.isfinite(r.delay_s) else 0.0 for r in chunk],
+            self._actor,
+        )
+        async for attempt in dbm.retrying():
+            with attempt:
+                try:
+                    rows = await self._db.fetch("apply_outcomes", *args)
+                except Exception:
+                    self.unavailable = True
+                    raise
+        self.unavailable = False
+        items: dict[int, str] = {}
+        finished: list[tuple[str, str, float]] = []
+        for r in rows:
+            if r["kind"] == "item":
+                items[int(r["id"])] = r["status"]
+            else:
+                finished.append((r["id"], r["status"], float(r["seconds"] or 0.0)))
+        stale = len(chunk) - len(items)
+        if stale:
+            for rec in chunk:
+                if rec.item_id not in items:
+                    log.warning(
+                        "outcome.fenced item=%s attempt=%s outcome=%s: the attempt no longer "
+                        "holds the item (reclaimed, released or cancelled); write ignored",
+                        rec.item_id,
+                        rec.attempt,
+                        rec.outcome.value,
+                    )
+        return Applied(items, finished)
+
+
+def metric_outcome(rec: OutcomeRecord, status: str) -> str:
+    """The SPEC §8 ``outcome`` label for an applied write."""
+    if status == states.ItemStatus.QUEUED:
+        return "released" if rec.outcome is states.Outcome.RELEASED else "retried"
+    return status

@@ -1,0 +1,62 @@
+"""Reclaims items of dead daemons.
+
+Any live daemon may reap; a transaction-scoped advisory lock makes sure only
+one does at a time. A lease is dead when its worker's heartbeat is older than
+``[worker] dead_after`` or its worker row is gone. Its running items go back
+through the fenced outcome path as ``lost``: queued again with a ``WorkerLost``
+error for the attempt, or failed when attempts are spent (cancelled if their
+batch is stopping); its running callbacks go back to pending.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import anyio
+import anyio.abc
+
+from supervisor import db as dbm
+from supervisor.config import Config
+from supervisor.errors import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class Reaper:
+    def __init__(
+        self, cfg: Config, db: dbm.Database, on_reclaimed: Callable[[list[dbm.Record]], None]
+    ) -> None:
+        self._cfg = cfg
+        self._db = db
+        self._on_reclaimed = on_reclaimed
+
+    async def reap_once(self) -> int:
+        """One pass; returns the number of items reclaimed."""
+        async with self._db.transaction("reap") as tx:
+            if not await tx.fetchval("try_reaper_lock"):
+                return 0
+            dead = [
+                r["id"]
+                for r in await tx.fetch("dead_leases", self._cfg.worker.dead_after_s)
+                if r["id"] is not None
+            ]
+            if not dead:
+                return 0
+            rows = await tx.fetch("reclaim_leases", dead, f"reaper:{self._cfg.worker.name}")
+            await tx.execute("delete_workers", dead)
+        self._on_reclaimed(rows)
+        n = sum(1 for r in rows if r["kind"] == "item")
+        log.info("reaper.reclaimed dead_leases=%s items=%s", len(dead), n)
+        return n
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        while True:
+            await anyio.sleep(self._cfg.worker.heartbeat_interval_s)
+            try:
+                await self.reap_once()
+            except DatabaseUnavailable as exc:
+                log.warning("reaper.failed error=%s", exc)

@@ -1,0 +1,47 @@
+"""Deletes terminal batches older than ``[retention] finished_after``, with
+their items and audit log, in bounded chunks so no single transaction is huge."""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import anyio.abc
+
+from supervisor import db as dbm
+from supervisor.config import Config
+from supervisor.errors import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+CHUNK = 100
+
+
+class Retention:
+    def __init__(self, cfg: Config, db: dbm.Database) -> None:
+        self._cfg = cfg
+        self._db = db
+
+    async def sweep(self) -> int:
+        """Delete everything due, chunk by chunk; returns the number of batches deleted."""
+        total = 0
+        while True:
+            rows = await self._db.fetch(
+                "retention_delete", self._cfg.retention.finished_after_s, CHUNK
+            )
+            total += len(rows)
+            if len(rows) < CHUNK:
+                break
+        if total:
+            log.info("retention.deleted batches=%s", total)
+        return total
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        while True:
+            try:
+                await self.sweep()
+            except DatabaseUnavailable as exc:
+                log.warning("retention.failed error=%s", exc)
+            await anyio.sleep(self._cfg.retention.interval_s)

@@ -1,0 +1,278 @@
+-- Every runtime query of batch-supervisor, by name. Parsed once by
+-- supervisor/sqlfile.py; executed only by supervisor/db.py. The state
+-- transitions themselves are PL/pgSQL functions in migrations/ (one lock order,
+-- one statement per round trip); these queries call them.
+
+-- name: schema_exists
+-- Whether the configured schema has a migrations table yet.
+SELECT to_regclass('@schema.schema_migrations') IS NOT NULL AS present;
+
+-- name: create_schema
+-- The schema and the migrations ledger, before the first migration.
+CREATE SCHEMA IF NOT EXISTS @schema;
+CREATE TABLE IF NOT EXISTS @schema.schema_migrations (
+    version integer PRIMARY KEY, name text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now());
+
+-- name: lock_migrations
+-- Session advisory lock so only one process migrates at a time.
+SELECT pg_advisory_lock(hashtext('@sname:migrate'));
+
+-- name: unlock_migrations
+-- Release the migration lock.
+SELECT pg_advisory_unlock(hashtext('@sname:migrate'));
+
+-- name: applied_versions
+-- Versions already applied.
+SELECT version FROM @schema.schema_migrations ORDER BY version;
+
+-- name: record_migration
+-- Ledger entry for an applied migration.
+INSERT INTO @schema.schema_migrations (version, name) VALUES ($1, $2);
+
+-- name: insert_batch
+-- A new batch with all counters queued; ON CONFLICT makes idempotency races safe.
+INSERT INTO @schema.batches (
+    id, tenant, handler, status, priority, max_concurrency, max_attempts, attempt_budget,
+    max_failures, max_failures_limit, metadata, idempotency_key, request_hash, total, queued,
+    created_by, callback_handler)
+VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, $15)
+ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING id;
+
+-- name: find_idempotent_batch
+-- The batch an idempotency key already names, with the hash of its request.
+SELECT id, request_hash FROM @schema.batches WHERE tenant = $1 AND idempotency_key = $2;
+
+-- name: log_event
+-- Append to a batch's audit log.
+INSERT INTO @schema.batch_events (batch_id, action, actor, detail) VALUES ($1, $2, $3, $4);
+
+-- name: notify_wake
+-- Wake idle daemons: new runnable work for a handler.
+SELECT pg_notify('@sname_wake', $1::text);
+
+-- name: notify_batch
+-- Tell every daemon's streams that a batch changed.
+SELECT pg_notify('@sname_batch', $1::text);
+
+-- name: get_batch
+-- One batch, visible to the tenant (NULL tenant: any).
+SELECT * FROM @schema.batches WHERE id = $1 AND ($2::text IS NULL OR tenant = $2);
+
+-- name: get_batch_version
+-- Just the version and status of a batch (cheap polling for streams).
+SELECT version, status FROM @schema.batches WHERE id = $1;
+
+-- name: list_batches
+-- Newest first, keyset-paged on (created_at, id); filters are optional.
+SELECT * FROM @schema.batches
+ WHERE ($1::text IS NULL OR tenant = $1)
+   AND ($2::text IS NULL OR status = $2)
+   AND ($3::text IS NULL OR handler = $3)
+   AND ($4::timestamptz IS NULL OR (created_at, id) < ($4, $5::uuid))
+ ORDER BY created_at DESC, id DESC
+ LIMIT $6;
+
+-- name: list_items
+-- A batch's items in id order, keyset-paged on id; status filter optional.
+SELECT id, batch_id, key, status, payload, result, attempts, max_attempts,
+       errors -> -1 AS error, run_after, worker, created_at, started_at, finished_at
+  FROM @schema.items
+ WHERE batch_id = $1 AND ($2::text IS NULL OR status = $2) AND id > $3
+ ORDER BY id
+ LIMIT $4;
+
+-- name: get_item
+-- One item with its whole error history, visible to the tenant.
+SELECT i.id, i.batch_id, i.key, i.status, i.payload, i.result, i.attempts, i.max_attempts,
+       i.errors -> -1 AS error, i.errors, i.run_after, i.worker, i.created_at, i.started_at,
+       i.finished_at
+  FROM @schema.items i JOIN @schema.batches b ON b.id = i.batch_id
+ WHERE i.id = $1 AND ($2::text IS NULL OR b.tenant = $2);
+
+-- name: items_finished_since
+-- Items that reached a terminal state after a batch version (for SSE item events).
+SELECT id, key, status, errors -> -1 AS error, finished_version
+  FROM @schema.items
+ WHERE batch_id = $1 AND finished_version > $2
+ ORDER BY finished_version, id
+ LIMIT $3;
+
+-- name: batch_log
+-- The audit log of a batch, oldest first.
+SELECT at, action, actor, detail FROM @schema.batch_events WHERE batch_id = $1 ORDER BY id;
+
+-- name: item_stats
+-- Per-batch summary inputs: item duration percentiles and errors by type.
+SELECT
+    percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at)) AS p50,
+    percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at)) AS p95,
+    max(extract(epoch FROM finished_at - started_at)) AS max,
+    (SELECT coalesce(jsonb_object_agg(t, n), '{}') FROM (
+        SELECT e ->> 'type' AS t, count(*) AS n
+          FROM @schema.items j, jsonb_array_elements(j.errors) e
+         WHERE j.batch_id = $1 AND j.errors <> '[]' GROUP BY 1) x) AS errors_by_type
+  FROM @schema.items
+ WHERE batch_id = $1 AND finished_at IS NOT NULL AND started_at IS NOT NULL;
+
+-- name: claim_items
+-- Claim up to $2 runnable items of handler $1 for this lease (see 0001 claim_items).
+SELECT * FROM @schema.claim_items($1, $2, $3, $4, $5, $6, $7);
+
+-- name: apply_outcomes
+-- Fenced outcome write for many items at once; returns applied items and finished batches.
+SELECT * FROM @schema.apply_outcomes($1, $2, $3, $4, $5, $6, $7, $8);
+
+-- name: reclaim_leases
+-- Reclaim the running items of leases that are gone (WorkerLost).
+SELECT * FROM @schema.reclaim_leases($1, $2);
+
+-- name: stopping_batches_of_lease
+-- Batches being stopped (cancel or failure budget) that still have items running under this lease.
+SELECT DISTINCT i.batch_id FROM @schema.items i JOIN @schema.batches b ON b.id = i.batch_id
+ WHERE i.status = 'running' AND i.lease = $1 AND b.stop_reason IS NOT NULL;
+
+-- name: cancel_batch
+-- Cancel: queued items at once, running ones are stopped by their daemon.
+SELECT @schema.cancel_batch($1, $2, $3) AS outcome;
+
+-- name: pause_batch
+-- Pause ($4 true) or resume ($4 false) claiming of a batch's items.
+SELECT @schema.pause_batch($1, $2, $3, $4) AS outcome;
+
+-- name: retry_batch
+-- Failed (and optionally cancelled) items back to queued with a fresh attempt budget.
+SELECT @schema.retry_batch($1, $2, $3, $4) AS outcome;
+
+-- name: patch_batch
+-- Change priority, max_concurrency or max_failures of a live batch.
+SELECT @schema.patch_batch($1, $2, $3, $4, $5, $6, $7, $8) AS outcome;
+
+-- name: delete_batch
+-- Delete a terminal batch (items and log go with it by cascade).
+DELETE FROM @schema.batches
+ WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)
+   AND status IN ('completed', 'completed_with_errors', 'failed', 'cancelled')
+RETURNING id;
+
+-- name: register_worker
+-- This daemon's row in the worker registry.
+INSERT INTO @schema.workers (id, name, host, pid, concurrency) VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), state = 'running';
+
+-- name: heartbeat
+-- Refresh this daemon's heartbeat, state and load; returns nothing if the row was reaped.
+UPDATE @schema.workers SET heartbeat_at = now(), state = $2, in_flight = $3
+ WHERE id = $1 RETURNING id;
+
+-- name: deregister_worker
+-- Remove this daemon from the registry on clean exit.
+DELETE FROM @schema.workers WHERE id = $1;
+
+-- name: previous_incarnations
+-- Leases of earlier processes with this worker name (a restart), and of items they still hold.
+SELECT id FROM @schema.workers WHERE name = $1 AND id <> $2
+UNION
+SELECT DISTINCT lease FROM @schema.items WHERE status = 'running' AND worker = $1 AND lease <> $2;
+
+-- name: delete_workers
+-- Remove worker rows by lease.
+DELETE FROM @schema.workers WHERE id = ANY ($1);
+
+-- name: try_reaper_lock
+-- Only one daemon reaps at a time (transaction-scoped advisory lock).
+SELECT pg_try_advisory_xact_lock(hashtext('@sname:reaper')) AS locked;
+
+-- name: dead_leases
+-- Leases whose worker's heartbeat is older than $1 seconds, or whose worker row is gone.
+SELECT id FROM @schema.workers WHERE heartbeat_at < now() - make_interval(secs => $1)
+UNION
+SELECT DISTINCT i.lease FROM @schema.items i
+ WHERE i.status = 'running' AND NOT EXISTS (SELECT 1 FROM @schema.workers w WHERE w.id = i.lease)
+UNION
+SELECT DISTINCT b.callback_lease FROM @schema.batches b
+ WHERE b.callback_state = 'running'
+   AND NOT EXISTS (SELECT 1 FROM @schema.workers w WHERE w.id = b.callback_lease);
+
+-- name: list_workers
+-- Live daemons for GET /v1/workers.
+SELECT name, host, pid, state, started_at, heartbeat_at, in_flight, concurrency
+  FROM @schema.workers ORDER BY name, started_at;
+
+-- name: claim_callbacks
+-- Claim pending completion callbacks of terminal batches for this lease.
+UPDATE @schema.batches b
+   SET callback_state = 'running', callback_attempts = b.callback_attempts + 1,
+       callback_lease = $2, callback_worker = $3, version = b.version + 1
+  FROM (SELECT id FROM @schema.batches
+         WHERE callback_state = 'pending' AND callback_run_after <= now()
+         ORDER BY callback_run_after LIMIT $1 FOR UPDATE SKIP LOCKED) c
+ WHERE b.id = c.id
+RETURNING b.*;
+
+-- name: finish_callback
+-- Fenced callback outcome: $4 = succeeded | failed | pending (retry after $6 seconds).
+WITH upd AS (
+    UPDATE @schema.batches
+       SET callback_state = $4, callback_error = $5, callback_lease = NULL,
+           callback_run_after = now() + make_interval(secs => coalesce($6, 0)),
+           version = version + 1
+     WHERE id = $1 AND callback_state = 'running' AND callback_lease = $2 AND callback_attempts = $3
+    RETURNING id, version, status
+), logged AS (
+    INSERT INTO @schema.batch_events (batch_id, action, actor, detail)
+    SELECT id, 'callback_' || $4, $7, coalesce($5, '{}') FROM upd WHERE $4 <> 'pending'
+)
+SELECT pg_notify('@sname_batch', id::text || ':' || version::text || ':' || status) FROM upd;
+
+-- name: queue_stats
+-- Sampled for metrics: runnable queued items and the age of the oldest, per handler.
+SELECT b.handler, sum(b.queued)::bigint AS queued,
+       coalesce(extract(epoch FROM now() - min(o.run_after)), 0) AS lag
+  FROM @schema.batches b
+  LEFT JOIN LATERAL (
+      SELECT i.run_after FROM @schema.items i
+       WHERE i.batch_id = b.id AND i.status = 'queued' AND i.run_after <= now()
+       ORDER BY i.run_after LIMIT 1) o ON true
+ WHERE b.status IN ('queued', 'running')
+ GROUP BY b.handler;
+
+-- name: retention_delete
+-- Delete up to $2 terminal batches finished before $1 seconds ago (bounded chunks).
+DELETE FROM @schema.batches WHERE id IN (
+    SELECT id FROM @schema.batches
+     WHERE finished_at < now() - make_interval(secs => $1)
+       AND status IN ('completed', 'completed_with_errors', 'failed', 'cancelled')
+       AND callback_state NOT IN ('pending', 'running')
+     ORDER BY finished_at LIMIT $2)
+RETURNING id;
+
+-- name: doctor_drift
+-- Batches whose counters or status disagree with their items (SPEC §4 invariants).
+SELECT b.id, b.status, b.total, b.queued, b.running, b.succeeded, b.failed, b.cancelled,
+       coalesce(c.n, 0) AS n, coalesce(c.q, 0) AS q, coalesce(c.r, 0) AS r,
+       coalesce(c.s, 0) AS s, coalesce(c.f, 0) AS f, coalesce(c.c, 0) AS c
+  FROM @schema.batches b
+  LEFT JOIN (
+      SELECT batch_id, count(*) AS n,
+             count(*) FILTER (WHERE status = 'queued') AS q,
+             count(*) FILTER (WHERE status = 'running') AS r,
+             count(*) FILTER (WHERE status = 'succeeded') AS s,
+             count(*) FILTER (WHERE status = 'failed') AS f,
+             count(*) FILTER (WHERE status = 'cancelled') AS c
+        FROM @schema.items GROUP BY batch_id) c ON c.batch_id = b.id
+ WHERE b.total <> coalesce(c.n, 0) OR b.queued <> coalesce(c.q, 0) OR b.running <> coalesce(c.r, 0)
+    OR b.succeeded <> coalesce(c.s, 0) OR b.failed <> coalesce(c.f, 0)
+    OR b.cancelled <> coalesce(c.c, 0)
+    OR ((b.status IN ('completed', 'completed_with_errors', 'failed', 'cancelled'))
+        <> (coalesce(c.q, 0) + coalesce(c.r, 0) = 0));
+
+-- name: doctor_orphans
+-- Items running under a lease no registered worker holds (the reaper's backlog).
+SELECT count(*) AS n FROM @schema.items i
+ WHERE i.status = 'running' AND NOT EXISTS (SELECT 1 FROM @schema.workers w WHERE w.id = i.lease);
+
+-- name: doctor_repair
+-- Recompute one batch's counters from its items and re-derive its status.
+SELECT @schema.repair_batch($1, $2) AS status;

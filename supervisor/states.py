@@ -1,0 +1,82 @@
+"""Item and batch statuses, executor outcomes, and the allowed transitions.
+
+The transitions are enforced by guarded UPDATEs in the SQL functions of
+``sql/migrations``; this table is their reference, checked by the tests against
+what the database actually does.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ItemStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class BatchStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    PAUSED = "paused"
+    CANCELLING = "cancelling"
+    COMPLETED = "completed"
+    COMPLETED_WITH_ERRORS = "completed_with_errors"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class CallbackState(enum.StrEnum):
+    NONE = "none"
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class Outcome(enum.StrEnum):
+    """What the executor makes of one handler attempt (one repository call each)."""
+
+    SUCCEEDED = "succeeded"
+    RETRY = "retry"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    RELEASED = "released"
+    LOST = "lost"
+
+
+ITEM_TERMINAL = frozenset({ItemStatus.SUCCEEDED, ItemStatus.FAILED, ItemStatus.CANCELLED})
+BATCH_TERMINAL = frozenset(
+    {
+        BatchStatus.COMPLETED,
+        BatchStatus.COMPLETED_WITH_ERRORS,
+        BatchStatus.FAILED,
+        BatchStatus.CANCELLED,
+    }
+)
+
+ITEM_TRANSITIONS: dict[ItemStatus, frozenset[ItemStatus]] = {
+    ItemStatus.QUEUED: frozenset({ItemStatus.RUNNING, ItemStatus.CANCELLED}),
+    ItemStatus.RUNNING: frozenset(
+        {
+            ItemStatus.SUCCEEDED,
+            ItemStatus.FAILED,
+            ItemStatus.QUEUED,  # retry, reclaimed (WorkerLost), released (drain)
+            ItemStatus.CANCELLED,
+        }
+    ),
+    ItemStatus.SUCCEEDED: frozenset(),
+    ItemStatus.FAILED: frozenset({ItemStatus.QUEUED}),  # batch retry
+    ItemStatus.CANCELLED: frozenset({ItemStatus.QUEUED}),  # batch retry with include_cancelled
+}
+
+
+def item_transition_allowed(old: ItemStatus, new: ItemStatus) -> bool:
+    return new in ITEM_TRANSITIONS[old]
+
+
+def is_batch_terminal(status: str) -> bool:
+    return status in BATCH_TERMINAL

@@ -1,0 +1,66 @@
+"""sd_notify without libsystemd: READY=1, STOPPING=1, WATCHDOG=1, STATUS=.
+
+A no-op when ``NOTIFY_SOCKET`` is unset (not run by systemd)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+
+import anyio
+import anyio.abc
+
+log = logging.getLogger(__name__)
+
+
+def notify(message: str) -> bool:
+    """Send one datagram to $NOTIFY_SOCKET; False when there is none."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    addr = "\0" + path[1:] if path.startswith("@") else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+    except OSError as exc:
+        log.warning("systemd.notify_failed error=%s", exc)
+        return False
+    return True
+
+
+def watchdog_interval() -> float | None:
+    """Half of WatchdogSec when systemd asked for pings (and they are for us)."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return max(0.05, int(usec) / 2_000_000)
+    except ValueError:
+        return None
+
+
+class Watchdog:
+    """Pings WATCHDOG=1 from the event loop (a stuck loop stops the pings) and
+    refreshes STATUS= with the in-flight summary."""
+
+    def __init__(self, status: Callable[[], str]) -> None:
+        self._status = status
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        interval = watchdog_interval()
+        last_status = ""
+        while True:
+            if interval is not None:
+                notify("WATCHDOG=1")
+            text = self._status()
+            if text != last_status:
+                notify(f"STATUS={text}")
+                last_status = text
+            await anyio.sleep(interval if interval is not None else 2.0)
