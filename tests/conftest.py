@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import pathlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from tests import pgharness
+from tests.daemon import Daemon
+
+DaemonFactory = Callable[..., Daemon]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -36,3 +41,53 @@ def fresh_db_url(pg_server: pgharness.TestServer) -> Iterator[str]:
         yield url
     finally:
         pg_server.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def migrated_template(pg_server: pgharness.TestServer) -> str:
+    """A database with the schema applied, used as the template of ``db_url``."""
+    import asyncio
+
+    from supervisor import config
+    from supervisor import db as dbm
+
+    name = "bsv_template"
+    url = pg_server.create_database(name)
+
+    async def go() -> None:
+        d = await dbm.Database.connect(config.from_mapping({}), url)
+        try:
+            await dbm.migrate(d)
+        finally:
+            await d.close()
+
+    asyncio.run(go())
+    return name
+
+
+@pytest.fixture
+def db_url(pg_server: pgharness.TestServer, migrated_template: str) -> Iterator[str]:
+    """DSN of a new, migrated database, dropped after the test."""
+    name = f"t_{uuid.uuid4().hex}"
+    url = pg_server.create_database(name, template=migrated_template)
+    try:
+        yield url
+    finally:
+        pg_server.drop_database(name)
+
+
+@pytest.fixture
+def daemons(tmp_path: pathlib.Path, db_url: str) -> Iterator[DaemonFactory]:
+    """Start real daemons on the test database; all stopped (SIGKILL if needed) at the end."""
+    started: list[Daemon] = []
+
+    def make(name: str = "d1", *, start: bool = True, **kw: Any) -> Daemon:
+        d = Daemon(tmp_path, db_url, name=name, **kw)
+        started.append(d)
+        return d.start() if start else d
+
+    try:
+        yield make
+    finally:
+        for d in started:
+            d.kill()

@@ -1,0 +1,92 @@
+"""Handlers the test daemons run (imported by target, e.g. ``tests.handlers:echo``).
+
+Several record each execution in the file named by ``BSV_TEST_RUNLOG`` (one JSON
+line per attempt) so tests can count executions across daemon processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from typing import Any
+
+from supervisor import Item, PermanentError, RetryAfter
+
+
+def _log_run(item: Item, event: str) -> None:
+    path = os.environ.get("BSV_TEST_RUNLOG")
+    if path:
+        line = json.dumps({"id": item.id, "key": item.key, "attempt": item.attempt,
+                           "event": event, "pid": os.getpid(), "t": time.time()})
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+async def echo(item: Item) -> Any:
+    _log_run(item, "start")
+    p = item.payload if isinstance(item.payload, dict) else {}
+    if "sleep" in p:
+        await asyncio.sleep(float(p["sleep"]))
+    _log_run(item, "done")
+    return {"echo": item.payload, "attempt": item.attempt}
+
+
+def sync_echo(item: Item) -> Any:
+    """A plain def: runs in a worker thread."""
+    return {"sync": item.payload}
+
+
+async def always_fails(item: Item) -> Any:
+    raise ValueError(f"bad input {item.payload!r} on attempt {item.attempt}")
+
+
+async def permanent(item: Item) -> Any:
+    raise PermanentError(f"cannot process {item.payload!r}")
+
+
+async def flaky(item: Item) -> Any:
+    """Fails on the first attempt, succeeds after."""
+    if item.attempt == 1:
+        raise ConnectionError("transient upstream failure")
+    return {"ok": item.attempt}
+
+
+async def retry_after(item: Item) -> Any:
+    if item.attempt == 1:
+        raise RetryAfter(0.5, "upstream asked us to wait")
+    return {"ok": item.attempt}
+
+
+async def slow_first(item: Item) -> Any:
+    """Attempt 1 hangs (until killed or cancelled); later attempts succeed quickly."""
+    _log_run(item, "start")
+    if item.attempt == 1:
+        await asyncio.sleep(3600)
+    _log_run(item, "done")
+    return {"attempt": item.attempt}
+
+
+async def sleeper(item: Item) -> Any:
+    """Sleeps payload["sleep"] seconds (default 3600)."""
+    _log_run(item, "start")
+    p = item.payload if isinstance(item.payload, dict) else {}
+    await asyncio.sleep(float(p.get("sleep", 3600)))
+    _log_run(item, "done")
+    return {"slept": p.get("sleep", 3600)}
+
+
+async def callback_raises(item: Item) -> Any:
+    raise RuntimeError("summary service is down")
+
+
+async def callback_records(item: Item) -> Any:
+    return {"saw": item.payload["summary"]["status"]}
+
+
+async def two_args(item: Item, other: Any) -> Any:
+    return None
+
+
+not_callable = 42
