@@ -155,7 +155,10 @@ class Daemon:
             cbs.wake(payload)
 
         bus.on_wake = on_wake
-        bus.on_cancel = lambda batch_id: None if disp.cancel_batch(batch_id) else None
+        def on_cancel(batch_id: str) -> None:
+            disp.cancel_batch(batch_id)
+
+        bus.on_cancel = on_cancel
 
         def reclaimed(rows: list[Any]) -> None:
             counts: dict[str, int] = {}

@@ -22,8 +22,12 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,
-             what: str = "condition") -> T:
+def wait_for(
+    predicate: Callable[[], T],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> T:
     """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -69,38 +73,56 @@ def render_toml(cfg: Mapping[str, Any]) -> str:
 
 DEFAULT_HANDLERS: dict[str, dict[str, Any]] = {
     "echo": {"type": "python", "target": "tests.handlers:echo", "timeout": "30s"},
-    "fails": {"type": "python", "target": "tests.handlers:always_fails", "timeout": "5s",
-              "max_attempts": 3,
-              "retry_backoff": {"initial": "10ms", "max": "50ms", "multiplier": 2.0,
-                                "jitter": 0.0}},
+    "fails": {
+        "type": "python",
+        "target": "tests.handlers:always_fails",
+        "timeout": "5s",
+        "max_attempts": 3,
+        "retry_backoff": {"initial": "10ms", "max": "50ms", "multiplier": 2.0, "jitter": 0.0},
+    },
     "permanent": {"type": "python", "target": "tests.handlers:permanent", "timeout": "5s"},
     "slow_first": {"type": "python", "target": "tests.handlers:slow_first", "timeout": "1h"},
     "sleeper": {"type": "python", "target": "tests.handlers:sleeper", "timeout": "1h"},
-    "cb_raises": {"type": "python", "target": "tests.handlers:callback_raises", "timeout": "5s",
-                  "max_attempts": 2,
-                  "retry_backoff": {"initial": "10ms", "max": "10ms", "jitter": 0.0}},
-    "cb_records": {"type": "python", "target": "tests.handlers:callback_records",
-                   "timeout": "5s"},
+    "cb_raises": {
+        "type": "python",
+        "target": "tests.handlers:callback_raises",
+        "timeout": "5s",
+        "max_attempts": 2,
+        "retry_backoff": {"initial": "10ms", "max": "10ms", "jitter": 0.0},
+    },
+    "cb_records": {"type": "python", "target": "tests.handlers:callback_records", "timeout": "5s"},
 }
 
 
 class Daemon:
     """One ``batch-supervisor run`` process."""
 
-    def __init__(self, tmp: pathlib.Path, db_url: str, *, name: str = "d1",
-                 handlers: Mapping[str, Any] | None = None,
-                 worker: Mapping[str, Any] | None = None,
-                 extra: Mapping[str, Any] | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: pathlib.Path,
+        db_url: str,
+        *,
+        name: str = "d1",
+        handlers: Mapping[str, Any] | None = None,
+        worker: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.port = free_port()
         self.dir = tmp / f"daemon-{name}"
         self.dir.mkdir(parents=True, exist_ok=True)
         cfg: dict[str, Any] = {
             "server": {"host": "127.0.0.1", "port": self.port},
-            "worker": {"name": name, "concurrency": 16, "poll_interval": "200ms",
-                       "heartbeat_interval": "500ms", "dead_after": "3s",
-                       "drain_timeout": "10s"} | dict(worker or {}),
+            "worker": {
+                "name": name,
+                "concurrency": 16,
+                "poll_interval": "200ms",
+                "heartbeat_interval": "500ms",
+                "dead_after": "3s",
+                "drain_timeout": "10s",
+            }
+            | dict(worker or {}),
             "logging": {"level": "info"},
             "handlers": dict(handlers if handlers is not None else DEFAULT_HANDLERS),
         }
@@ -109,8 +131,12 @@ class Daemon:
         self.config_path = self.dir / "config.toml"
         self.config_path.write_text(render_toml(cfg))
         self.log_path = self.dir / "daemon.log"
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT),
-                    "BATCH_SUPERVISOR_DATABASE_URL": db_url, **(env or {})}
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "BATCH_SUPERVISOR_DATABASE_URL": db_url,
+            **(env or {}),
+        }
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -118,9 +144,10 @@ class Daemon:
         return [sys.executable, "-m", "supervisor", *args, "--config", str(self.config_path)]
 
     def start(self, wait: bool = True) -> Daemon:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
-        self.proc = subprocess.Popen(self.command("run"), cwd=ROOT, env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT)
+        log = open(self.log_path, "ab")  # handed to the child process
+        self.proc = subprocess.Popen(
+            self.command("run"), cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
         log.close()
         if wait:
             self.wait_ready()
@@ -129,8 +156,9 @@ class Daemon:
     def wait_ready(self, timeout: float = 30.0) -> None:
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"daemon {self.name} exited {self.proc.returncode}:\n"
-                                     + self.log())
+                raise AssertionError(
+                    f"daemon {self.name} exited {self.proc.returncode}:\n" + self.log()
+                )
             try:
                 return request("GET", self.url + "/readyz")[0] == 200
             except OSError:
@@ -169,18 +197,21 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
-            raise AssertionError(f"daemon {self.name} ignored SIGTERM for {timeout}s:\n"
-                                 + self.log()) from None
+            raise AssertionError(
+                f"daemon {self.name} ignored SIGTERM for {timeout}s:\n" + self.log()
+            ) from None
 
     # -- API shortcuts
 
-    def api(self, method: str, path: str, body: Any = None,
-            headers: Mapping[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
+    def api(
+        self, method: str, path: str, body: Any = None, headers: Mapping[str, str] | None = None
+    ) -> tuple[int, Any, dict[str, str]]:
         return request(method, self.url + path, body, headers)
 
     def submit(self, handler: str, items: list[Any], **fields: Any) -> dict[str, Any]:
-        status, body, _ = self.api("POST", "/v1/batches",
-                                   {"handler": handler, "items": items, **fields})
+        status, body, _ = self.api(
+            "POST", "/v1/batches", {"handler": handler, "items": items, **fields}
+        )
         assert status == 201, (status, body)
         return dict(body)
 
@@ -202,23 +233,40 @@ class Daemon:
             if not cursor:
                 return out
 
-    def wait_status(self, batch_id: str, statuses: str | tuple[str, ...],
-                    timeout: float = 20.0) -> dict[str, Any]:
+    def wait_status(
+        self, batch_id: str, statuses: str | tuple[str, ...], timeout: float = 20.0
+    ) -> dict[str, Any]:
         wanted = (statuses,) if isinstance(statuses, str) else statuses
-        return wait_for(lambda: (b := self.batch(batch_id))["status"] in wanted and b, timeout,
-                        0.05, f"batch {batch_id} in {wanted}")
+        return wait_for(
+            lambda: (b := self.batch(batch_id))["status"] in wanted and b,
+            timeout,
+            0.05,
+            f"batch {batch_id} in {wanted}",
+        )
 
-    def cli(self, *args: str, input: str | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, input: str | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         env = {**self.env, "BATCH_SUPERVISOR_URL": self.url}
-        return subprocess.run([sys.executable, "-m", "supervisor", *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, input=input, timeout=timeout,
-                              check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "supervisor", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            input=input,
+            timeout=timeout,
+            check=False,
+        )
 
 
-def request(method: str, url: str, body: Any = None,
-            headers: Mapping[str, str] | None = None,
-            timeout: float = 30.0) -> tuple[int, Any, dict[str, str]]:
+def request(
+    method: str,
+    url: str,
+    body: Any = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 30.0,
+) -> tuple[int, Any, dict[str, str]]:
     data = None
     hdrs = dict(headers or {})
     if body is not None:
@@ -242,6 +290,8 @@ def request(method: str, url: str, body: Any = None,
 def check_invariants(b: Mapping[str, Any]) -> None:
     """SPEC §4 as seen through the API."""
     c = b["counts"]
-    assert c["total"] == c["queued"] + c["running"] + c["succeeded"] + c["failed"] + c["cancelled"], b
+    assert (
+        c["total"] == c["queued"] + c["running"] + c["succeeded"] + c["failed"] + c["cancelled"]
+    ), b
     terminal = b["status"] in ("completed", "completed_with_errors", "failed", "cancelled")
     assert terminal == (c["queued"] + c["running"] == 0), b

@@ -18,8 +18,16 @@ from supervisor import Item, PermanentError, RetryAfter
 def _log_run(item: Item, event: str) -> None:
     path = os.environ.get("BSV_TEST_RUNLOG")
     if path:
-        line = json.dumps({"id": item.id, "key": item.key, "attempt": item.attempt,
-                           "event": event, "pid": os.getpid(), "t": time.time()})
+        line = json.dumps(
+            {
+                "id": item.id,
+                "key": item.key,
+                "attempt": item.attempt,
+                "event": event,
+                "pid": os.getpid(),
+                "t": time.time(),
+            }
+        )
         with open(path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
 
