@@ -60,10 +60,6 @@ SELECT pg_notify('@sname_batch', $1::text);
 -- One batch, visible to the tenant (NULL tenant: any).
 SELECT * FROM @schema.batches WHERE id = $1 AND ($2::text IS NULL OR tenant = $2);
 
--- name: get_batch_version
--- Just the version and status of a batch (cheap polling for streams).
-SELECT version, status FROM @schema.batches WHERE id = $1;
-
 -- name: list_batches
 -- Newest first, keyset-paged on (created_at, id); filters are optional.
 SELECT * FROM @schema.batches

@@ -1,0 +1,124 @@
+"""Configuration validation: every problem reported with its dotted path; exit 78."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from supervisor import config
+from supervisor.errors import ConfigError
+from tests.daemon import ROOT
+
+
+def problems(raw: dict[str, object]) -> list[str]:
+    with pytest.raises(ConfigError) as exc:
+        config.from_mapping(raw)
+    return exc.value.problems
+
+
+def test_defaults_are_valid_and_durations_are_seconds() -> None:
+    cfg = config.from_mapping({"worker": {"drain_timeout": "1m", "poll_interval": "250ms"}})
+    assert cfg.worker.drain_timeout_s == 60.0
+    assert cfg.worker.poll_interval_s == 0.25
+    assert cfg.retention.finished_after_s == 30 * 86400
+    assert cfg.database.schema == "supervisor"
+
+
+def test_unknown_keys_are_named_with_did_you_mean() -> None:
+    ps = problems({"worker": {"concurency": 4}, "servr": {}})
+    assert "worker.concurency: unknown key (did you mean 'concurrency'?)" in ps
+    assert "servr: unknown key (did you mean 'server'?)" in ps
+
+
+def test_wrong_types_and_bad_durations_are_all_reported() -> None:
+    ps = problems(
+        {
+            "worker": {"concurrency": "many", "dead_after": "soon"},
+            "handlers": {
+                "h": {
+                    "type": "python",
+                    "target": "m:f",
+                    "timeout": "5 parsecs",
+                    "retry_backoff": {"initial": "x", "jitter": 3},
+                }
+            },
+        }
+    )
+    text = "\n".join(ps)
+    assert "worker.concurrency: expected int, got str 'many'" in text
+    assert "worker.dead_after: 'soon' is not a duration" in text
+    assert "handlers.h.timeout: '5 parsecs' is not a duration" in text
+    assert "handlers.h.retry_backoff.initial" in text
+    assert "handlers.h.retry_backoff.jitter: must be a fraction between 0 and 1" in text
+
+
+def test_handler_types_targets_and_limits_are_checked() -> None:
+    ps = problems(
+        {
+            "handlers": {
+                "a": {"type": "pyton"},
+                "b": {"type": "python", "target": "no-colon"},
+                "c": {"type": "http"},
+                "d": {"type": "exec", "command": []},
+                "e": {"type": "python", "target": "m:f", "rate_limit": "fast", "on_complete": "ee"},
+                "f": {"type": "python", "target": "m:f", "concurrency": 0},
+            }
+        }
+    )
+    text = "\n".join(ps)
+    assert "handlers.a.type: must be one of python, http, exec, got 'pyton'" in text
+    assert "handlers.b.target: expected 'package.module:function'" in text
+    assert 'handlers.c.url: required for type = "http"' in text
+    assert "handlers.d.command: expected a non-empty list of strings" in text
+    assert "handlers.e.rate_limit: 'fast' is not a rate" in text
+    assert "handlers.e.on_complete: no handler 'ee' (did you mean 'e'?)" in text
+    assert "handlers.f.concurrency: must be at least 1, got 0" in text
+
+
+def test_rates_and_backoff() -> None:
+    assert config.parse_rate("10/s") == 10.0
+    assert config.parse_rate("600/m") == 10.0
+    b = config.BackoffConfig(initial_s=1.0, max_s=10.0, multiplier=2.0, jitter=0.0)
+    assert [b.delay(n, 0.5) for n in (1, 2, 3, 4, 5, 6)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    j = config.BackoffConfig(initial_s=1.0, max_s=10.0, multiplier=2.0, jitter=0.5)
+    assert j.delay(1, 0.0) == 0.5 and j.delay(1, 0.999999) == pytest.approx(1.5, abs=1e-5)
+
+
+def test_open_api_on_a_public_address_is_refused() -> None:
+    ps = problems({"server": {"host": "0.0.0.0"}})
+    assert any(p.startswith("server.host: '0.0.0.0' is not a loopback address") for p in ps)
+    tok = {"name": "ci", "tenant": "t", "sha256": "a" * 64, "scopes": ["read"]}
+    cfg = config.from_mapping({"server": {"host": "0.0.0.0"}, "auth": {"tokens": [tok]}})
+    assert cfg.tokens[0].scopes == ("read",)
+
+
+def test_bad_schema_name_is_rejected() -> None:
+    assert any(p.startswith("database.schema:") for p in problems({"database": {"schema": "a;b"}}))
+
+
+def test_cli_exits_78_before_touching_anything(tmp_path: pathlib.Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(
+        '[worker]\nconcurency = 3\n[handlers.x]\ntype = "python"\ntarget = "m:f"\n'
+        'timeout = "forever"\n'
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "supervisor", "run", "--config", str(cfg)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 78
+    assert "worker.concurency: unknown key (did you mean 'concurrency'?)" in out.stderr
+    assert "handlers.x.timeout: 'forever' is not a duration" in out.stderr
+    assert not (tmp_path / ".data").exists()
+
+
+def test_shipped_config_is_valid() -> None:
+    cfg = config.load(str(ROOT / "config.toml"))
+    assert cfg.server.port == 8080 and "echo" in cfg.handlers
