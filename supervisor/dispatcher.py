@@ -38,6 +38,8 @@ from supervisor.outbox import Outbox
 
 log = logging.getLogger(__name__)
 CONTROL_CHECK_S = 2.0
+THROTTLED_POLL_S = 0.05
+RATE_BURST_S = 0.1  # a rate limit's bucket holds this many seconds' worth of starts
 
 
 class Dispatcher:
@@ -141,6 +143,7 @@ class Dispatcher:
                 continue
             claimed = 0
             saturated = False
+            throttled = False  # a handler capped by rate or global limits got less than asked
             turn += 1
             try:
                 for name in (
@@ -160,12 +163,14 @@ class Dispatcher:
                         self._lease,
                         hcfg.global_concurrency,
                         hcfg.rate_per_s,
-                        max(1.0, hcfg.rate_per_s or 0.0),
+                        max(1.0, (hcfg.rate_per_s or 0.0) * RATE_BURST_S),
                     )
                     for row in rows:
                         self._start(work, name, row)
                     claimed += len(rows)
                     saturated = saturated or len(rows) == n
+                    limited = hcfg.rate_per_s is not None or hcfg.global_concurrency is not None
+                    throttled = throttled or (limited and len(rows) < n)
                 self.db_ok = True
                 failures = 0
             except DatabaseUnavailable as exc:
@@ -178,6 +183,9 @@ class Dispatcher:
             if saturated and self.in_flight < concurrency:
                 continue  # probably more runnable work: claim again at once
             poll = self._cfg.worker.poll_interval_s * (0.8 + 0.4 * random.random())
+            if throttled:
+                # Tokens refill and other daemons free global slots without telling us.
+                poll = min(poll, THROTTLED_POLL_S)
             await self._wakeup.wait(poll)
             # Woken by finished items: let a few more finish so claims stay batched.
             deadline = time.monotonic() + 0.005
