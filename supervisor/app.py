@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import signal
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -42,6 +42,7 @@ from supervisor.api.context import ApiContext
 from supervisor.api.server import ApiServer
 from supervisor.config import Config
 from supervisor.errors import DatabaseUnavailable
+from supervisor.executor import OutcomeRecord
 
 log = logging.getLogger(__name__)
 OUTBOX_FLUSH_TIMEOUT_S = 30.0
@@ -145,7 +146,11 @@ class Daemon:
     async def _serve(self, db: dbm.Database, dsn: str, built: dict[str, handlers.Handler]) -> int:
         cfg = self.cfg
         actor = cfg.worker.name
-        ob = outbox_mod.Outbox(db, actor, self.metrics.applied)
+        def applied(chunk: Sequence[OutcomeRecord], result: outbox_mod.Applied) -> None:
+            self.metrics.applied(chunk, result)
+            disp.wake()  # persisted outcomes free their slots
+
+        ob = outbox_mod.Outbox(db, actor, applied)
         disp = dispatcher.Dispatcher(cfg, db, built, ob, self.lease, self.metrics.in_flight_delta)
         bus = events.Bus(db, cfg.database.listen_url or dsn, cfg.database.schema)
         cbs = callbacks.Callbacks(cfg, db, built, self.lease, self.metrics)

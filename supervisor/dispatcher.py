@@ -98,6 +98,12 @@ class Dispatcher:
             log.info("dispatcher.cancel batch=%s stopped=%s", batch_id, n)
         return n
 
+    def free_slots(self) -> int:
+        """Capacity for new claims. A slot is held from the claim until the attempt's
+        outcome is persisted, so the items this daemon has `running` in the database
+        never exceed ``[worker] concurrency`` (and neither does unwritten state)."""
+        return self._cfg.worker.concurrency - self.in_flight - self._outbox.pending
+
     # -- the component ----------------------------------------------------------
 
     async def run(
@@ -137,7 +143,7 @@ class Dispatcher:
         turn = 0
         failures = 0
         while True:
-            free = concurrency - self.in_flight
+            free = self.free_slots()
             if free <= 0:
                 await self._wakeup.wait()
                 continue
@@ -180,7 +186,7 @@ class Dispatcher:
                 log.warning("dispatcher.claim_failed error=%s retry_in=%.2fs", exc, delay)
                 await anyio.sleep(delay)
                 continue
-            if saturated and self.in_flight < concurrency:
+            if saturated and self.free_slots() > 0:
                 continue  # probably more runnable work: claim again at once
             poll = self._cfg.worker.poll_interval_s * (0.8 + 0.4 * random.random())
             if throttled:
@@ -189,7 +195,7 @@ class Dispatcher:
             await self._wakeup.wait(poll)
             # Woken by finished items: let a few more finish so claims stay batched.
             deadline = time.monotonic() + 0.005
-            while concurrency - self.in_flight < refill and time.monotonic() < deadline:
+            while self.free_slots() < refill and time.monotonic() < deadline:
                 await self._wakeup.wait(max(0.0, deadline - time.monotonic()))
 
     def _start(self, work: anyio.abc.TaskGroup, handler: str, row: Any) -> None:

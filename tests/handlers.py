@@ -98,3 +98,11 @@ async def two_args(item: Item, other: Any) -> Any:
 
 
 not_callable = 42
+
+
+async def gated(item: Item) -> Any:
+    """Succeeds when payload["ok"] is true or the file BSV_TEST_GATE exists."""
+    gate = os.environ.get("BSV_TEST_GATE", "")
+    if item.payload.get("ok") or (gate and os.path.exists(gate)):
+        return {"ok": True, "attempt": item.attempt}
+    raise PermanentError("upstream rejected the item")
