@@ -138,6 +138,9 @@ async def invoke(handler: Handler, item: Item, worker: str) -> Attempt:
             delay_s=backoff.delay(item.attempt, random.random()),
         )
     except Exception as exc:  # any other handler failure is retried (SPEC §5)
+        # A handler's exception may carry the delay the remote side asked for
+        # (the http handler's Retry-After); 0 is a valid request to retry now.
+        asked = getattr(exc, "retry_after", None)
         return Attempt(
             states.Outcome.RETRY,
             error=error_entry(
@@ -147,8 +150,9 @@ async def invoke(handler: Handler, item: Item, worker: str) -> Attempt:
                 traceback.format_exc(),
                 worker,
             ),
-            delay_s=getattr(exc, "retry_after", None)
-            or backoff.delay(item.attempt, random.random()),
+            delay_s=float(asked)
+            if isinstance(asked, int | float)
+            else backoff.delay(item.attempt, random.random()),
         )
 
 

@@ -1,21 +1,210 @@
-"""``type = "exec"``: placeholder replaced by the full implementation."""
+"""``type = "exec"``: runs ``command`` (argv list, never a shell) once per attempt.
+
+The item's payload is written to stdin as JSON; ``BSV_*`` environment variables
+describe the attempt. Exit 0 succeeds (stdout as JSON, else text, is the
+result), exit 75 (EX_TEMPFAIL) is retried, any other exit fails the item with
+the tail of stderr. The child runs in its own process group, and an attempt
+that is cancelled (timeout, batch cancel, drain deadline) kills the whole group
+and reaps it before returning, so no process outlives its attempt.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
 from typing import Any
 
+import anyio
+import anyio.abc
+
 from supervisor.config import HandlerConfig
-from supervisor.errors import HandlerLoadError
+from supervisor.errors import HandlerLoadError, PermanentError
 from supervisor.models import Item
+
+log = logging.getLogger(__name__)
+
+EX_TEMPFAIL = 75
+STDOUT_LIMIT = 1024 * 1024  # the result; more is a misbehaving command, not a result
+STDERR_TAIL = 64 * 1024  # kept from the end: the cause is usually last
+MESSAGE_TAIL = 1500  # stderr shown in the error message (the executor keeps 2000 chars)
+KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL of the process group
+REAP_TIMEOUT_S = 5.0  # a process stuck in the kernel after SIGKILL: give up waiting
+
+
+class ExecTempFail(Exception):
+    """The command exited 75 (EX_TEMPFAIL): retried with backoff."""
+
+
+class ExecFailed(PermanentError):
+    """The command exited with a code other than 0 and 75, or was killed by a signal."""
+
+
+class ExecOutputTooLarge(PermanentError):
+    """The command wrote more than :data:`STDOUT_LIMIT` bytes to stdout."""
+
+
+def _resolve(hcfg: HandlerConfig) -> str:
+    """The executable ``command[0]`` names, or HandlerLoadError naming the handler."""
+    where = f"handler {hcfg.name!r}"
+    if not hcfg.command or not hcfg.command[0]:
+        raise HandlerLoadError(f"{where}: command is empty")
+    exe = hcfg.command[0]
+    if os.sep in exe:
+        if not os.path.isfile(exe):
+            raise HandlerLoadError(f"{where}: command {exe!r} does not exist")
+        if not os.access(exe, os.X_OK):
+            raise HandlerLoadError(f"{where}: command {exe!r} is not executable")
+        return exe
+    found = shutil.which(exe)
+    if found is None:
+        raise HandlerLoadError(f"{where}: command {exe!r} not found on PATH")
+    return found
+
+
+class _Capture:
+    """Bounded capture of one output stream: the head (stdout) or the tail (stderr)."""
+
+    def __init__(self, limit: int, *, tail: bool) -> None:
+        self.data = bytearray()
+        self.limit = limit
+        self.tail = tail
+        self.overflowed = False
+
+    async def drain(
+        self, stream: anyio.abc.ByteReceiveStream, stop: anyio.CancelScope | None
+    ) -> None:
+        async for chunk in stream:
+            self.data += chunk
+            if len(self.data) <= self.limit:
+                continue
+            if self.tail:
+                del self.data[: len(self.data) - self.limit]
+            else:
+                self.overflowed = True
+                del self.data[self.limit :]
+                if stop is not None:
+                    stop.cancel()
+                return
+
+    def text(self) -> str:
+        return self.data.decode("utf-8", errors="replace")
+
+
+async def _feed(stream: anyio.abc.ByteSendStream, data: bytes) -> None:
+    try:
+        await stream.send(data)
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        pass  # the command exited or closed stdin without reading it all: its exit code decides
+    finally:
+        await stream.aclose()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is already gone: nothing left to stop
+
+
+async def _kill_group(process: anyio.abc.Process) -> None:
+    """SIGTERM the process group, SIGKILL it after a grace period, reap the leader.
+
+    Runs shielded: the caller is usually being cancelled. The group is killed
+    even when the leader has exited, because its children may still be running.
+    """
+    with anyio.CancelScope(shield=True):
+        if process.returncode is None:
+            _signal_group(process.pid, signal.SIGTERM)
+            with anyio.move_on_after(KILL_GRACE_S):
+                await process.wait()
+        _signal_group(process.pid, signal.SIGKILL)
+        with anyio.move_on_after(REAP_TIMEOUT_S) as scope:
+            await process.wait()
+        if scope.cancelled_caught:
+            log.warning("exec.unreaped pid=%s (did not exit after SIGKILL)", process.pid)
+
+
+def _result(stdout: bytes) -> Any:
+    text = stdout.decode("utf-8", errors="replace")
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text.rstrip("\r\n")  # plain text output is a result too (SPEC §5)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)  # a real-time signal has no name
+
+
+def _tail(stderr: str) -> str:
+    stderr = stderr.strip()
+    if not stderr:
+        return "(no output on stderr)"
+    return stderr if len(stderr) <= MESSAGE_TAIL else "…" + stderr[-MESSAGE_TAIL:]
 
 
 class ExecHandler:
     def __init__(self, hcfg: HandlerConfig) -> None:
         self.config = hcfg
-        raise HandlerLoadError(f"handler {hcfg.name!r}: type \"exec\" is not implemented yet")
+        _resolve(hcfg)
+        self._argv = list(hcfg.command)
+
+    def _env(self, item: Item) -> dict[str, str]:
+        return {
+            **os.environ,
+            "BSV_ITEM_ID": item.id,
+            "BSV_BATCH_ID": item.batch_id,
+            "BSV_ATTEMPT": str(item.attempt),
+            "BSV_MAX_ATTEMPTS": str(item.max_attempts),
+            "BSV_ITEM_KEY": item.key or "",
+            "BSV_HANDLER": item.handler,
+        }
 
     async def run(self, item: Item) -> Any:
-        raise NotImplementedError
+        stdin = json.dumps(item.payload, separators=(",", ":")).encode()
+        process = await anyio.open_process(
+            self._argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self._env(item),
+            start_new_session=True,  # its own process group, killed as a whole
+        )
+        out = _Capture(STDOUT_LIMIT, tail=False)
+        err = _Capture(STDERR_TAIL, tail=True)
+        try:
+            assert process.stdin and process.stdout and process.stderr
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_feed, process.stdin, stdin)
+                tg.start_soon(out.drain, process.stdout, tg.cancel_scope)
+                tg.start_soon(err.drain, process.stderr, None)
+            if out.overflowed:
+                raise ExecOutputTooLarge(
+                    f"{self._argv[0]} wrote more than {STDOUT_LIMIT} bytes to stdout"
+                )
+            code = await process.wait()
+        except BaseException:
+            await _kill_group(process)  # cancelled or failed: leave no process behind
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await process.aclose()
+        if code == 0:
+            return _result(bytes(out.data))
+        if code == EX_TEMPFAIL:
+            raise ExecTempFail(f"exit code {code} (EX_TEMPFAIL): {_tail(err.text())}")
+        if code < 0:
+            raise ExecFailed(f"killed by signal {_signal_name(-code)}: {_tail(err.text())}")
+        raise ExecFailed(f"exit code {code}: {_tail(err.text())}")
 
     async def aclose(self) -> None:
-        return None
+        return None  # every process is reaped by the attempt that started it
