@@ -146,6 +146,7 @@ class Daemon:
     async def _serve(self, db: dbm.Database, dsn: str, built: dict[str, handlers.Handler]) -> int:
         cfg = self.cfg
         actor = cfg.worker.name
+
         def applied(chunk: Sequence[OutcomeRecord], result: outbox_mod.Applied) -> None:
             self.metrics.applied(chunk, result)
             disp.wake()  # persisted outcomes free their slots
@@ -160,10 +161,16 @@ class Daemon:
             cbs.wake(payload)
 
         bus.on_wake = on_wake
+
         def on_cancel(batch_id: str) -> None:
             disp.cancel_batch(batch_id)
 
         bus.on_cancel = on_cancel
+
+        def on_pause(batch_id: str) -> None:
+            disp.release_waiting(batch_id)
+
+        bus.on_pause = on_pause
 
         def reclaimed(rows: list[Any]) -> None:
             counts: dict[str, int] = {}
@@ -202,7 +209,9 @@ class Daemon:
             await hb.register()
             await root.start(hb.run)
             await root.start(reaper.Reaper(cfg, db, reclaimed).run)
-            await root.start(metrics_mod.QueueSampler(db, self.metrics).run)
+            sample_s = cfg.server.metrics_sample_interval_s
+            sampler = metrics_mod.QueueSampler(db, self.metrics, sample_s)
+            await root.start(sampler.run)
             await root.start(retention.Retention(cfg, db).run)
             await root.start(systemd.Watchdog(lambda: dispatcher.status_line(disp)).run)
             async with anyio.create_task_group() as work:

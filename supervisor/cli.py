@@ -136,6 +136,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 # -- HTTP client ----------------------------------------------------------------------
 
+WATCH_RECONNECTS = 10  # consecutive failed reconnects before ``watch`` gives up
+
 
 def _client_url(args: argparse.Namespace) -> str:
     return (args.url or os.environ.get("BATCH_SUPERVISOR_URL") or DEFAULT_URL).rstrip("/")
@@ -146,41 +148,76 @@ def _headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _problem(method: str, url: str, status: int, text: str) -> ClientError:
+    """The one-line message for an error response (problem+json or anything else)."""
+    detail = text.strip()[:500] or "(empty response)"
+    with contextlib.suppress(ValueError, AttributeError, TypeError, KeyError):
+        body = json.loads(text)
+        detail = str(body.get("detail") or body.get("title") or detail)
+        extra = [
+            f"{e.get('path') or '/'}: {e.get('message')}"
+            for e in body.get("errors") or []
+            if str(e.get("message")) not in detail  # the detail often repeats a lone error
+        ]
+        if extra:
+            detail += "; " + "; ".join(extra[:5])
+    return ClientError(_one_line(f"{method} {url}: {status} {detail}"))
+
+
 async def _call(session: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> Any:
     try:
         async with session.request(method, url, headers=_headers(), **kw) as resp:
             text = await resp.text()
             if resp.status >= 400:
-                detail = text
-                with contextlib.suppress(ValueError):
-                    body = json.loads(text)
-                    detail = body.get("detail") or body.get("title") or text
-                    if body.get("errors"):
-                        detail += "; " + "; ".join(
-                            f"{e['path']}: {e['message']}" for e in body["errors"][:5]
-                        )
-                raise ClientError(f"{method} {url}: {resp.status} {detail}")
-            return json.loads(text) if text else None
+                raise _problem(method, url, resp.status, text)
+            try:
+                return json.loads(text) if text else None
+            except ValueError:
+                raise ClientError(
+                    f"{method} {url}: {resp.status} but the body is not JSON "
+                    "(is this a batch-supervisor API?)"
+                ) from None
     except aiohttp.ClientError as exc:
-        raise ClientError(f"cannot reach {url}: {exc}") from None
+        raise ClientError(_one_line(f"cannot reach {url}: {exc}")) from None
+    except TimeoutError:
+        raise ClientError(f"{method} {url}: no answer in time") from None
 
 
 def _read_items(path: str, key_field: str | None) -> list[Any]:
-    text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
-    stripped = text.lstrip()
+    name = "stdin" if path == "-" else path
     try:
-        if stripped.startswith("["):
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ClientError(f"cannot read {name}: {exc}") from None
+    try:
+        if text.lstrip().startswith("["):
             payloads = json.loads(text)
         else:
-            payloads = [json.loads(line) for line in text.splitlines() if line.strip()]
+            payloads = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        payloads.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise ClientError(f"{name}: line {n} is not JSON: {exc}") from None
     except json.JSONDecodeError as exc:
-        raise ClientError(f"{path}: not JSON Lines or a JSON array: {exc}") from None
+        raise ClientError(f"{name}: not a JSON array: {exc}") from None
+    if not payloads:
+        raise ClientError(f"{name}: no items (expected JSON Lines or a JSON array)")
     if key_field is None:
         return list(payloads)
     items = []
     for i, p in enumerate(payloads):
         if not isinstance(p, dict) or key_field not in p:
-            raise ClientError(f"{path}: item {i} has no field {key_field!r} for --key-field")
+            raise ClientError(f"{name}: item {i + 1} has no field {key_field!r} for --key-field")
         items.append({"key": str(p[key_field]), "payload": p})
     return items
 
@@ -206,71 +243,156 @@ def _print_status(b: dict[str, Any]) -> None:
         print(f"callback  {cb['handler']}: {cb['state']} (attempts {cb['attempts']})")
 
 
-async def _sse(session: aiohttp.ClientSession, url: str) -> AsyncIterator[tuple[str, Any]]:
+async def _sse(
+    session: aiohttp.ClientSession, url: str, last_id: str | None
+) -> AsyncIterator[tuple[str, str | None, Any]]:
+    """(event, id, data) from one connection to an SSE stream, until it closes."""
+    headers = _headers() | {"Accept": "text/event-stream"}
+    if last_id is not None:
+        headers["Last-Event-ID"] = last_id
     async with session.get(
-        url,
-        headers=_headers() | {"Accept": "text/event-stream"},
-        timeout=aiohttp.ClientTimeout(total=None, sock_read=60),
+        url, headers=headers, timeout=aiohttp.ClientTimeout(total=None, sock_read=60)
     ) as resp:
         if resp.status >= 400:
-            raise ClientError(f"GET {url}: {resp.status} {await resp.text()}")
-        event, data = "message", list[str]()
+            raise _problem("GET", url, resp.status, await resp.text())
+        event, event_id, data = "message", None, list[str]()
         async for raw in resp.content:
-            line = raw.decode().rstrip("\n")
+            line = raw.decode().rstrip("\r\n")
             if not line:
                 if data:
-                    yield event, json.loads("\n".join(data))
-                event, data = "message", []
+                    yield event, event_id, json.loads("\n".join(data))
+                event, event_id, data = "message", None, []
             elif line.startswith("event:"):
                 event = line[6:].strip()
+            elif line.startswith("id:"):
+                event_id = line[3:].strip()
             elif line.startswith("data:"):
                 data.append(line[5:].strip())
 
 
+class _Progress:
+    """Progress on stderr: a redrawn bar on a terminal, a line per status change otherwise."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.start = time.monotonic()
+        self.first_done: int | None = None
+        self.last_status: str | None = None
+
+    def show(self, b: dict[str, Any]) -> None:
+        c = b["counts"]
+        done = c["succeeded"] + c["failed"] + c["cancelled"]
+        if self.first_done is None:
+            self.first_done = done
+        rate = (done - self.first_done) / max(1e-6, time.monotonic() - self.start)
+        eta = f"{(c['total'] - done) / rate:.0f}s" if rate > 0 and done < c["total"] else "-"
+        line = (
+            f"{_bar(done, c['total'])} {done}/{c['total']} {rate:.1f}/s eta {eta} "
+            f"failed {c['failed']} [{b['status']}]"
+        )
+        if self.quiet:
+            return
+        if self.tty:
+            sys.stderr.write(f"\r{line}   ")
+        elif b["status"] != self.last_status:
+            sys.stderr.write(line + "\n")
+        self.last_status = b["status"]
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if not self.quiet and self.tty:
+            sys.stderr.write("\n")
+
+
 async def _watch(session: aiohttp.ClientSession, base: str, batch_id: str, quiet: bool) -> int:
-    start = time.monotonic()
-    first_done: int | None = None
+    """Follow the batch's events until ``end`` (reconnecting with Last-Event-ID when a
+    draining daemon closes the stream), then report; 0 only for ``completed``."""
+    url = f"{base}/v1/batches/{batch_id}/events"
+    progress = _Progress(quiet)
     final: dict[str, Any] | None = None
-    failures = 0
-    async for event, data in _sse(session, f"{base}/v1/batches/{batch_id}/events"):
-        if event == "snapshot":
-            final = data
-            c = data["counts"]
-            done = c["succeeded"] + c["failed"] + c["cancelled"]
-            if first_done is None:
-                first_done = done
-            elapsed = max(1e-6, time.monotonic() - start)
-            rate = (done - first_done) / elapsed
-            eta = f"{(c['total'] - done) / rate:.0f}s" if rate > 0 and done < c["total"] else "-"
-            if not quiet:
-                sys.stderr.write(
-                    f"\r{_bar(done, c['total'])} {done}/{c['total']} "
-                    f"{rate:.1f}/s eta {eta} failed {c['failed']} "
-                    f"[{data['status']}]   "
-                )
-                sys.stderr.flush()
-        elif event == "item" and data.get("status") == "failed":
-            failures += 1
-        elif event == "end":
-            break
-    if not quiet:
-        sys.stderr.write("\n")
+    last_id: str | None = None
+    ended = False
+    failed_reconnects = 0
+    try:
+        while not ended:
+            try:
+                async for event, event_id, data in _sse(session, url, last_id):
+                    failed_reconnects = 0
+                    last_id = event_id or last_id
+                    if event == "snapshot":
+                        final = data
+                        progress.show(data)
+                    elif event == "end":
+                        ended = True
+                        break
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                failed_reconnects += 1
+                if failed_reconnects > WATCH_RECONNECTS:
+                    raise ClientError(_one_line(f"lost the event stream {url}: {exc}")) from None
+            if not ended:
+                await asyncio.sleep(min(5.0, 0.2 * 2**failed_reconnects))
+    finally:
+        progress.close()
     if final is None:
         raise ClientError("the event stream ended before any snapshot")
-    if final["status"] != "completed":
-        items = await _call(
-            session, "GET", f"{base}/v1/batches/{batch_id}/items?status=failed&limit=20"
+    c = final["counts"]
+    if final["status"] == "completed":
+        print(f"batch {batch_id} completed: {c['succeeded']} succeeded")
+        return 0
+    print(
+        f"batch {batch_id} ended {final['status']}: {c['succeeded']} succeeded, "
+        f"{c['failed']} failed, {c['cancelled']} cancelled"
+    )
+    if c["failed"]:
+        shown = 20
+        page = await _call(
+            session, "GET", f"{base}/v1/batches/{batch_id}/items?status=failed&limit={shown}"
         )
-        print(
-            f"batch {batch_id} ended {final['status']}: "
-            f"{final['counts']['failed']} failed, {final['counts']['cancelled']} cancelled"
-        )
-        for it in items["items"]:
+        for it in page["items"]:
             err = it.get("error") or {}
-            print(f"  item {it['id']} key={it['key']}: {err.get('type')}: {err.get('message')}")
-        return 1
-    print(f"batch {batch_id} completed: {final['counts']['succeeded']} succeeded")
-    return 0
+            key = f" key={it['key']}" if it.get("key") is not None else ""
+            print(
+                f"  failed item {it['id']}{key} after {it['attempts']} attempt(s): "
+                f"{err.get('type', 'Error')}: {_one_line(str(err.get('message', '')))}"
+            )
+        if c["failed"] > shown:
+            more = c["failed"] - shown
+            print(f"  ... and {more} more: GET /v1/batches/{batch_id}/items?status=failed")
+    return 1
+
+
+def _max_failures(text: str) -> int | str:
+    """``--max-failures``: a count, or a percentage such as ``10%``."""
+    if text.endswith("%"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a count nor a percentage") from None
+
+
+def _submission(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "handler": args.handler,
+        "items": _read_items(args.file, args.key_field),
+    }
+    for field in (
+        "priority",
+        "max_concurrency",
+        "max_attempts",
+        "max_failures",
+        "idempotency_key",
+        "on_complete",
+    ):
+        if getattr(args, field, None) is not None:
+            body[field] = getattr(args, field)
+    if args.metadata is not None:
+        try:
+            body["metadata"] = json.loads(args.metadata)
+        except ValueError as exc:
+            raise ClientError(f"--metadata is not JSON: {exc}") from None
+    return body
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -280,15 +402,9 @@ def cmd_client(args: argparse.Namespace) -> int:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
             verb = args.command
             if verb == "submit":
-                body: dict[str, Any] = {
-                    "handler": args.handler,
-                    "items": _read_items(args.file, args.key_field),
-                }
-                for field in ("priority", "max_concurrency", "idempotency_key", "max_attempts"):
-                    if getattr(args, field, None) is not None:
-                        body[field] = getattr(args, field)
+                body = _submission(args)
                 b = await _call(s, "POST", f"{base}/v1/batches", json=body)
-                print(b["id"] if not args.json else json.dumps(b))
+                print(json.dumps(b) if args.json else b["id"], flush=True)
                 if args.wait:
                     return await _watch(s, base, b["id"], quiet=args.json)
                 return 0
@@ -326,8 +442,12 @@ def cmd_client(args: argparse.Namespace) -> int:
     except ClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (OSError, KeyboardInterrupt) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        # A malformed answer or a local I/O problem: still one line, never a traceback.
+        print(_one_line(f"error: {type(exc).__name__}: {exc}"), file=sys.stderr)
         return 1
 
 
@@ -367,7 +487,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--priority", type=int)
     s.add_argument("--max-concurrency", type=int)
     s.add_argument("--max-attempts", type=int)
+    s.add_argument("--max-failures", type=_max_failures, help="a count, or a percentage like 10%%")
     s.add_argument("--idempotency-key")
+    s.add_argument("--on-complete", help="handler to call once the batch is terminal")
+    s.add_argument("--metadata", help="a JSON object stored with the batch")
     s.add_argument("--wait", action="store_true", help="watch until terminal; exit 0 on completed")
     s.add_argument("--json", action="store_true", help="print the batch JSON")
     st = with_url(sub.add_parser("status", help="show a batch"))

@@ -82,12 +82,14 @@ class ServerConfig:
     port: int = 8080
     max_body_bytes: int = 64 * 1024 * 1024
     max_items_per_batch: int = 100_000
+    metrics_sample_interval_s: float = 5.0  # queue depth/lag gauges are read this often
 
 
 @dataclasses.dataclass(frozen=True)
 class WorkerConfig:
     name: str = dataclasses.field(default_factory=socket.gethostname)
     concurrency: int = 64
+    prefetch: int | None = None  # claimed items waiting for a slot; default = concurrency
     claim_batch_size: int = 500
     poll_interval_s: float = 1.0
     heartbeat_interval_s: float = 5.0
@@ -281,6 +283,7 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
         port=ck.positive_int(t, "server", "port", 8080, minimum=0) or 0,
         max_body_bytes=ck.positive_int(t, "server", "max_body_bytes", 64 * 1024 * 1024) or 1,
         max_items_per_batch=ck.positive_int(t, "server", "max_items_per_batch", 100_000) or 1,
+        metrics_sample_interval_s=ck.duration(t, "server", "metrics_sample_interval", 5.0),
     )
 
     t = ck.section(raw, "worker")
@@ -288,6 +291,7 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
     worker = WorkerConfig(
         name=ck.get(t, "worker", "name", str, socket.gethostname()) or socket.gethostname(),
         concurrency=ck.positive_int(t, "worker", "concurrency", 64) or 64,
+        prefetch=ck.positive_int(t, "worker", "prefetch", None, minimum=0),
         claim_batch_size=ck.positive_int(t, "worker", "claim_batch_size", 500) or 500,
         poll_interval_s=ck.duration(t, "worker", "poll_interval", 1.0),
         heartbeat_interval_s=ck.duration(t, "worker", "heartbeat_interval", 5.0),

@@ -38,11 +38,16 @@ _TRANSIENT = (
 
 def is_transient(exc: BaseException) -> bool:
     """True for errors that go away by themselves: retry, do not crash."""
-    if isinstance(exc, DatabaseUnavailable | _TRANSIENT):
+    if isinstance(exc, (DatabaseUnavailable, *_TRANSIENT)):
         return True
     if isinstance(exc, asyncpg.InterfaceError):
         text = str(exc).lower()
         return "connection" in text and ("closed" in text or "lost" in text)
+    if isinstance(exc, asyncpg.InternalClientError):
+        # A server shutdown notice that reaches an idle pooled connection leaves its
+        # protocol mid-operation; the next query fails like this. The pool drops the
+        # connection, so a retry gets a fresh one.
+        return "cannot switch to state" in str(exc)
     return False
 
 

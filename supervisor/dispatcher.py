@@ -15,6 +15,7 @@ running is *released*: back to queued without spending the attempt.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -59,14 +60,26 @@ class Dispatcher:
         self._lease = lease
         self._worker = cfg.worker.name
         self._on_in_flight = on_in_flight
-        self.in_flight = 0
+        concurrency = cfg.worker.concurrency
+        self._slots = anyio.CapacityLimiter(concurrency)
+        self._handler_slots = {
+            name: anyio.CapacityLimiter(h.config.concurrency)
+            for name, h in handlers.items()
+            if h.config.concurrency is not None
+        }
+        self._prefetch = cfg.worker.prefetch if cfg.worker.prefetch is not None else concurrency
+        self.in_flight = 0  # handlers running now
         self.per_handler: Counter[str] = Counter()
-        self._running: dict[int, tuple[str, anyio.CancelScope]] = {}
+        self.owned = 0  # attempts claimed by us and not yet handed to the outbox
+        self._owned_per_handler: Counter[str] = Counter()
+        self._tasks: dict[int, tuple[str, anyio.CancelScope]] = {}
+        self._waiting: set[int] = set()  # claimed, waiting for a slot (prefetched)
         self._reasons: dict[int, StopReason] = {}
         self._wakeup = Wakeup()
         self._idle = anyio.Event()
         self._claim_scope = anyio.CancelScope()
         self._drain_scope = anyio.CancelScope()
+        self._stopping = False
         self._meta_cache: dict[str, Any] = {}
         self.db_ok = True
         self.claiming = False
@@ -78,31 +91,55 @@ class Dispatcher:
         self._wakeup.set()
 
     def stop_claiming(self) -> None:
-        """Soft stop: claim nothing more. Harmless before start or twice."""
+        """Soft stop: claim nothing more and release what waits for a slot at once
+        (it never started). Harmless before start or twice."""
+        self._stopping = True
         self._claim_scope.cancel()
+        for item_id in list(self._waiting):
+            self._stop(item_id, StopReason.SHUTDOWN)
 
     def skip_drain(self) -> None:
         """Second signal: stop waiting for running items; release them now."""
-        self._claim_scope.cancel()
+        self.stop_claiming()
         self._drain_scope.cancel()
 
     def cancel_batch(self, batch_id: str) -> int:
-        """Stop this daemon's running attempts of a batch being cancelled."""
+        """Stop this daemon's attempts (running or waiting) of a batch being stopped."""
         n = 0
-        for item_id, (bid, scope) in list(self._running.items()):
+        for item_id, (bid, _scope) in list(self._tasks.items()):
             if bid == batch_id and item_id not in self._reasons:
-                self._reasons[item_id] = StopReason.CANCELLED
-                scope.cancel()
+                self._stop(item_id, StopReason.CANCELLED)
                 n += 1
         if n:
             log.info("dispatcher.cancel batch=%s stopped=%s", batch_id, n)
         return n
 
+    def release_waiting(self, batch_id: str) -> int:
+        """A batch was paused: hand back its claimed items that have not started
+        (released: queued again, the attempt not counted); running ones finish."""
+        n = 0
+        for item_id in list(self._waiting):
+            entry = self._tasks.get(item_id)
+            if entry is not None and entry[0] == batch_id:
+                self._stop(item_id, StopReason.SHUTDOWN)
+                n += 1
+        if n:
+            log.info("dispatcher.released_paused batch=%s items=%s", batch_id, n)
+        return n
+
+    def _stop(self, item_id: int, reason: StopReason) -> None:
+        entry = self._tasks.get(item_id)
+        if entry is not None and item_id not in self._reasons:
+            self._reasons[item_id] = reason
+            entry[1].cancel()
+
     def free_slots(self) -> int:
-        """Capacity for new claims. A slot is held from the claim until the attempt's
-        outcome is persisted, so the items this daemon has `running` in the database
-        never exceed ``[worker] concurrency`` (and neither does unwritten state)."""
-        return self._cfg.worker.concurrency - self.in_flight - self._outbox.pending
+        """How many more items we may claim. Claimed items wait for a handler slot
+        (``[worker] concurrency``) in a prefetch window of ``[worker] prefetch``, and a
+        claim stays ours until its outcome is persisted, so the items this daemon has
+        `running` in the database never exceed concurrency + prefetch."""
+        limit = self._cfg.worker.concurrency + self._prefetch
+        return limit - self.owned - self._outbox.pending
 
     # -- the component ----------------------------------------------------------
 
@@ -116,19 +153,20 @@ class Dispatcher:
                 self.claiming = True
                 await self._claim_loop(work)
             self.claiming = False
+            self.stop_claiming()  # also releases what still waits for a slot
             if self.in_flight:
                 log.info(
                     "dispatcher.draining in_flight=%s timeout=%ss",
                     self.in_flight,
                     self._cfg.worker.drain_timeout_s,
                 )
-                with self._drain_scope, anyio.move_on_after(self._cfg.worker.drain_timeout_s):
-                    while self.in_flight:
-                        self._idle = anyio.Event()
-                        await self._idle.wait()
+            with self._drain_scope, anyio.move_on_after(self._cfg.worker.drain_timeout_s):
+                while self.owned:
+                    self._idle = anyio.Event()
+                    await self._idle.wait()
             self.released = self.in_flight
-            for item_id in self._running:
-                self._reasons.setdefault(item_id, StopReason.SHUTDOWN)
+            for item_id in list(self._tasks):
+                self._stop(item_id, StopReason.SHUTDOWN)
             work.cancel_scope.cancel()
         if self.released:
             log.info(
@@ -137,9 +175,8 @@ class Dispatcher:
 
     async def _claim_loop(self, work: anyio.abc.TaskGroup) -> None:
         names = list(self._handlers)
-        concurrency = self._cfg.worker.concurrency
         batch_size = self._cfg.worker.claim_batch_size
-        refill = max(1, min(batch_size, concurrency // 4))
+        refill = max(1, min(batch_size, (self._cfg.worker.concurrency + self._prefetch) // 4))
         turn = 0
         failures = 0
         while True:
@@ -158,7 +195,8 @@ class Dispatcher:
                     hcfg = self._handlers[name].config
                     n = min(free - claimed, batch_size)
                     if hcfg.concurrency is not None:
-                        n = min(n, hcfg.concurrency - self.per_handler[name])
+                        # prefetch at most one more round of this handler's own cap
+                        n = min(n, 2 * hcfg.concurrency - self._owned_per_handler[name])
                     if n <= 0:
                         continue
                     rows = await self._db.fetch(
@@ -217,53 +255,82 @@ class Dispatcher:
             handler=handler,
             batch_metadata=meta,
         )
+        key = int(row["id"])
         scope = anyio.CancelScope()
-        self._running[int(row["id"])] = (batch_id, scope)
-        self.in_flight += 1
-        self.per_handler[handler] += 1
-        self._on_in_flight(handler, 1)
-        work.start_soon(self._run_item, item, scope)
+        self._tasks[key] = (batch_id, scope)
+        self._waiting.add(key)
+        self.owned += 1
+        self._owned_per_handler[handler] += 1
+        work.start_soon(self._run_item, item, key, scope)
 
-    async def _run_item(self, item: Item, scope: anyio.CancelScope) -> None:
+    async def _run_item(self, item: Item, key: int, scope: anyio.CancelScope) -> None:
         started = time.monotonic()
-        key = int(item.id)
         attempt: executor.Attempt | None = None
+        running = False
+        handler_slot = self._handler_slots.get(item.handler)
         try:
             with scope:
-                attempt = await executor.invoke(self._handlers[item.handler], item, self._worker)
-            if attempt is None:  # our own scope was cancelled: batch stop
-                reason = self._reasons.get(key, StopReason.CANCELLED)
-                attempt = executor.cancelled_attempt(item, reason, self._worker)
+                async with contextlib.AsyncExitStack() as slots:
+                    if handler_slot is not None:
+                        await slots.enter_async_context(handler_slot)
+                    await slots.enter_async_context(self._slots)
+                    self._waiting.discard(key)
+                    if self._stopping:  # drain began while we waited: never start
+                        self._reasons.setdefault(key, StopReason.SHUTDOWN)
+                        raise _NotStarted
+                    running = True
+                    self.in_flight += 1
+                    self.per_handler[item.handler] += 1
+                    self._on_in_flight(item.handler, 1)
+                    started = time.monotonic()
+                    attempt = await executor.invoke(
+                        self._handlers[item.handler], item, self._worker
+                    )
+        except _NotStarted:
+            pass
         except anyio.get_cancelled_exc_class():
             attempt = executor.cancelled_attempt(
                 item, self._reasons.get(key, StopReason.SHUTDOWN), self._worker
             )
             raise
         finally:
-            if attempt is not None:
-                self._outbox.put(executor.record(item, self._lease, attempt, started))
-            self._running.pop(key, None)
+            if attempt is None:  # stopped by us: batch stop, or released at drain
+                reason = self._reasons.get(key, StopReason.CANCELLED)
+                attempt = executor.cancelled_attempt(item, reason, self._worker)
+            self._outbox.put(executor.record(item, self._lease, attempt, started))
+            self._tasks.pop(key, None)
+            self._waiting.discard(key)
             self._reasons.pop(key, None)
-            self.in_flight -= 1
-            self.per_handler[item.handler] -= 1
-            self._on_in_flight(item.handler, -1)
+            self.owned -= 1
+            self._owned_per_handler[item.handler] -= 1
+            if running:
+                self.in_flight -= 1
+                self.per_handler[item.handler] -= 1
+                self._on_in_flight(item.handler, -1)
             self._wakeup.set()
-            if not self.in_flight:
+            if not self.owned:
                 self._idle.set()
 
     async def _watch_stopping_batches(self) -> None:
-        """Backstop for a missed cancel NOTIFY: ask the database which of our
-        running items belong to batches being stopped."""
+        """Backstop for a missed cancel or pause NOTIFY: ask the database which of
+        our claimed items belong to batches being stopped or paused."""
         while True:
             await anyio.sleep(CONTROL_CHECK_S)
-            if not self._running:
+            if not self._tasks:
                 continue
             try:
                 rows = await self._db.fetch("stopping_batches_of_lease", self._lease)
             except DatabaseUnavailable:
                 continue  # the claim loop reports the outage; try again next round
             for r in rows:
-                self.cancel_batch(str(r["batch_id"]))
+                if r["status"] == states.BatchStatus.PAUSED:
+                    self.release_waiting(str(r["batch_id"]))
+                else:
+                    self.cancel_batch(str(r["batch_id"]))
+
+
+class _NotStarted(Exception):
+    """Internal: a prefetched attempt that drain released before it started."""
 
 
 def status_line(d: Dispatcher) -> str:

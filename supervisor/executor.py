@@ -35,7 +35,9 @@ class StopReason(enum.Enum):
     """Why a running attempt was cancelled from outside."""
 
     CANCELLED = "cancelled"  # its batch was cancelled or exceeded its failure budget
-    SHUTDOWN = "shutdown"  # drain deadline: release without spending the attempt
+    # drain deadline, or a claimed attempt handed back before it started (drain,
+    # pause): released without spending the attempt
+    SHUTDOWN = "shutdown"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

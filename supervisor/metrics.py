@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -80,6 +81,8 @@ class Metrics:
             PREFIX + "build_info", "Build information.", ["version"], registry=r
         )
         self.build_info.labels(__version__).set(1)
+        self._in_flight_children: dict[str, Any] = {}
+        self._duration_children: dict[tuple[str, str], Any] = {}
         self.set_state("starting")
 
     def set_state(self, state: str) -> None:
@@ -87,19 +90,29 @@ class Metrics:
             self.worker_state.labels(s).set(1 if s == state else 0)
 
     def in_flight_delta(self, handler: str, delta: int) -> None:
-        self.in_flight.labels(handler).inc(delta)
+        child = self._in_flight_children.get(handler)
+        if child is None:
+            child = self._in_flight_children[handler] = self.in_flight.labels(handler)
+        child.inc(delta)
 
     def db_error(self, operation: str) -> None:
         self.db_errors.labels(operation).inc()
 
     def applied(self, chunk: Sequence[OutcomeRecord], applied: Applied) -> None:
+        # Label lookups are the expensive part: resolve each (handler, outcome) once.
+        counts: dict[tuple[str, str], int] = {}
         for rec in chunk:
             status = applied.items.get(rec.item_id)
             if status is None:
                 continue  # fenced: counted by the outbox log, not as an outcome
-            outcome = metric_outcome(rec, status)
-            self.items.labels(rec.handler, outcome).inc()
-            self.item_duration.labels(rec.handler, outcome).observe(rec.duration_s)
+            key = (rec.handler, metric_outcome(rec, status))
+            counts[key] = counts.get(key, 0) + 1
+            hist = self._duration_children.get(key)
+            if hist is None:
+                hist = self._duration_children[key] = self.item_duration.labels(*key)
+            hist.observe(rec.duration_s)
+        for key, n in counts.items():
+            self.items.labels(*key).inc(n)
         for _bid, status, seconds in applied.finished:
             self.finished(status, seconds)
 

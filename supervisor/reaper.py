@@ -11,6 +11,7 @@ batch is stopping); its running callbacks go back to pending.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import anyio
@@ -31,10 +32,11 @@ class Reaper:
         self._db = db
         self._on_reclaimed = on_reclaimed
 
-    async def reap_once(self) -> int:
-        """One pass; returns the number of items reclaimed."""
+    async def reap_once(self, *, reclaim: bool = True) -> int:
+        """One pass; returns the number of items reclaimed. ``reclaim=False`` only
+        checks that the database answers (see :meth:`run`)."""
         async with self._db.transaction("reap") as tx:
-            if not await tx.fetchval("try_reaper_lock"):
+            if not await tx.fetchval("try_reaper_lock") or not reclaim:
                 return 0
             dead = [
                 r["id"]
@@ -54,9 +56,19 @@ class Reaper:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         task_status.started()
+        # After a database outage every heartbeat is stale at once, ours included: only
+        # judge others dead once we have been in touch for dead_after ourselves, so
+        # that live daemons (and this one) get to beat first and keep their results.
+        in_touch_since: float | None = time.monotonic()
         while True:
             await anyio.sleep(self._cfg.worker.heartbeat_interval_s)
+            now = time.monotonic()
+            trusted = in_touch_since is not None and (
+                now - in_touch_since >= self._cfg.worker.dead_after_s
+            )
             try:
-                await self.reap_once()
+                await self.reap_once(reclaim=trusted)
+                in_touch_since = now if in_touch_since is None else in_touch_since
             except DatabaseUnavailable as exc:
+                in_touch_since = None
                 log.warning("reaper.failed error=%s", exc)

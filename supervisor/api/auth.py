@@ -57,7 +57,8 @@ class Authenticator:
                 "missing bearer token (Authorization: Bearer <token>)",
                 headers={"WWW-Authenticate": 'Bearer realm="batch-supervisor"'},
             )
-        digest = hashlib.sha256(token.strip().encode()).hexdigest()
+        # non-UTF-8 header bytes arrive surrogate-escaped: hash them as sent (no match)
+        digest = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).hexdigest()
         match: TokenConfig | None = None
         for t in self._tokens:
             if hmac.compare_digest(digest, t.sha256):

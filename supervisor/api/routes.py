@@ -7,7 +7,7 @@ import base64
 import binascii
 import json
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -39,7 +39,7 @@ def _cursor_decode(text: str) -> dict[str, Any]:
         if not isinstance(obj, dict):
             raise ValueError
         return obj
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
         raise ValidationFailed(
             [{"path": "cursor", "message": "not a cursor returned by this API"}], 400
         ) from None
@@ -120,14 +120,17 @@ async def list_batches(request: web.Request) -> web.Response:
     if q.get("cursor"):
         c = _cursor_decode(q["cursor"])
         try:
-            t, cid = datetime.fromisoformat(c["t"]), uuid.UUID(c["id"])
-        except (KeyError, ValueError, TypeError):
+            if not isinstance(c.get("t"), str) or not isinstance(c.get("id"), str):
+                raise ValueError
+            t = datetime.fromisoformat(c["t"]).astimezone(UTC)
+            cid = uuid.UUID(c["id"])
+        except (ValueError, OverflowError):
             raise ValidationFailed(
                 [{"path": "cursor", "message": "not a cursor returned by this API"}], 400
             ) from None
-    rows = await ctx.db.fetch(
-        "list_batches", who.tenant_filter, q.get("status"), q.get("handler"), t, cid, limit + 1
-    )
+    status = schemas.text_param("status", q.get("status"))
+    handler = schemas.text_param("handler", q.get("handler"))
+    rows = await ctx.db.fetch("list_batches", who.tenant_filter, status, handler, t, cid, limit + 1)
     more = len(rows) > limit
     rows = rows[:limit]
     nxt = (
@@ -220,6 +223,7 @@ async def resume_batch(request: web.Request) -> web.Response:
 
 @routes.post("/v1/batches/{id}/retry")
 async def retry_batch(request: web.Request) -> web.Response:
+    principal(request).require("write")  # before reading the body: a 403 is no 422
     body = await _read_json(request)
     include = False
     if body is not None:
@@ -243,13 +247,14 @@ async def list_items(request: web.Request) -> web.Response:
     after = 0
     if q.get("cursor"):
         c = _cursor_decode(q["cursor"])
-        raw_after = c.get("after")
-        after = raw_after if isinstance(raw_after, int) else -1
+        raw_after: Any = c.get("after")
+        after = int(raw_after) if schemas.is_int(raw_after) and raw_after < 2**63 else -1
         if after < 0:
             raise ValidationFailed(
                 [{"path": "cursor", "message": "not a cursor returned by this API"}], 400
             )
-    rows = await ctx.db.fetch("list_items", row["id"], q.get("status"), after, limit + 1)
+    status = schemas.text_param("status", q.get("status"))
+    rows = await ctx.db.fetch("list_items", row["id"], status, after, limit + 1)
     more = len(rows) > limit
     rows = rows[:limit]
     nxt = _cursor_encode({"after": rows[-1]["id"]}) if more else None
@@ -262,7 +267,7 @@ async def get_item(request: web.Request) -> web.Response:
     who = principal(request)
     who.require("read")
     raw = request.match_info["id"]
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise Problem(404, f"no item {raw!r}")
     row = await ctx.db.fetchrow("get_item", int(raw), who.tenant_filter)
     if row is None:

@@ -6,6 +6,7 @@ is written, so a rejected submission leaves nothing behind.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -26,33 +27,67 @@ SUBMIT_FIELDS = (
     "on_complete",
 )
 PATCH_FIELDS = ("priority", "max_concurrency", "max_failures")
-_PERCENT = re.compile(r"^(\d{1,3}(?:\.\d+)?)%$")
+_PERCENT = re.compile(r"^([0-9]{1,3}(?:\.[0-9]+)?)%$")
 KEY_MAX = 1000
 IDEMPOTENCY_MAX = 255
+MAX_DEPTH = 200  # nesting levels of a request body; deeper input is a 400, never a crash
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    """A number like 1e400 would come back as Infinity, which jsonb rejects."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Iterative depth check: recursive code (json.dumps, jsonb) must stay safe."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict | list):
+            if depth > limit:
+                return True
+            children = v.values() if isinstance(v, dict) else v
+            stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
 def parse_json(raw: bytes) -> Any:
-    """Strict JSON (no NaN/Infinity); malformed input is a 400."""
+    """Strict JSON (no NaN/Infinity, finite numbers, bounded nesting); else a 400."""
+    too_deep = Problem(400, f"request body nests arrays/objects deeper than {MAX_DEPTH} levels")
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        value = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, UnicodeDecodeError) as exc:
         raise Problem(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise too_deep from None
+    if _too_deep(value, MAX_DEPTH):
+        raise too_deep
+    return value
+
+
+def _bad_text(value: str) -> str | None:
+    """Why PostgreSQL cannot store this text, or None."""
+    if "\x00" in value:
+        return "contains \\u0000, which PostgreSQL cannot store"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains an unpaired surrogate, which is not valid Unicode"
+    return None
 
 
 def _find_unstorable(value: Any, path: str) -> tuple[str, str] | None:
     """Locate a string PostgreSQL cannot store (NUL, lone surrogate)."""
     if isinstance(value, str):
-        if "\x00" in value:
-            return path, "contains \\u0000, which PostgreSQL cannot store"
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path, "contains an unpaired surrogate, which is not valid Unicode"
-        return None
+        why = _bad_text(value)
+        return (path, why) if why else None
     if isinstance(value, dict):
         for k, v in value.items():
             sub = f"{path}/{_escape(k)}"
@@ -80,14 +115,14 @@ def storable_json(value: Any, path: str, errors: list[dict[str, str]]) -> str | 
             text.encode("utf-8")
         except UnicodeEncodeError:
             bad = True
-    if bad:
-        found = _find_unstorable(value, path) or (path, "cannot be stored")
+    found = _find_unstorable(value, path) if bad else None
+    if found:  # a mere backslash-u0000 in the text (escaped by the user) is storable
         errors.append({"path": found[0], "message": found[1]})
         return None
     return text
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -102,7 +137,7 @@ def _opt_int(
     v = body.get(field)
     if v is None:
         return None
-    if not _is_int(v) or not minimum <= v <= maximum:
+    if not is_int(v) or not minimum <= v <= maximum:
         errors.append(
             {
                 "path": f"/{field}",
@@ -116,7 +151,7 @@ def _opt_int(
 def _max_failures(v: Any, path: str, errors: list[dict[str, str]]) -> int | str | None:
     if v is None:
         return None
-    if _is_int(v) and 0 <= v <= INT32:
+    if is_int(v) and 0 <= v <= INT32:
         return int(v)
     if isinstance(v, str):
         m = _PERCENT.match(v)
@@ -132,7 +167,7 @@ def _priority(body: Mapping[str, Any], errors: list[dict[str, str]]) -> int:
     v = body.get("priority", 0)
     if v is None:
         return 0
-    if not _is_int(v) or not -1000 <= v <= 1000:
+    if not is_int(v) or not -1000 <= v <= 1000:
         errors.append({"path": "/priority", "message": "must be an integer from -1000 to 1000"})
         return 0
     return int(v)
@@ -187,16 +222,12 @@ def submission(
                         errors.append(
                             {
                                 "path": f"/items/{i}/key",
-                                "message": f"must be null or a non-empty string of at most {KEY_MAX} chars",
+                                "message": "must be null or a non-empty string of at most "
+                                f"{KEY_MAX} chars",
                             }
                         )
-                    elif "\x00" in k:
-                        errors.append(
-                            {
-                                "path": f"/items/{i}/key",
-                                "message": "contains \\u0000, which PostgreSQL cannot store",
-                            }
-                        )
+                    elif why := _bad_text(k):
+                        errors.append({"path": f"/items/{i}/key", "message": why})
                     elif k in seen:
                         errors.append(
                             {
@@ -227,7 +258,7 @@ def submission(
 
     idem = body.get("idempotency_key")
     if idem is not None and (
-        not isinstance(idem, str) or not idem or len(idem) > IDEMPOTENCY_MAX or "\x00" in idem
+        not isinstance(idem, str) or not idem or len(idem) > IDEMPOTENCY_MAX or _bad_text(idem)
     ):
         errors.append(
             {
@@ -237,11 +268,11 @@ def submission(
         )
         idem = None
     if header_key is not None:
-        if not header_key or len(header_key) > IDEMPOTENCY_MAX:
+        if not header_key or len(header_key) > IDEMPOTENCY_MAX or not header_key.isascii():
             errors.append(
                 {
                     "path": "Idempotency-Key",
-                    "message": f"header must be 1 to {IDEMPOTENCY_MAX} characters",
+                    "message": f"header must be 1 to {IDEMPOTENCY_MAX} ASCII characters",
                 }
             )
         elif idem is not None and idem != header_key:
@@ -310,3 +341,13 @@ def limit_param(value: str | None, default: int = 100, maximum: int = 500) -> in
             [{"path": "limit", "message": f"must be an integer from 1 to {maximum}"}], 400
         )
     return n
+
+
+def text_param(name: str, value: str | None) -> str | None:
+    """A free-text query filter; empty means absent, unstorable text is a 400."""
+    if not value:
+        return None
+    why = _bad_text(value)
+    if why:
+        raise ValidationFailed([{"path": name, "message": why}], 400)
+    return value

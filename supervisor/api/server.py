@@ -50,7 +50,8 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         detail = (
             exc.reason if exc.status != 404 else f"no route for {request.method} {request.path}"
         )
-        return render(exc.status, detail, instance=request.path, headers=None)
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return render(exc.status, detail, instance=request.path, headers=allow)
     except Exception:
         log.exception("api.internal_error method=%s path=%s", request.method, request.path)
         return render(500, "internal error; the daemon logged the details", instance=request.path)

@@ -47,7 +47,8 @@ async def stream(request: web.Request, ctx: ApiContext, row: Any) -> web.StreamR
     await resp.prepare(request)
     batch_id = row["id"]
     resume = request.headers.get("Last-Event-ID", "")
-    cursor = int(resume) if resume.isdigit() else row["version"]
+    valid = resume.isascii() and resume.isdigit() and len(resume) <= 18  # fits a bigint
+    cursor = int(resume) if valid else row["version"]
     sent_version = -1
     last_snapshot = 0.0
     last_write = time.monotonic()

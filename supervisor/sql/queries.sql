@@ -125,9 +125,9 @@ SELECT * FROM @schema.apply_outcomes($1, $2, $3, $4, $5, $6, $7, $8);
 SELECT * FROM @schema.reclaim_leases($1, $2);
 
 -- name: stopping_batches_of_lease
--- Batches being stopped (cancel or failure budget) that still have items running under this lease.
-SELECT DISTINCT i.batch_id FROM @schema.items i JOIN @schema.batches b ON b.id = i.batch_id
- WHERE i.status = 'running' AND i.lease = $1 AND b.stop_reason IS NOT NULL;
+-- Batches being stopped (cancel, failure budget) or paused that have items under this lease.
+SELECT DISTINCT i.batch_id, b.status FROM @schema.items i JOIN @schema.batches b ON b.id = i.batch_id
+ WHERE i.status = 'running' AND i.lease = $1 AND (b.stop_reason IS NOT NULL OR b.status = 'paused');
 
 -- name: cancel_batch
 -- Cancel: queued items at once, running ones are stopped by their daemon.

@@ -236,7 +236,9 @@ CREATE FUNCTION @schema.claim_items(
     p_global_cap integer, p_rate double precision, p_burst double precision)
 RETURNS TABLE (id bigint, batch_id uuid, key text, payload jsonb, attempts integer,
                max_attempts integer, batch_metadata jsonb)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Array parameters make generic plans terrible; plan each call for its inputs.
+SET plan_cache_mode = force_custom_plan AS $$
 #variable_conflict use_column
 DECLARE
     v_limit integer := p_limit;
@@ -344,7 +346,9 @@ CREATE FUNCTION @schema.apply_outcomes(
     p_results jsonb[], p_errors jsonb[], p_delays double precision[], p_actor text)
 RETURNS TABLE (kind text, id text, batch_id uuid, status text, seconds double precision,
                handler text)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Array parameters make generic plans terrible; plan each call for its inputs.
+SET plan_cache_mode = force_custom_plan AS $$
 #variable_conflict use_column
 DECLARE
     v_ids bigint[];
@@ -420,7 +424,9 @@ $$;
 CREATE FUNCTION @schema.reclaim_leases(p_leases uuid[], p_actor text)
 RETURNS TABLE (kind text, id text, batch_id uuid, status text, seconds double precision,
                handler text)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Array parameters make generic plans terrible; plan each call for its inputs.
+SET plan_cache_mode = force_custom_plan AS $$
 #variable_conflict use_column
 DECLARE
     v_ids bigint[];
@@ -495,6 +501,8 @@ BEGIN
     IF p_pause = (b.status = 'paused') THEN RETURN 'ok'; END IF;
     IF p_pause THEN
         UPDATE @schema.batches SET status = 'paused' WHERE id = p_batch;
+        -- daemons hand back claimed items that have not started yet
+        PERFORM pg_notify('@sname_control', 'pause:' || p_batch::text);
     ELSE
         UPDATE @schema.batches SET status = 'running' WHERE id = p_batch;
         PERFORM pg_notify('@sname_wake', b.handler);
