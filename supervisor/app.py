@@ -32,6 +32,7 @@ from supervisor import (
     heartbeat,
     reaper,
     retention,
+    states,
     systemd,
 )
 from supervisor import db as dbm
@@ -150,6 +151,12 @@ class Daemon:
         def applied(chunk: Sequence[OutcomeRecord], result: outbox_mod.Applied) -> None:
             self.metrics.applied(chunk, result)
             disp.wake()  # persisted outcomes free their slots
+            for rec in chunk:
+                if (
+                    rec.outcome is states.Outcome.RETRY
+                    and result.items.get(rec.item_id) == "queued"
+                ):
+                    disp.retry_due_in(rec.delay_s)
 
         ob = outbox_mod.Outbox(db, actor, applied)
         disp = dispatcher.Dispatcher(cfg, db, built, ob, self.lease, self.metrics.in_flight_delta)

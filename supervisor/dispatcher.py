@@ -80,6 +80,7 @@ class Dispatcher:
         self._claim_scope = anyio.CancelScope()
         self._drain_scope = anyio.CancelScope()
         self._stopping = False
+        self._retry_due: float | None = None
         self._meta_cache: dict[str, Any] = {}
         self.db_ok = True
         self.claiming = False
@@ -89,6 +90,13 @@ class Dispatcher:
 
     def wake(self, _payload: str = "") -> None:
         self._wakeup.set()
+
+    def retry_due_in(self, delay_s: float) -> None:
+        """An item we wrote back as a retry becomes runnable in ``delay_s``: look
+        again then instead of waiting for the next poll."""
+        due = time.monotonic() + delay_s
+        if self._retry_due is None or due < self._retry_due:
+            self._retry_due = due
 
     def stop_claiming(self) -> None:
         """Soft stop: claim nothing more and release what waits for a slot at once
@@ -230,6 +238,9 @@ class Dispatcher:
             if throttled:
                 # Tokens refill and other daemons free global slots without telling us.
                 poll = min(poll, THROTTLED_POLL_S)
+            if self._retry_due is not None:
+                poll = min(poll, max(0.0, self._retry_due - time.monotonic()) + 0.002)
+                self._retry_due = None
             await self._wakeup.wait(poll)
             # Woken by finished items: let a few more finish so claims stay batched.
             deadline = time.monotonic() + 0.005
