@@ -37,11 +37,12 @@ class NewBatch:
     on_complete: str | None = None
 
     def request_hash(self) -> str:
-        h = hashlib.sha256()
-        head = {k: v for k, v in dataclasses.asdict(self).items() if k != "items"}
-        h.update(json.dumps(head, sort_keys=True, default=str).encode())
-        for key, payload in self.items:
-            h.update(b"\x1e" + (key or "").encode() + b"\x1f" + payload.encode())
+        """Digest of the content, to tell an idempotent repeat from a conflicting one."""
+        head = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "items"
+        }
+        h = hashlib.sha256(json.dumps(head, sort_keys=True, default=str).encode())
+        h.update("\x1e".join(f"{key or ''}\x1f{payload}" for key, payload in self.items).encode())
         return h.hexdigest()
 
 
@@ -79,7 +80,7 @@ async def submit(
 ) -> Submitted:
     """Insert a batch and all its items in one transaction: all or nothing."""
     batch_id = uuid.uuid4()
-    digest = nb.request_hash()
+    digest = nb.request_hash() if nb.idempotency_key is not None else None
     total = len(nb.items)
     async with db.transaction("submit") as tx:
         inserted = await tx.fetchval(

@@ -6,6 +6,7 @@ is written, so a rejected submission leaves nothing behind.
 from __future__ import annotations
 
 import json
+import json.encoder as json_encoder
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -46,15 +47,18 @@ def _finite_float(text: str) -> float:
 
 
 def _too_deep(value: Any, limit: int) -> bool:
-    """Iterative depth check: recursive code (json.dumps, jsonb) must stay safe."""
+    """Iterative depth check: recursive code (json.dumps, jsonb) must stay safe.
+
+    Only containers are pushed, so a flat 100,000-item batch costs one pass over
+    its items and their values, not a stack entry per scalar."""
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         v, depth = stack.pop()
-        if isinstance(v, dict | list):
-            if depth > limit:
-                return True
-            children = v.values() if isinstance(v, dict) else v
-            stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+        if depth > limit:
+            return True
+        for c in v.values() if type(v) is dict else v:
+            if type(c) is dict or type(c) is list:
+                stack.append((c, depth + 1))
     return False
 
 
@@ -67,7 +71,7 @@ def parse_json(raw: bytes) -> Any:
         raise Problem(400, f"request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise too_deep from None
-    if _too_deep(value, MAX_DEPTH):
+    if (type(value) is dict or type(value) is list) and _too_deep(value, MAX_DEPTH):
         raise too_deep
     return value
 
@@ -106,9 +110,32 @@ def _escape(key: str) -> str:
     return key.replace("~", "~0").replace("/", "~1")
 
 
+def _unserialisable(o: Any) -> Any:
+    raise TypeError(f"{type(o).__name__} is not JSON")
+
+
+# json.dumps builds a new C encoder on every call; a 100,000-item submission
+# encodes each payload, so build it once (about 4x faster per payload).
+_C_ENCODER = (
+    json_encoder.c_make_encoder(  # type: ignore[attr-defined]
+        None, _unserialisable, json_encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+    if getattr(json_encoder, "c_make_encoder", None) is not None
+    else None
+)
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def compact_json(value: Any) -> str:
+    """Compact JSON text, as jsonb will store it (UTF-8, no NaN)."""
+    if _C_ENCODER is not None:
+        return "".join(_C_ENCODER(value, 0))
+    return _ENCODER.encode(value)
+
+
 def storable_json(value: Any, path: str, errors: list[dict[str, str]]) -> str | None:
     """JSON text for jsonb, or None with an error naming the bad path."""
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text = compact_json(value)
     bad = "\\u0000" in text
     if not bad:
         try:
@@ -214,7 +241,11 @@ def submission(
         for i, entry in enumerate(raw_items):
             key: str | None = None
             payload = entry
-            if isinstance(entry, dict) and "payload" in entry and set(entry) <= {"key", "payload"}:
+            if (
+                type(entry) is dict
+                and "payload" in entry
+                and (len(entry) == 1 or (len(entry) == 2 and "key" in entry))
+            ):
                 payload = entry["payload"]
                 k = entry.get("key")
                 if k is not None:
