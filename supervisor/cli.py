@@ -126,6 +126,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                     f"note: {orphans} item(s) running under a lease no live worker holds; "
                     "a running daemon's reaper reclaims them"
                 )
+            stray = await db.fetch("doctor_stray_items")
+            for r in stray:
+                print(f"drift: {r['n']} item(s) of batch {r['batch_id']}, which does not exist")
+                if args.repair:
+                    await db.execute("doctor_delete_stray_items", r["batch_id"])
+                    print(f"  repaired: deleted the stray items of {r['batch_id']}")
+            drift = [*drift, *stray]
             if not drift:
                 print("no drift: every batch's counters and status match its items")
                 return 0

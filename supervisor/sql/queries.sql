@@ -146,11 +146,16 @@ SELECT @schema.retry_batch($1, $2, $3, $4) AS outcome;
 SELECT @schema.patch_batch($1, $2, $3, $4, $5, $6, $7, $8) AS outcome;
 
 -- name: delete_batch
--- Delete a terminal batch (items and log go with it by cascade).
-DELETE FROM @schema.batches
- WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)
-   AND status IN ('completed', 'completed_with_errors', 'failed', 'cancelled')
-RETURNING id;
+-- Delete a terminal batch with its items (its log goes by cascade).
+WITH b AS (
+    DELETE FROM @schema.batches
+     WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)
+       AND status IN ('completed', 'completed_with_errors', 'failed', 'cancelled')
+    RETURNING id
+), i AS (
+    DELETE FROM @schema.items WHERE batch_id IN (SELECT id FROM b)
+)
+SELECT id FROM b;
 
 -- name: register_worker
 -- This daemon's row in the worker registry.
@@ -235,14 +240,19 @@ SELECT b.handler, sum(b.queued)::bigint AS queued,
  GROUP BY b.handler;
 
 -- name: retention_delete
--- Delete up to $2 terminal batches finished before $1 seconds ago (bounded chunks).
-DELETE FROM @schema.batches WHERE id IN (
-    SELECT id FROM @schema.batches
-     WHERE finished_at < now() - make_interval(secs => $1)
-       AND status IN ('completed', 'completed_with_errors', 'failed', 'cancelled')
-       AND callback_state NOT IN ('pending', 'running')
-     ORDER BY finished_at LIMIT $2)
-RETURNING id;
+-- Delete up to $2 terminal batches finished before $1 seconds ago, with their items.
+WITH b AS (
+    DELETE FROM @schema.batches WHERE id IN (
+        SELECT id FROM @schema.batches
+         WHERE finished_at < now() - make_interval(secs => $1)
+           AND status IN ('completed', 'completed_with_errors', 'failed', 'cancelled')
+           AND callback_state NOT IN ('pending', 'running')
+         ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+    RETURNING id
+), i AS (
+    DELETE FROM @schema.items WHERE batch_id IN (SELECT id FROM b)
+)
+SELECT id FROM b;
 
 -- name: doctor_drift
 -- Batches whose counters or status disagree with their items (SPEC §4 invariants).
@@ -268,6 +278,17 @@ SELECT b.id, b.status, b.total, b.queued, b.running, b.succeeded, b.failed, b.ca
 -- Items running under a lease no registered worker holds (the reaper's backlog).
 SELECT count(*) AS n FROM @schema.items i
  WHERE i.status = 'running' AND NOT EXISTS (SELECT 1 FROM @schema.workers w WHERE w.id = i.lease);
+
+-- name: doctor_stray_items
+-- Items whose batch no longer exists (there is no foreign key; see 0001).
+SELECT i.batch_id, count(*) AS n FROM @schema.items i
+ WHERE NOT EXISTS (SELECT 1 FROM @schema.batches b WHERE b.id = i.batch_id)
+ GROUP BY i.batch_id;
+
+-- name: doctor_delete_stray_items
+-- doctor --repair: remove items of a batch that no longer exists.
+DELETE FROM @schema.items i
+ WHERE i.batch_id = $1 AND NOT EXISTS (SELECT 1 FROM @schema.batches b WHERE b.id = $1);
 
 -- name: doctor_repair
 -- Recompute one batch's counters from its items and re-derive its status.
