@@ -77,6 +77,13 @@ async def with_retry(fn: Callable[[], Awaitable[T]], *, stop_after_s: float | No
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool release without asyncpg's reset query (an extra round trip after every
+    query): pool connections never change session state. No SET, no LISTEN (that
+    has its own connection), no cursors; the one session advisory lock (migrate)
+    is released explicitly."""
+
+
 class Database:
     """A pool plus the named queries. Every method wraps transient failures."""
 
@@ -98,6 +105,7 @@ class Database:
             command_timeout=60,
             timeout=5,
             max_inactive_connection_lifetime=60,
+            reset=_keep_session,
         )
         return cls(pool, cfg.database.schema, on_error)
 

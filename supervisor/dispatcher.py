@@ -1,21 +1,25 @@
-"""The claim loop: claims items into free capacity only, runs each in the work
-task group, and owns the two-phase stop.
+"""The claim loop and the worker pool; owns the two-phase stop.
 
 Claiming (``claim_items``) commits each item as ``running`` with its attempt
-counted and this lease recorded before its handler is started: persist before
-work. Capacity is ``[worker] concurrency`` minus what is in flight, further
-capped by each handler's ``concurrency``; the global caps (``global_concurrency``,
-``rate_limit``, a batch's ``max_concurrency``) are enforced in the claim itself.
+counted and this lease recorded before any handler sees it: persist before
+work. Claimed items wait in a small prefetch window (``[worker] prefetch``) and
+are run by ``[worker] concurrency`` long-lived workers, each attempt in its own
+cancel scope whose deadline is the handler's ``timeout``. A handler's
+``concurrency`` caps its workers in this daemon; the global caps
+(``global_concurrency``, ``rate_limit``, a batch's ``max_concurrency``) are
+enforced by the claim itself. A claim stays ours until its outcome is persisted
+(see :meth:`Dispatcher.free_slots`).
 
-Stop: :meth:`stop_claiming` is the soft stop (no new claims); running items get
+Stop: :meth:`stop_claiming` is the soft stop (no new claims; what waits in the
+prefetch window is released at once); running attempts get
 ``[worker] drain_timeout`` to finish (:meth:`skip_drain` ends the wait early),
-then the work group is cancelled with reason SHUTDOWN and every attempt still
-running is *released*: back to queued without spending the attempt.
+then they are cancelled with reason SHUTDOWN and *released*: back to queued
+without spending the attempt.
 """
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import json
 import logging
 import random
@@ -61,20 +65,19 @@ class Dispatcher:
         self._worker = cfg.worker.name
         self._on_in_flight = on_in_flight
         concurrency = cfg.worker.concurrency
-        self._slots = anyio.CapacityLimiter(concurrency)
-        self._handler_slots = {
-            name: anyio.CapacityLimiter(h.config.concurrency)
-            for name, h in handlers.items()
-            if h.config.concurrency is not None
-        }
         self._prefetch = cfg.worker.prefetch if cfg.worker.prefetch is not None else concurrency
+        self._caps = {n: h.config.concurrency for n, h in handlers.items() if h.config.concurrency}
+        # claimed, not started: one FIFO per handler, served round-robin
+        self._ready: dict[str, collections.deque[Item]] = {n: collections.deque() for n in handlers}
+        self._ready_count = 0
+        self._idle_workers: list[anyio.Event] = []
         self.in_flight = 0  # handlers running now
         self.per_handler: Counter[str] = Counter()
         self.owned = 0  # attempts claimed by us and not yet handed to the outbox
         self._owned_per_handler: Counter[str] = Counter()
-        self._tasks: dict[int, tuple[str, anyio.CancelScope]] = {}
-        self._waiting: set[int] = set()  # claimed, waiting for a slot (prefetched)
+        self._running: dict[int, tuple[str, anyio.CancelScope]] = {}
         self._reasons: dict[int, StopReason] = {}
+        self._turn = 0
         self._wakeup = Wakeup()
         self._idle = anyio.Event()
         self._claim_scope = anyio.CancelScope()
@@ -99,12 +102,12 @@ class Dispatcher:
             self._retry_due = due
 
     def stop_claiming(self) -> None:
-        """Soft stop: claim nothing more and release what waits for a slot at once
-        (it never started). Harmless before start or twice."""
+        """Soft stop: claim nothing more and release what waits in the prefetch
+        window at once (it never started). Harmless before start or twice."""
         self._stopping = True
         self._claim_scope.cancel()
-        for item_id in list(self._waiting):
-            self._stop(item_id, StopReason.SHUTDOWN)
+        self._drop_ready(lambda item: True, StopReason.SHUTDOWN)
+        self._wake_workers(len(self._idle_workers))
 
     def skip_drain(self) -> None:
         """Second signal: stop waiting for running items; release them now."""
@@ -113,10 +116,11 @@ class Dispatcher:
 
     def cancel_batch(self, batch_id: str) -> int:
         """Stop this daemon's attempts (running or waiting) of a batch being stopped."""
-        n = 0
-        for item_id, (bid, _scope) in list(self._tasks.items()):
+        n = self._drop_ready(lambda item: item.batch_id == batch_id, StopReason.CANCELLED)
+        for item_id, (bid, scope) in list(self._running.items()):
             if bid == batch_id and item_id not in self._reasons:
-                self._stop(item_id, StopReason.CANCELLED)
+                self._reasons[item_id] = StopReason.CANCELLED
+                scope.cancel()
                 n += 1
         if n:
             log.info("dispatcher.cancel batch=%s stopped=%s", batch_id, n)
@@ -125,27 +129,16 @@ class Dispatcher:
     def release_waiting(self, batch_id: str) -> int:
         """A batch was paused: hand back its claimed items that have not started
         (released: queued again, the attempt not counted); running ones finish."""
-        n = 0
-        for item_id in list(self._waiting):
-            entry = self._tasks.get(item_id)
-            if entry is not None and entry[0] == batch_id:
-                self._stop(item_id, StopReason.SHUTDOWN)
-                n += 1
+        n = self._drop_ready(lambda item: item.batch_id == batch_id, StopReason.SHUTDOWN)
         if n:
             log.info("dispatcher.released_paused batch=%s items=%s", batch_id, n)
         return n
 
-    def _stop(self, item_id: int, reason: StopReason) -> None:
-        entry = self._tasks.get(item_id)
-        if entry is not None and item_id not in self._reasons:
-            self._reasons[item_id] = reason
-            entry[1].cancel()
-
     def free_slots(self) -> int:
-        """How many more items we may claim. Claimed items wait for a handler slot
-        (``[worker] concurrency``) in a prefetch window of ``[worker] prefetch``, and a
-        claim stays ours until its outcome is persisted, so the items this daemon has
-        `running` in the database never exceed concurrency + prefetch."""
+        """How many more items we may claim. Claimed items wait for a worker in a
+        prefetch window of ``[worker] prefetch`` items, and a claim stays ours until
+        its outcome is persisted, so the items this daemon has `running` in the
+        database never exceed concurrency + prefetch."""
         limit = self._cfg.worker.concurrency + self._prefetch
         return limit - self.owned - self._outbox.pending
 
@@ -155,13 +148,15 @@ class Dispatcher:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         async with anyio.create_task_group() as work:
+            for _ in range(self._cfg.worker.concurrency):
+                work.start_soon(self._work)
             work.start_soon(self._watch_stopping_batches)
             task_status.started()
             with self._claim_scope:
                 self.claiming = True
-                await self._claim_loop(work)
+                await self._claim_loop()
             self.claiming = False
-            self.stop_claiming()  # also releases what still waits for a slot
+            self.stop_claiming()  # also releases what still waits for a worker
             if self.in_flight:
                 log.info(
                     "dispatcher.draining in_flight=%s timeout=%ss",
@@ -173,15 +168,16 @@ class Dispatcher:
                     self._idle = anyio.Event()
                     await self._idle.wait()
             self.released = self.in_flight
-            for item_id in list(self._tasks):
-                self._stop(item_id, StopReason.SHUTDOWN)
+            for item_id, (_bid, scope) in list(self._running.items()):
+                self._reasons.setdefault(item_id, StopReason.SHUTDOWN)
+                scope.cancel()
             work.cancel_scope.cancel()
         if self.released:
             log.info(
                 "dispatcher.released items=%s (back to queued, attempt not counted)", self.released
             )
 
-    async def _claim_loop(self, work: anyio.abc.TaskGroup) -> None:
+    async def _claim_loop(self) -> None:
         names = list(self._handlers)
         batch_size = self._cfg.worker.claim_batch_size
         refill = max(1, min(batch_size, (self._cfg.worker.concurrency + self._prefetch) // 4))
@@ -218,11 +214,13 @@ class Dispatcher:
                         max(1.0, (hcfg.rate_per_s or 0.0) * RATE_BURST_S),
                     )
                     for row in rows:
-                        self._start(work, name, row)
+                        self._enqueue(name, row)
                     claimed += len(rows)
                     saturated = saturated or len(rows) == n
                     limited = hcfg.rate_per_s is not None or hcfg.global_concurrency is not None
                     throttled = throttled or (limited and len(rows) < n)
+                if claimed:
+                    self._wake_workers(claimed)
                 self.db_ok = True
                 failures = 0
             except DatabaseUnavailable as exc:
@@ -247,8 +245,9 @@ class Dispatcher:
             while self.free_slots() < refill and time.monotonic() < deadline:
                 await self._wakeup.wait(max(0.0, deadline - time.monotonic()))
 
-    def _start(self, work: anyio.abc.TaskGroup, handler: str, row: Any) -> None:
-        batch_id = str(row["batch_id"])
+    # -- the prefetch window ------------------------------------------------------
+
+    def _enqueue(self, handler: str, row: Any) -> None:
         meta_text = row["batch_metadata"]
         meta = self._meta_cache.get(meta_text)
         if meta is None:
@@ -258,7 +257,7 @@ class Dispatcher:
             self._meta_cache[meta_text] = meta
         item = Item(
             id=str(row["id"]),
-            batch_id=batch_id,
+            batch_id=str(row["batch_id"]),
             key=row["key"],
             payload=json.loads(row["payload"]),
             attempt=row["attempts"],
@@ -266,68 +265,116 @@ class Dispatcher:
             handler=handler,
             batch_metadata=meta,
         )
-        key = int(row["id"])
-        scope = anyio.CancelScope()
-        self._tasks[key] = (batch_id, scope)
-        self._waiting.add(key)
+        self._ready[handler].append(item)
+        self._ready_count += 1
         self.owned += 1
         self._owned_per_handler[handler] += 1
-        work.start_soon(self._run_item, item, key, scope)
 
-    async def _run_item(self, item: Item, key: int, scope: anyio.CancelScope) -> None:
-        started = time.monotonic()
-        attempt: executor.Attempt | None = None
-        running = False
-        handler_slot = self._handler_slots.get(item.handler)
-        try:
-            with scope:
-                async with contextlib.AsyncExitStack() as slots:
-                    if handler_slot is not None:
-                        await slots.enter_async_context(handler_slot)
-                    await slots.enter_async_context(self._slots)
-                    self._waiting.discard(key)
-                    if self._stopping:  # drain began while we waited: never start
-                        self._reasons.setdefault(key, StopReason.SHUTDOWN)
-                        raise _NotStarted
-                    running = True
-                    self.in_flight += 1
-                    self.per_handler[item.handler] += 1
-                    self._on_in_flight(item.handler, 1)
-                    started = time.monotonic()
-                    attempt = await executor.invoke(
-                        self._handlers[item.handler], item, self._worker
+    def _next_ready(self) -> Item | None:
+        """The next claimed item a worker may start: handlers round-robin, each
+        below its own ``concurrency`` cap."""
+        if not self._ready_count:
+            return None
+        names = list(self._ready)
+        for k in range(len(names)):
+            name = names[(self._turn + k) % len(names)]
+            queue = self._ready[name]
+            cap = self._caps.get(name)
+            if queue and (cap is None or self.per_handler[name] < cap):
+                self._turn = (self._turn + k + 1) % len(names)
+                self._ready_count -= 1
+                return queue.popleft()
+        return None
+
+    def _drop_ready(self, which: Callable[[Item], bool], reason: StopReason) -> int:
+        """Hand back claimed items that have not started (cancelled or released)."""
+        n = 0
+        for queue in self._ready.values():
+            keep = collections.deque(item for item in queue if not which(item))
+            for item in queue:
+                if which(item):
+                    self._finish(
+                        item,
+                        executor.cancelled_attempt(item, reason, self._worker),
+                        time.monotonic(),
                     )
-        except _NotStarted:
-            pass
+                    n += 1
+            queue.clear()
+            queue.extend(keep)
+        self._ready_count -= n
+        return n
+
+    def _wake_workers(self, n: int) -> None:
+        while n > 0 and self._idle_workers:
+            self._idle_workers.pop().set()
+            n -= 1
+
+    # -- workers ------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        """One of ``concurrency`` workers: run claimed items one after another."""
+        while True:
+            item = self._next_ready()
+            if item is None:
+                if self._stopping:
+                    return
+                ready = anyio.Event()
+                self._idle_workers.append(ready)
+                await ready.wait()
+                continue
+            await self._run_item(item)
+
+    async def _run_item(self, item: Item) -> None:
+        key = int(item.id)
+        handler = self._handlers[item.handler]
+        started = time.monotonic()
+        result: executor.Attempt | None = None
+        self.in_flight += 1
+        self.per_handler[item.handler] += 1
+        self._on_in_flight(item.handler, 1)
+        try:
+            with anyio.CancelScope(
+                deadline=anyio.current_time() + handler.config.timeout_s
+            ) as scope:
+                self._running[key] = (item.batch_id, scope)
+                result = await executor.attempt(handler, item, self._worker)
+            if result is None:  # our scope was cancelled: who did it says what it means
+                reason = self._reasons.get(key)
+                if reason is None:
+                    result = executor.timed_out(handler, item, self._worker)
+                else:
+                    result = executor.cancelled_attempt(item, reason, self._worker)
         except anyio.get_cancelled_exc_class():
-            attempt = executor.cancelled_attempt(
+            result = executor.cancelled_attempt(
                 item, self._reasons.get(key, StopReason.SHUTDOWN), self._worker
             )
             raise
         finally:
-            if attempt is None:  # stopped by us: batch stop, or released at drain
-                reason = self._reasons.get(key, StopReason.CANCELLED)
-                attempt = executor.cancelled_attempt(item, reason, self._worker)
-            self._outbox.put(executor.record(item, self._lease, attempt, started))
-            self._tasks.pop(key, None)
-            self._waiting.discard(key)
+            self._running.pop(key, None)
             self._reasons.pop(key, None)
-            self.owned -= 1
-            self._owned_per_handler[item.handler] -= 1
-            if running:
-                self.in_flight -= 1
-                self.per_handler[item.handler] -= 1
-                self._on_in_flight(item.handler, -1)
-            self._wakeup.set()
-            if not self.owned:
-                self._idle.set()
+            self.in_flight -= 1
+            self.per_handler[item.handler] -= 1
+            self._on_in_flight(item.handler, -1)
+            if result is not None:
+                self._finish(item, result, started)
+
+    def _finish(self, item: Item, result: executor.Attempt, started: float) -> None:
+        """Hand an outcome to the outbox; the claim stays counted until it is written."""
+        self._outbox.put(executor.record(item, self._lease, result, started))
+        self.owned -= 1
+        self._owned_per_handler[item.handler] -= 1
+        if self._ready_count and self._idle_workers:
+            self._wake_workers(1)  # a handler cap may have opened for a waiting item
+        self._wakeup.set()
+        if not self.owned:
+            self._idle.set()
 
     async def _watch_stopping_batches(self) -> None:
         """Backstop for a missed cancel or pause NOTIFY: ask the database which of
         our claimed items belong to batches being stopped or paused."""
         while True:
             await anyio.sleep(CONTROL_CHECK_S)
-            if not self._tasks:
+            if not self.owned:
                 continue
             try:
                 rows = await self._db.fetch("stopping_batches_of_lease", self._lease)
@@ -340,15 +387,8 @@ class Dispatcher:
                     self.cancel_batch(str(r["batch_id"]))
 
 
-class _NotStarted(Exception):
-    """Internal: a prefetched attempt that drain released before it started."""
-
-
 def status_line(d: Dispatcher) -> str:
     by = ", ".join(f"{h}={n}" for h, n in sorted(d.per_handler.items()) if n)
     state = "claiming" if d.claiming else "not claiming"
     db = "ok" if d.db_ok else "unavailable"
     return f"{d.in_flight} in flight ({by or 'idle'}); {state}; db {db}"
-
-
-__all__ = ["Dispatcher", "states", "status_line"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,6 +24,8 @@ import asyncpg
 from supervisor import db as dbm
 
 log = logging.getLogger(__name__)
+PROBE_TIMEOUT_S = 2.0
+NO_NOTIFICATIONS_RETRY_S = 60.0
 
 
 class Wakeup:
@@ -61,6 +64,8 @@ class Bus:
         self.listening = False
         self._lost = anyio.Event()
         self._closing = False
+        self._probe: str | None = None
+        self._probe_seen = anyio.Event()
 
     @contextlib.contextmanager
     def subscribe(self, batch_id: str) -> Iterator[Wakeup]:
@@ -94,6 +99,9 @@ class Bus:
         if channel == self.channels["batch"]:
             self.batch_changed(payload.split(":", 1)[0])
         elif channel == self.channels["wake"]:
+            if payload == self._probe:
+                self._probe_seen.set()
+                return
             self.on_wake(payload)
         elif channel == self.channels["control"]:
             action, _, batch_id = payload.partition(":")
@@ -119,20 +127,29 @@ class Bus:
                 conn.add_termination_listener(self._terminated)
                 for ch in self.channels.values():
                     await conn.add_listener(ch, self._dispatch)
-                self.listening = True
-                delay = 0.1
-                log.info("events.listening channels=%s", ",".join(self.channels.values()))
-                # Anything may have changed while we were not listening.
-                self.on_wake("reconnect")
-                for bid in list(self._subscribers):
-                    self.batch_changed(bid)
-                if not started:
-                    started = True
-                    task_status.started()
-                while not self._lost.is_set() and not conn.is_closed():
-                    with anyio.move_on_after(1.0):
-                        await self._lost.wait()
-                log.warning("events.lost: LISTEN connection closed; polling until it is back")
+                if await self._delivers():
+                    self.listening = True
+                    delay = 0.1
+                    log.info("events.listening channels=%s", ",".join(self.channels.values()))
+                    # Anything may have changed while we were not listening.
+                    self.on_wake("reconnect")
+                    for bid in list(self._subscribers):
+                        self.batch_changed(bid)
+                    if not started:
+                        started = True
+                        task_status.started()
+                    while not self._lost.is_set() and not conn.is_closed():
+                        with anyio.move_on_after(1.0):
+                            await self._lost.wait()
+                    log.warning("events.lost: LISTEN connection closed; polling until it is back")
+                else:
+                    log.warning(
+                        "events.no_notifications: LISTEN succeeded but a NOTIFY did not arrive "
+                        "within %ss (a pooler in transaction mode?); polling. Set [database] "
+                        "listen_url to a direct session for instant wake-ups",
+                        PROBE_TIMEOUT_S,
+                    )
+                    delay = NO_NOTIFICATIONS_RETRY_S
             except Exception as exc:
                 # Not fatal: streams and the dispatcher poll while LISTEN is down.
                 if not dbm.is_transient(exc):
@@ -150,3 +167,18 @@ class Bus:
                 task_status.started()
             await anyio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    async def _delivers(self) -> bool:
+        """Whether a NOTIFY sent through the pool reaches our LISTEN session. Behind a
+        pooler in transaction mode LISTEN succeeds on some server connection but its
+        notifications never reach us; believing we listen would stall every consumer
+        on its long idle wait instead of polling."""
+        self._probe = f"probe:{uuid.uuid4()}"
+        self._probe_seen = anyio.Event()
+        try:
+            await self._db.execute("notify_wake", self._probe)
+            with anyio.move_on_after(PROBE_TIMEOUT_S):
+                await self._probe_seen.wait()
+            return self._probe_seen.is_set()
+        finally:
+            self._probe = None

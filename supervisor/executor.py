@@ -14,6 +14,7 @@ import enum
 import json
 import logging
 import random
+import re
 import time
 import traceback
 from datetime import UTC, datetime
@@ -24,7 +25,7 @@ import anyio
 from supervisor import states
 from supervisor.errors import PermanentError, RetryAfter
 from supervisor.handlers import Handler
-from supervisor.models import Item
+from supervisor.models import Item, compact_json
 
 log = logging.getLogger(__name__)
 TRACEBACK_TAIL = 4000
@@ -84,30 +85,35 @@ def error_entry(
     }
 
 
+_ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")  # a NUL, not an escaped backslash
+
+
 def encode_result(value: Any) -> str:
     """JSON text PostgreSQL can store; raises PermanentError otherwise."""
     try:
-        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
+        text = compact_json(value)
     except (TypeError, ValueError) as exc:
         raise PermanentError(f"handler result is not JSON-serialisable: {exc}") from exc
-    if "\\u0000" in text:
+    if "\\u0000" in text and _ESCAPED_NUL.search(text):
         raise PermanentError(
             "handler result contains a NUL character (\\u0000), which PostgreSQL cannot store"
         )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PermanentError(f"handler result is not valid Unicode: {exc}") from exc
     return text
 
 
-async def invoke(handler: Handler, item: Item, worker: str) -> Attempt:
+async def attempt(handler: Handler, item: Item, worker: str) -> Attempt:
     """Run one attempt of ``handler`` on ``item`` and classify how it ended.
 
-    Cancellation from outside (batch cancel, drain deadline) propagates to the
-    caller, which knows why it cancelled (see :func:`cancelled_attempt`).
+    No timeout here: the caller runs this inside a cancel scope with the handler's
+    deadline, and knows why that scope was cancelled (deadline, batch stop,
+    drain): see :func:`timed_out` and :func:`cancelled_attempt`.
     """
-    hcfg = handler.config
-    backoff = hcfg.retry_backoff
     try:
-        with anyio.fail_after(hcfg.timeout_s):
-            value = await handler.run(item)
+        value = await handler.run(item)
         return Attempt(states.Outcome.SUCCEEDED, result_json=encode_result(value))
     except anyio.get_cancelled_exc_class():
         raise
@@ -124,25 +130,15 @@ async def invoke(handler: Handler, item: Item, worker: str) -> Attempt:
             error=error_entry(item.attempt, "RetryAfter", str(exc), None, worker),
             delay_s=max(0.0, exc.seconds),
         )
-    except TimeoutError as exc:
-        timed_out = not str(exc)
-        return Attempt(
-            states.Outcome.RETRY,
-            error=error_entry(
-                item.attempt,
-                "Timeout" if timed_out else type(exc).__name__,
-                f"attempt exceeded the handler timeout of {hcfg.timeout_s:g}s"
-                if timed_out
-                else str(exc),
-                None if timed_out else traceback.format_exc(),
-                worker,
-            ),
-            delay_s=backoff.delay(item.attempt, random.random()),
-        )
     except Exception as exc:  # any other handler failure is retried (SPEC §5)
         # A handler's exception may carry the delay the remote side asked for
         # (the http handler's Retry-After); 0 is a valid request to retry now.
         asked = getattr(exc, "retry_after", None)
+        delay = (
+            float(asked)
+            if isinstance(asked, int | float)
+            else handler.config.retry_backoff.delay(item.attempt, random.random())
+        )
         return Attempt(
             states.Outcome.RETRY,
             error=error_entry(
@@ -152,10 +148,33 @@ async def invoke(handler: Handler, item: Item, worker: str) -> Attempt:
                 traceback.format_exc(),
                 worker,
             ),
-            delay_s=float(asked)
-            if isinstance(asked, int | float)
-            else backoff.delay(item.attempt, random.random()),
+            delay_s=delay,
         )
+
+
+def timed_out(handler: Handler, item: Item, worker: str) -> Attempt:
+    """The attempt ran past the handler's ``timeout``: retried with backoff."""
+    hcfg = handler.config
+    return Attempt(
+        states.Outcome.RETRY,
+        error=error_entry(
+            item.attempt,
+            "Timeout",
+            f"attempt exceeded the handler timeout of {hcfg.timeout_s:g}s",
+            None,
+            worker,
+        ),
+        delay_s=hcfg.retry_backoff.delay(item.attempt, random.random()),
+    )
+
+
+async def invoke(handler: Handler, item: Item, worker: str) -> Attempt:
+    """:func:`attempt` under the handler's timeout (for callers without a scope
+    of their own, such as completion callbacks)."""
+    with anyio.move_on_after(handler.config.timeout_s) as scope:
+        return await attempt(handler, item, worker)
+    assert scope.cancelled_caught
+    return timed_out(handler, item, worker)
 
 
 def cancelled_attempt(item: Item, reason: StopReason, worker: str) -> Attempt:

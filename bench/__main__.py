@@ -1,0 +1,211 @@
+"""``python -m bench [--runs N] [--quick] [--large] [--scenarios a,b] [--profile DIR]``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import importlib.metadata
+import json
+import math
+import os
+import pathlib
+import platform
+import shutil
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+
+from bench import latency, memory, peers, status, submission, throughput
+from bench.context import Ctx
+from bench.harness import BenchServer, Results
+
+SCENARIOS: dict[str, Callable[[Ctx, Results], Awaitable[None]]] = {
+    "throughput": throughput.run,
+    "submission": submission.run,
+    "latency": latency.run,
+    "status": status.run,
+    "memory": memory.run,
+    "peers": peers.run,
+}
+
+# (label, numerator key, denominator key, target or None) -- ratios of medians.
+RATIOS: list[tuple[str, str, str, float | None]] = [
+    ("ours / PgQueuer, end to end", "throughput.e2e", "pgqueuer.e2e", 3.0),
+    ("ours / PgQueuer, processing", "throughput.proc", "pgqueuer.proc", None),
+    ("ours / Procrastinate, end to end", "throughput.e2e", "procrastinate.e2e", None),
+    ("ours / Procrastinate, processing", "throughput.proc", "procrastinate.proc", None),
+    ("ours / raw limit, 1 claimer (processing)", "throughput.proc", "raw1.proc", None),
+    ("ours / raw limit, 4 claimers (processing)", "throughput.proc", "raw4.proc", 0.35),
+    (
+        "1,000,000 / 20,000-item throughput (processing)",
+        "throughput_1m.proc",
+        "throughput.proc",
+        0.80,
+    ),
+]
+# (metric key, limit, "max" or "min") -- the issue's absolute targets.
+TARGETS: list[tuple[str, float, str]] = [
+    ("submission.post", 1.0, "max"),
+    ("latency.p50", 20.0, "max"),
+    ("latency.p99", 50.0, "max"),
+    ("status.p99", 20.0, "max"),
+    ("memory.hwm", 150.0, "max"),
+]
+
+
+def fmt(v: float) -> str:
+    if math.isnan(v):
+        return "-"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass  # not Linux: the model name is only informative
+    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
+
+
+def versions() -> str:
+    out = []
+    for pkg in ("batch-supervisor", "asyncpg", "aiohttp", "anyio", "pgqueuer", "procrastinate"):
+        try:
+            out.append(f"{pkg} {importlib.metadata.version(pkg)}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(f"{pkg} (not installed)")
+    return ", ".join(out)
+
+
+def report(results: Results, header: list[str]) -> str:
+    lines = [*header, ""]
+    lines.append(f"| {'metric':<58} | {'median':>10} | {'min - max':>21} | unit    | n |")
+    lines.append(f"|{'-' * 60}|{'-' * 11}:|{'-' * 23}|---------|---|")
+    for m in results.metrics.values():
+        rng = f"{fmt(min(m.values))} - {fmt(max(m.values))}"
+        lines.append(
+            f"| {m.name:<58} | {fmt(m.median):>10} | {rng:>21} | {m.unit:<7} | {len(m.values)} |"
+        )
+    lines += ["", "| ratio (of medians) | value | target |", "|---|---:|---|"]
+    for label, num, den, target in RATIOS:
+        a, b = results.median(num), results.median(den)
+        if a is None or b is None:
+            continue
+        r = a / b
+        t = "" if target is None else (f">= {target:g} " + ("ok" if r >= target else "MISSED"))
+        lines.append(f"| {label} | {r:.2f} | {t} |")
+    lines += ["", "| target | median | limit | |", "|---|---:|---:|---|"]
+    for key, limit, kind in TARGETS:
+        v = results.median(key)
+        if v is None:
+            continue
+        ok = v <= limit if kind == "max" else v >= limit
+        lines.append(
+            f"| {results.metrics[key].name} | {fmt(v)} {results.metrics[key].unit} | "
+            f"{'<=' if kind == 'max' else '>='} {limit:g} | {'ok' if ok else 'MISSED'} |"
+        )
+    return "\n".join(lines)
+
+
+async def amain(args: argparse.Namespace) -> int:
+    names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        print(f"unknown scenarios {unknown}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
+        return 2
+    if args.profile and shutil.which("py-spy") is None:
+        print("--profile needs py-spy on PATH (pip install py-spy)", file=sys.stderr)
+        return 2
+    runs = args.runs if args.runs is not None else (1 if args.quick else 3)
+    server = BenchServer()
+    work = pathlib.Path(tempfile.mkdtemp(prefix="bsv-bench-work-"))
+    results = Results()
+    try:
+        server.start()
+        pg = await server.version()
+        header = [
+            f"batch-supervisor benchmark, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
+            f"machine: {machine()}",
+            f"server: {pg}",
+            f"versions: {versions()}",
+            "load average at start: {:.2f} {:.2f} {:.2f} (other work on the machine skews"
+            " every number: run it on a quiet machine)".format(*os.getloadavg()),
+            f"runs per scenario: {runs}{' (quick)' if args.quick else ''}"
+            f"{' (large)' if args.large else ''}",
+        ]
+        print("\n".join(header), flush=True)
+        printed: set[str] = set()
+        ctx = Ctx(
+            server,
+            work,
+            runs,
+            args.quick,
+            args.large,
+            pathlib.Path(args.profile) if args.profile else None,
+        )
+        if ctx.profile_dir is not None:
+            ctx.profile_dir.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            print(f"... {name}", flush=True)
+            await SCENARIOS[name](ctx, results)
+            for m in results.metrics.values():
+                if m.name.split(":")[0] not in printed:
+                    print(
+                        f"    {m.name}: median {fmt(m.median)} {m.unit} "
+                        f"({', '.join(fmt(v) for v in m.values)})",
+                        flush=True,
+                    )
+            printed.update(m.name.split(":")[0] for m in results.metrics.values())
+        header.append("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+        text = report(results, header)
+        print()
+        print(text)
+        if args.json:
+            samples = {
+                k: {"name": m.name, "unit": m.unit, "values": m.values}
+                for k, m in results.metrics.items()
+            }
+            out = pathlib.Path(args.json)
+            out.write_text(json.dumps(samples, indent=2))  # noqa: ASYNC240 - once, at the end
+        return 0
+    finally:
+        server.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--runs", type=int, default=None, help="runs per scenario (default 3)")
+    p.add_argument("--quick", action="store_true", help="small sizes, one run: a smoke test")
+    p.add_argument(
+        "--large",
+        action="store_true",
+        help="also 1,000,000 items (throughput, memory); takes minutes",
+    )
+    p.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of: {', '.join(SCENARIOS)}",
+    )
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="py-spy (raw collapsed stacks) of the daemon's first throughput run",
+    )
+    p.add_argument("--json", metavar="PATH", help="also write every sample as JSON")
+    return asyncio.run(amain(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
