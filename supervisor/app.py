@@ -152,10 +152,7 @@ class Daemon:
             self.metrics.applied(chunk, result)
             disp.wake()  # persisted outcomes free their slots
             for rec in chunk:
-                if (
-                    rec.outcome is states.Outcome.RETRY
-                    and result.items.get(rec.item_id) == "queued"
-                ):
+                if rec.outcome is states.Outcome.RETRY and result.status_of(rec) == "queued":
                     disp.retry_due_in(rec.delay_s)
 
         ob = outbox_mod.Outbox(db, actor, applied)

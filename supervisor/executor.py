@@ -56,6 +56,7 @@ class OutcomeRecord:
     """One fenced write: the outcome of attempt ``attempt`` under ``lease``."""
 
     item_id: int
+    batch_id: str
     attempt: int
     lease: str
     handler: str
@@ -196,6 +197,7 @@ def cancelled_attempt(item: Item, reason: StopReason, worker: str) -> Attempt:
 def record(item: Item, lease: str, attempt: Attempt, started: float) -> OutcomeRecord:
     return OutcomeRecord(
         item_id=int(item.id),
+        batch_id=item.batch_id,
         attempt=item.attempt,
         lease=lease,
         handler=item.handler,

@@ -102,7 +102,7 @@ class Metrics:
         # Label lookups are the expensive part: resolve each (handler, outcome) once.
         counts: dict[tuple[str, str], int] = {}
         for rec in chunk:
-            status = applied.items.get(rec.item_id)
+            status = applied.status_of(rec)
             if status is None:
                 continue  # fenced: counted by the outbox log, not as an outcome
             key = (rec.handler, metric_outcome(rec, status))

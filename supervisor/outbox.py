@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,10 +29,19 @@ MAX_PER_WRITE = 2000
 
 @dataclass(frozen=True, slots=True)
 class Applied:
-    """What one write changed: per-item final statuses and batches that finished."""
+    """What one write changed. The database reports only the exceptions: stale
+    (fenced) writes, the new status of items whose outcome was not a success,
+    and batches that finished; everything else succeeded as written."""
 
-    items: dict[int, str]
+    fenced: frozenset[int]
+    statuses: dict[int, str]
     finished: list[tuple[str, str, float]]  # (batch_id, status, seconds)
+
+    def status_of(self, rec: OutcomeRecord) -> str | None:
+        """The item's status after this write; None when the write was fenced."""
+        if rec.item_id in self.fenced:
+            return None
+        return self.statuses.get(rec.item_id, states.ItemStatus.SUCCEEDED)
 
 
 class Outbox:
@@ -80,10 +90,13 @@ class Outbox:
             self._on_applied(chunk, applied)
 
     async def _write(self, chunk: list[OutcomeRecord]) -> Applied:
+        lease = chunk[0].lease
+        assert all(r.lease == lease for r in chunk)  # one process, one lease
         args = (
+            uuid.UUID(lease),
+            list({r.batch_id for r in chunk}),
             [r.item_id for r in chunk],
             [r.attempt for r in chunk],
-            [r.lease for r in chunk],
             [r.outcome.value for r in chunk],
             [r.result_json for r in chunk],
             [r.error_json for r in chunk],
@@ -98,25 +111,26 @@ class Outbox:
                     self.unavailable = True
                     raise
         self.unavailable = False
-        items: dict[int, str] = {}
+        fenced: set[int] = set()
+        statuses: dict[int, str] = {}
         finished: list[tuple[str, str, float]] = []
         for r in rows:
-            if r["kind"] == "item":
-                items[int(r["id"])] = r["status"]
+            if r["kind"] == "fenced":
+                fenced.add(int(r["id"]))
+            elif r["kind"] == "item":
+                statuses[int(r["id"])] = r["status"]
             else:
                 finished.append((r["id"], r["status"], float(r["seconds"] or 0.0)))
-        stale = len(chunk) - len(items)
-        if stale:
-            for rec in chunk:
-                if rec.item_id not in items:
-                    log.warning(
-                        "outcome.fenced item=%s attempt=%s outcome=%s: the attempt no longer "
-                        "holds the item (reclaimed, released or cancelled); write ignored",
-                        rec.item_id,
-                        rec.attempt,
-                        rec.outcome.value,
-                    )
-        return Applied(items, finished)
+        for rec in chunk:
+            if rec.item_id in fenced:
+                log.warning(
+                    "outcome.fenced item=%s attempt=%s outcome=%s: the attempt no longer "
+                    "holds the item (reclaimed, released or cancelled); write ignored",
+                    rec.item_id,
+                    rec.attempt,
+                    rec.outcome.value,
+                )
+        return Applied(frozenset(fenced), statuses, finished)
 
 
 def metric_outcome(rec: OutcomeRecord, status: str) -> str:

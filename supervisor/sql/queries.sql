@@ -118,7 +118,7 @@ SELECT * FROM @schema.claim_items($1, $2, $3, $4, $5, $6, $7);
 
 -- name: apply_outcomes
 -- Fenced outcome write for many items at once; returns applied items and finished batches.
-SELECT * FROM @schema.apply_outcomes($1, $2, $3, $4, $5, $6, $7, $8);
+SELECT * FROM @schema.apply_outcomes($1, $2, $3, $4, $5, $6, $7, $8, $9);
 
 -- name: reclaim_leases
 -- Reclaim the running items of leases that are gone (WorkerLost).

@@ -336,17 +336,19 @@ BEGIN
 END
 $$;
 
--- apply_outcomes: the fenced outcome write. Each row names the lease and
--- attempt it belongs to; a row whose item is no longer running under that
--- lease and attempt changes nothing (a zombie's late write). Outcomes:
+-- apply_outcomes: the fenced outcome write of one lease. Each row names the
+-- attempt it belongs to; a row whose item is no longer running under this lease
+-- and attempt changes nothing (a zombie's late write). Outcomes:
 --   succeeded, failed (permanent), cancelled   -> that status
 --   retry, lost (worker died)                  -> queued after the delay, or
 --                                                 failed when attempts are spent
---   released (drain)                           -> queued, attempt not counted
--- A batch that is stopping turns every non-success outcome into cancelled.
--- Returns one row per applied item and one per batch that became terminal.
+--   released (drain, pause)                    -> queued, attempt not counted
+-- A batch that is stopping turns every retry/lost/released outcome into cancelled.
+-- p_batches lists the items' batches (locked first, in id order). Returns one row
+-- per batch that became terminal ('batch'), per stale write ('fenced'), and per
+-- applied item whose outcome was not 'succeeded' ('item': its new status).
 CREATE FUNCTION @schema.apply_outcomes(
-    p_ids bigint[], p_attempts integer[], p_leases uuid[], p_outcomes text[],
+    p_lease uuid, p_batches uuid[], p_ids bigint[], p_attempts integer[], p_outcomes text[],
     p_results jsonb[], p_errors jsonb[], p_delays double precision[], p_actor text)
 RETURNS TABLE (kind text, id text, batch_id uuid, status text, seconds double precision,
                handler text)
@@ -355,70 +357,87 @@ LANGUAGE plpgsql
 SET plan_cache_mode = force_custom_plan AS $$
 #variable_conflict use_column
 DECLARE
-    v_ids bigint[];
-    v_bids uuid[];
-    v_sts text[];
-    v_hs text[];
-    r record;
+    v_applied bigint[];
+    v_other bigint[];
+    v_bid uuid[];
+    v_n integer[];
+    v_nq integer[];
+    v_ns integer[];
+    v_nf integer[];
+    v_nc integer[];
     s record;
+    i integer;
 BEGIN
-    PERFORM 1 FROM @schema.batches bt
-     WHERE bt.id IN (SELECT i.batch_id FROM @schema.items i WHERE i.id = ANY (p_ids))
-     ORDER BY bt.id FOR UPDATE;
+    PERFORM 1 FROM @schema.batches bt WHERE bt.id = ANY (p_batches) ORDER BY bt.id FOR UPDATE;
 
-    WITH input AS (
-        SELECT u.*, i.batch_id AS bid,
-               CASE
-                 WHEN u.outcome IN ('succeeded', 'failed', 'cancelled') THEN u.outcome
-                 WHEN bt.stop_reason IS NOT NULL THEN 'cancelled'
-                 WHEN u.outcome = 'released' THEN 'queued'
-                 WHEN i.attempts >= i.max_attempts THEN 'failed'
-                 ELSE 'queued' END AS new_status,
-               bt.version + 1 AS new_version
-          FROM unnest(p_ids, p_attempts, p_leases, p_outcomes, p_results, p_errors, p_delays)
-               AS u (id, attempt, lease, outcome, result, error, delay)
-          JOIN @schema.items i ON i.id = u.id
-          JOIN @schema.batches bt ON bt.id = i.batch_id
+    -- Final outcomes (succeeded, failed, cancelled) need no decision: one plain
+    -- fenced UPDATE, the hot path. Retry, lost and released go through the
+    -- decision below (attempts left? batch stopping?).
+    WITH u AS (
+        SELECT * FROM unnest(p_ids, p_attempts, p_outcomes, p_results, p_errors, p_delays)
+                      AS u (id, attempt, outcome, result, error, delay)
     ), upd AS (
-        UPDATE @schema.items i SET
-            status = t.new_status,
-            result = CASE WHEN t.new_status = 'succeeded' THEN t.result ELSE i.result END,
-            errors = CASE WHEN t.error IS NULL THEN i.errors ELSE i.errors || jsonb_build_array(t.error) END,
-            max_attempts = CASE WHEN t.outcome = 'released' THEN i.max_attempts + 1 ELSE i.max_attempts END,
-            run_after = CASE WHEN t.new_status = 'queued'
-                             THEN now() + make_interval(secs => coalesce(t.delay, 0))
-                             ELSE i.run_after END,
+        UPDATE @schema.items it SET
+            status = CASE
+                WHEN u.outcome IN ('succeeded', 'failed', 'cancelled') THEN u.outcome
+                WHEN bt.stop_reason IS NOT NULL THEN 'cancelled'
+                WHEN u.outcome = 'released' THEN 'queued'
+                WHEN it.attempts >= it.max_attempts THEN 'failed'
+                ELSE 'queued' END,
+            result = CASE WHEN u.outcome = 'succeeded' THEN u.result ELSE it.result END,
+            errors = CASE WHEN u.error IS NULL THEN it.errors
+                          ELSE it.errors || jsonb_build_array(u.error) END,
+            max_attempts = it.max_attempts + (u.outcome = 'released')::integer,
+            run_after = now() + make_interval(secs => coalesce(u.delay, 0)),
             lease = NULL,
-            finished_at = CASE WHEN t.new_status = 'queued' THEN NULL ELSE now() END,
-            finished_version = CASE WHEN t.new_status = 'queued' THEN NULL ELSE t.new_version END
-          FROM input t
-         WHERE i.id = t.id AND i.status = 'running' AND i.lease = t.lease AND i.attempts = t.attempt
-        RETURNING i.id, i.batch_id, i.status, i.handler
+            finished_at = now(),
+            finished_version = bt.version + 1
+          FROM u, @schema.batches bt
+         WHERE it.id = u.id AND it.status = 'running' AND it.lease = p_lease
+           AND it.attempts = u.attempt AND bt.id = it.batch_id
+        RETURNING it.id, it.batch_id, it.status, it.handler, u.outcome
+    ), per_batch AS (
+        SELECT upd.batch_id AS bid, count(*)::integer AS n,
+               (count(*) FILTER (WHERE upd.status = 'queued'))::integer AS nq,
+               (count(*) FILTER (WHERE upd.status = 'succeeded'))::integer AS ns,
+               (count(*) FILTER (WHERE upd.status = 'failed'))::integer AS nf,
+               (count(*) FILTER (WHERE upd.status = 'cancelled'))::integer AS nc
+          FROM upd GROUP BY upd.batch_id
     )
-    SELECT array_agg(upd.id), array_agg(upd.batch_id), array_agg(upd.status), array_agg(upd.handler)
-      INTO v_ids, v_bids, v_sts, v_hs FROM upd;
+    SELECT (SELECT array_agg(upd.id) FROM upd),
+           (SELECT array_agg(upd.id) FROM upd WHERE upd.outcome <> 'succeeded'),
+           array_agg(pb.bid ORDER BY pb.bid), array_agg(pb.n ORDER BY pb.bid),
+           array_agg(pb.nq ORDER BY pb.bid), array_agg(pb.ns ORDER BY pb.bid),
+           array_agg(pb.nf ORDER BY pb.bid), array_agg(pb.nc ORDER BY pb.bid)
+      INTO v_applied, v_other, v_bid, v_n, v_nq, v_ns, v_nf, v_nc
+      FROM per_batch pb;
 
-    IF v_ids IS NULL THEN
+    IF v_applied IS NULL OR cardinality(v_applied) < cardinality(p_ids) THEN
+        RETURN QUERY SELECT 'fenced'::text, x.id::text, NULL::uuid, NULL::text,
+                            NULL::double precision, NULL::text
+                       FROM unnest(p_ids) AS x (id)
+                      WHERE v_applied IS NULL OR x.id <> ALL (v_applied);
+    END IF;
+    IF v_applied IS NULL THEN
         RETURN;
     END IF;
-    FOR r IN
-        SELECT x.bid, count(*)::integer AS n,
-               (count(*) FILTER (WHERE x.st = 'queued'))::integer AS nq,
-               (count(*) FILTER (WHERE x.st = 'succeeded'))::integer AS ns,
-               (count(*) FILTER (WHERE x.st = 'failed'))::integer AS nf,
-               (count(*) FILTER (WHERE x.st = 'cancelled'))::integer AS nc
-          FROM unnest(v_bids, v_sts) AS x (bid, st)
-         GROUP BY x.bid ORDER BY x.bid
-    LOOP
-        s := @schema._settle(r.bid, r.nq, -r.n, r.ns, r.nf, r.nc, p_actor);
+
+    -- queued items are not finished: clear what the hot UPDATE set for everyone
+    UPDATE @schema.items it SET finished_at = NULL, finished_version = NULL
+     WHERE it.id = ANY (v_other) AND it.status = 'queued';
+
+    FOR i IN 1 .. cardinality(v_bid) LOOP
+        s := @schema._settle(v_bid[i], v_nq[i], -v_n[i], v_ns[i], v_nf[i], v_nc[i], p_actor);
         IF s.o_finished IS NOT NULL THEN
-            kind := 'batch'; id := r.bid::text; batch_id := r.bid; status := s.o_finished;
-            seconds := s.o_seconds; handler := NULL;
-            RETURN NEXT;
+            RETURN QUERY SELECT 'batch'::text, v_bid[i]::text, v_bid[i], s.o_finished,
+                                s.o_seconds, NULL::text;
         END IF;
     END LOOP;
-    RETURN QUERY SELECT 'item'::text, x.id::text, x.bid, x.st, NULL::double precision, x.h
-                   FROM unnest(v_ids, v_bids, v_sts, v_hs) AS x (id, bid, st, h);
+    IF v_other IS NOT NULL THEN
+        RETURN QUERY SELECT 'item'::text, it.id::text, it.batch_id, it.status,
+                            NULL::double precision, it.handler
+                       FROM @schema.items it WHERE it.id = ANY (v_other);
+    END IF;
 END
 $$;
 
@@ -433,29 +452,30 @@ LANGUAGE plpgsql
 SET plan_cache_mode = force_custom_plan AS $$
 #variable_conflict use_column
 DECLARE
+    v_lease uuid;
     v_ids bigint[];
     v_att integer[];
-    v_lea uuid[];
+    v_bat uuid[];
     v_err jsonb[];
 BEGIN
-    SELECT array_agg(i.id), array_agg(i.attempts), array_agg(i.lease),
-           array_agg(jsonb_build_object(
-               'attempt', i.attempts, 'type', 'WorkerLost',
-               'message', format('worker %s stopped heartbeating or restarted while running attempt %s',
-                                 coalesce(i.worker, '?'), i.attempts),
-               'traceback', NULL, 'at', now(), 'worker', i.worker))
-      INTO v_ids, v_att, v_lea, v_err
-      FROM @schema.items i WHERE i.status = 'running' AND i.lease = ANY (p_leases);
     UPDATE @schema.batches bt SET callback_state = 'pending', callback_lease = NULL,
            callback_run_after = now(), version = bt.version + 1
      WHERE bt.callback_state = 'running' AND bt.callback_lease = ANY (p_leases);
-    IF v_ids IS NULL THEN
-        RETURN;
-    END IF;
-    RETURN QUERY SELECT * FROM @schema.apply_outcomes(
-        v_ids, v_att, v_lea, array_fill('lost'::text, ARRAY[cardinality(v_ids)]),
-        array_fill(NULL::jsonb, ARRAY[cardinality(v_ids)]), v_err,
-        array_fill(0::double precision, ARRAY[cardinality(v_ids)]), p_actor);
+    FOREACH v_lease IN ARRAY p_leases LOOP
+        SELECT array_agg(i.id), array_agg(i.attempts), array_agg(DISTINCT i.batch_id),
+               array_agg(jsonb_build_object(
+                   'attempt', i.attempts, 'type', 'WorkerLost',
+                   'message', format('worker %s stopped heartbeating or restarted while '
+                                     'running attempt %s', coalesce(i.worker, '?'), i.attempts),
+                   'traceback', NULL, 'at', now(), 'worker', i.worker))
+          INTO v_ids, v_att, v_bat, v_err
+          FROM @schema.items i WHERE i.status = 'running' AND i.lease = v_lease;
+        CONTINUE WHEN v_ids IS NULL;
+        RETURN QUERY SELECT * FROM @schema.apply_outcomes(
+            v_lease, v_bat, v_ids, v_att, array_fill('lost'::text, ARRAY[cardinality(v_ids)]),
+            array_fill(NULL::jsonb, ARRAY[cardinality(v_ids)]), v_err,
+            array_fill(0::double precision, ARRAY[cardinality(v_ids)]), p_actor);
+    END LOOP;
 END
 $$;
 
