@@ -36,6 +36,7 @@ class Reaper:
         """One pass; returns the number of items reclaimed. ``reclaim=False`` only
         checks that the database answers (see :meth:`run`)."""
         async with self._db.transaction("reap") as tx:
+            await tx.execute("bound_idle_transaction")
             if not await tx.fetchval("try_reaper_lock") or not reclaim:
                 return 0
             dead = [

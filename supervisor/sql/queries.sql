@@ -181,6 +181,10 @@ SELECT DISTINCT lease FROM @schema.items WHERE status = 'running' AND worker = $
 -- Remove worker rows by lease.
 DELETE FROM @schema.workers WHERE id = ANY ($1);
 
+-- name: bound_idle_transaction
+-- A daemon frozen (SIGSTOP) inside this transaction must not hold its locks forever.
+SET LOCAL idle_in_transaction_session_timeout = '5s';
+
 -- name: try_reaper_lock
 -- Only one daemon reaps at a time (transaction-scoped advisory lock).
 SELECT pg_try_advisory_xact_lock(hashtext('@sname:reaper')) AS locked;
