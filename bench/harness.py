@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
@@ -52,15 +53,21 @@ def make_base_dir(prefix: str = "bsv-bench-") -> pathlib.Path:
     return base
 
 
+def with_database(dsn: str, database: str) -> str:
+    parts = urllib.parse.urlsplit(dsn)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{database}"))
+
+
 class BenchServer:
-    """One embedded PostgreSQL on 127.0.0.1 with fsync on; a database per scenario."""
+    """One embedded PostgreSQL with fsync on, reached over its unix socket like the
+    embedded default (and every peer uses the same DSN); a database per scenario."""
 
     def __init__(self) -> None:
         self.base_dir = make_base_dir()
         self.server = embedded.EmbeddedPostgres(
             self.base_dir / "data",
             port=free_port(),
-            listen_tcp=True,
+            listen_tcp=False,
             fsync=True,
             server_settings=PG_SETTINGS,
         )
@@ -94,10 +101,10 @@ class BenchServer:
             await conn.execute(f'CREATE DATABASE "{name}"')
         finally:
             await conn.close()
-        return self.server.dsn.rsplit("/", 1)[0] + "/" + name
+        return with_database(self.server.dsn, name)
 
     async def drop_database(self, dsn: str) -> None:
-        name = dsn.rsplit("/", 1)[1]
+        name = urllib.parse.urlsplit(dsn).path.lstrip("/")
         conn = await asyncpg.connect(self.server.dsn)
         try:
             await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
