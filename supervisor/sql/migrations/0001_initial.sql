@@ -39,6 +39,8 @@ CREATE TABLE @schema.batches (
     callback_run_after   timestamptz,
     callback_lease       uuid,
     callback_worker      text,
+    claim_after          timestamptz,  -- (claim_after, claim_id): where the last claim
+    claim_id             bigint,       -- of this batch stopped (see claim_items)
     CONSTRAINT batch_status_known CHECK (status IN ('queued', 'running', 'paused', 'cancelling',
         'completed', 'completed_with_errors', 'failed', 'cancelled')),
     CONSTRAINT batch_counts_sum CHECK (total = queued + running + succeeded + failed + cancelled),
@@ -141,7 +143,9 @@ DECLARE
     v_status text;
     v_was_terminal boolean;
 BEGIN
-    SELECT * INTO b FROM @schema.batches WHERE id = p_batch;
+    -- Callers hold the row lock already; FOR UPDATE makes a caller that does not
+    -- wait here, before reading, instead of overwriting a concurrent change.
+    SELECT * INTO b FROM @schema.batches WHERE id = p_batch FOR UPDATE;
     IF NOT FOUND THEN
         RETURN;
     END IF;
@@ -253,6 +257,14 @@ DECLARE
     v_take integer;
     v_n integer;
     v_top integer;
+    v_locked uuid[];
+    v_pass integer;
+    v_ids bigint[];
+    v_keys text[];
+    v_payloads jsonb[];
+    v_attempts integer[];
+    v_max integer[];
+    v_last_after timestamptz;
     b record;
 BEGIN
     IF p_global_cap IS NOT NULL OR p_rate IS NOT NULL THEN
@@ -276,15 +288,22 @@ BEGIN
     END IF;
 
     -- Lock candidate batches in id order (the global lock order), then read
-    -- their current counters and allocate in priority/fairness order.
-    PERFORM 1 FROM @schema.batches bt
-     WHERE bt.id IN (
-        SELECT c.id FROM @schema.batches c
-         WHERE c.handler = p_handler AND c.status IN ('queued', 'running') AND c.queued > 0
-           AND (c.max_concurrency IS NULL OR c.running < c.max_concurrency)
-         ORDER BY c.priority DESC, c.running, c.created_at
-         LIMIT 16)
-     ORDER BY bt.id FOR UPDATE;
+    -- their current counters and allocate in priority/fairness order. Only the
+    -- batches locked here are claimed from: the allocation query runs on a newer
+    -- snapshot and may see other batches (resumed, submitted, reordered by another
+    -- claim meanwhile), whose rows _settle must not write without their lock.
+    SELECT array_agg(l.id) INTO v_locked FROM (
+        SELECT bt.id FROM @schema.batches bt
+         WHERE bt.id IN (
+            SELECT c.id FROM @schema.batches c
+             WHERE c.handler = p_handler AND c.status IN ('queued', 'running') AND c.queued > 0
+               AND (c.max_concurrency IS NULL OR c.running < c.max_concurrency)
+             ORDER BY c.priority DESC, c.running, c.created_at
+             LIMIT 16)
+         ORDER BY bt.id FOR UPDATE) l;
+    IF v_locked IS NULL THEN
+        RETURN;
+    END IF;
 
     SELECT max(c.priority) INTO v_top FROM @schema.batches c
      WHERE c.handler = p_handler AND c.status IN ('queued', 'running') AND c.queued > 0;
@@ -294,11 +313,13 @@ BEGIN
     v_share := greatest(1, ceil(v_limit::numeric / greatest(1, least(v_n, 16))))::integer;
 
     FOR b IN
-        SELECT c.id, c.priority, c.max_concurrency, c.running, c.metadata FROM @schema.batches c
-         WHERE c.handler = p_handler AND c.status IN ('queued', 'running') AND c.queued > 0
+        SELECT c.id, c.priority, c.max_concurrency, c.running, c.metadata, c.claim_after,
+               c.claim_id
+          FROM @schema.batches c
+         WHERE c.id = ANY (v_locked)
+           AND c.handler = p_handler AND c.status IN ('queued', 'running') AND c.queued > 0
            AND (c.max_concurrency IS NULL OR c.running < c.max_concurrency)
          ORDER BY c.priority DESC, c.running, c.created_at
-         LIMIT 16
     LOOP
         EXIT WHEN v_total >= v_limit;
         v_take := v_limit - v_total;
@@ -309,20 +330,49 @@ BEGIN
             v_take := least(v_take, b.max_concurrency - b.running);
         END IF;
         CONTINUE WHEN v_take <= 0;
-        RETURN QUERY
-        WITH picked AS (
-            SELECT i.id FROM @schema.items i
-             WHERE i.batch_id = b.id AND i.status = 'queued' AND i.run_after <= now()
-             ORDER BY i.run_after, i.id
-             LIMIT v_take
-             FOR UPDATE SKIP LOCKED
-        )
-        UPDATE @schema.items i
-           SET status = 'running', attempts = i.attempts + 1, worker = p_worker,
-               lease = p_lease, started_at = now()
-          FROM picked WHERE i.id = picked.id
-        RETURNING i.id, i.batch_id, i.key, i.payload, i.attempts, i.max_attempts, b.metadata;
-        GET DIAGNOSTICS v_n = ROW_COUNT;
+        -- Scan from where this batch's last claim stopped: everything before the
+        -- cursor was claimed, and its dead index entries are what makes a deep
+        -- queue slow; every item queued since (retry, release) got a later
+        -- run_after. A short result rescans from the start (pass 2), so an item
+        -- left behind the cursor (a claim that rolled back) is never missed.
+        v_n := 0;
+        FOR v_pass IN 1 .. 2 LOOP
+            EXIT WHEN v_n >= v_take OR (v_pass = 2 AND b.claim_after IS NULL);
+            WITH picked AS (
+                SELECT i.id FROM @schema.items i
+                 WHERE i.batch_id = b.id AND i.status = 'queued' AND i.run_after <= now()
+                   AND (v_pass = 2 OR b.claim_after IS NULL
+                        OR (i.run_after, i.id) > (b.claim_after, b.claim_id))
+                 ORDER BY i.run_after, i.id
+                 LIMIT v_take - v_n
+                 FOR UPDATE SKIP LOCKED
+            ), upd AS (
+                UPDATE @schema.items i
+                   SET status = 'running', attempts = i.attempts + 1, worker = p_worker,
+                       lease = p_lease, started_at = now()
+                  FROM picked WHERE i.id = picked.id
+                RETURNING i.id, i.key, i.payload, i.attempts, i.max_attempts, i.run_after
+            )
+            SELECT array_agg(upd.id ORDER BY upd.run_after, upd.id),
+                   array_agg(upd.key ORDER BY upd.run_after, upd.id),
+                   array_agg(upd.payload ORDER BY upd.run_after, upd.id),
+                   array_agg(upd.attempts ORDER BY upd.run_after, upd.id),
+                   array_agg(upd.max_attempts ORDER BY upd.run_after, upd.id),
+                   max(upd.run_after)
+              INTO v_ids, v_keys, v_payloads, v_attempts, v_max, v_last_after
+              FROM upd;
+            CONTINUE WHEN v_ids IS NULL;
+            v_n := v_n + cardinality(v_ids);
+            IF v_pass = 1 THEN
+                UPDATE @schema.batches c SET claim_after = v_last_after,
+                       claim_id = v_ids[cardinality(v_ids)]
+                 WHERE c.id = b.id;
+            END IF;
+            RETURN QUERY SELECT x.id, b.id, x.key, x.payload, x.attempts, x.max_attempts,
+                                b.metadata
+                           FROM unnest(v_ids, v_keys, v_payloads, v_attempts, v_max)
+                                AS x (id, key, payload, attempts, max_attempts);
+        END LOOP;
         IF v_n > 0 THEN
             v_total := v_total + v_n;
             PERFORM @schema._settle(b.id, -v_n, v_n, 0, 0, 0, p_worker);
