@@ -17,8 +17,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import urllib.parse
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
