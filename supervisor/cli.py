@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -27,6 +27,7 @@ from supervisor import db as dbm
 from supervisor.errors import ConfigError, HandlerLoadError, SchemaTooNew, SupervisorError
 
 EX_CONFIG = 78
+E = TypeVar("E", bound=BaseException)
 log = logging.getLogger("supervisor.cli")
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -50,7 +51,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     import anyio
 
-    return anyio.run(app.Daemon(cfg).run)
+    try:
+        return anyio.run(app.Daemon(cfg).run)
+    except BaseExceptionGroup as group:
+        # A component that fails on purpose (schema too new, broken handler) should
+        # read as that error with its exit code, not as a task-group traceback.
+        ours = _first_leaf(group, SupervisorError)
+        if ours is None:
+            raise
+        raise ours from None
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException], kind: type[E]) -> E | None:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_leaf(exc, kind)
+            if found is not None:
+                return found
+        elif isinstance(exc, kind):
+            return exc
+    return None
 
 
 @contextlib.asynccontextmanager

@@ -79,9 +79,9 @@ async def with_retry(fn: Callable[[], Awaitable[T]], *, stop_after_s: float | No
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Pool release without asyncpg's reset query (an extra round trip after every
-    query): pool connections never change session state. No SET, no LISTEN (that
-    has its own connection), no cursors; the one session advisory lock (migrate)
-    is released explicitly."""
+    query): pool connections never change session state. No SET (only SET LOCAL),
+    no LISTEN (that has its own connection), no cursors, and only transaction-scoped
+    advisory locks."""
 
 
 class Database:
@@ -182,33 +182,31 @@ class Tx:
 
 
 async def migrate(db: Database) -> list[int]:
-    """Apply pending migrations under an advisory lock; refuse a newer schema.
+    """Apply pending migrations, all in one transaction under a transaction-scoped
+    advisory lock (PostgreSQL DDL is transactional: a failed upgrade changes
+    nothing, and it works through a transaction pooler); refuse a newer schema.
 
     Returns the versions applied now (empty when already current)."""
     known = sqlfile.load_migrations(db.schema)
     latest = known[-1].version
     applied_now: list[int] = []
-    async with db._guard("migrate"), db.pool.acquire() as conn:
+    async with db._guard("migrate"), db.pool.acquire() as conn, conn.transaction():
         await conn.execute(db.queries["lock_migrations"])
-        try:
-            await conn.execute(db.queries["create_schema"])
-            applied = {r["version"] for r in await conn.fetch(db.queries["applied_versions"])}
-            if applied and max(applied) > latest:
-                raise SchemaTooNew(
-                    f"database schema {db.schema!r} is at version {max(applied)}, but this "
-                    f"batch-supervisor only knows versions up to {latest}: upgrade it "
-                    "(refusing to run against a schema it does not understand)"
-                )
-            for mig in known:
-                if mig.version in applied:
-                    continue
-                async with conn.transaction():
-                    await conn.execute(mig.sql)
-                    await conn.execute(db.queries["record_migration"], mig.version, mig.name)
-                applied_now.append(mig.version)
-                log.info("db.migrated version=%s name=%s", mig.version, mig.name)
-        finally:
-            await conn.execute(db.queries["unlock_migrations"])
+        await conn.execute(db.queries["create_schema"])
+        applied = {r["version"] for r in await conn.fetch(db.queries["applied_versions"])}
+        if applied and max(applied) > latest:
+            raise SchemaTooNew(
+                f"database schema {db.schema!r} is at version {max(applied)}, but this "
+                f"batch-supervisor only knows versions up to {latest}: upgrade it "
+                "(refusing to run against a schema it does not understand)"
+            )
+        for mig in known:
+            if mig.version in applied:
+                continue
+            await conn.execute(mig.sql)
+            await conn.execute(db.queries["record_migration"], mig.version, mig.name)
+            applied_now.append(mig.version)
+            log.info("db.migrated version=%s name=%s", mig.version, mig.name)
     return applied_now
 
 

@@ -56,14 +56,7 @@ class Heartbeat:
         w = self._cfg.worker
 
         async def _do() -> None:
-            await self._db.execute(
-                "register_worker",
-                uuid.UUID(self.lease),
-                w.name,
-                socket.gethostname(),
-                os.getpid(),
-                w.concurrency,
-            )
+            await self._insert_row()
             old = [
                 r["id"]
                 for r in await self._db.fetch(
@@ -97,15 +90,18 @@ class Heartbeat:
                 "heartbeat.reregister: our worker row was reaped (stalled past "
                 "dead_after?); registering again"
             )
-            w = self._cfg.worker
-            await self._db.execute(
-                "register_worker",
-                uuid.UUID(self.lease),
-                w.name,
-                socket.gethostname(),
-                os.getpid(),
-                w.concurrency,
-            )
+            await self._insert_row()
+
+    async def _insert_row(self) -> None:
+        w = self._cfg.worker
+        await self._db.execute(
+            "register_worker",
+            uuid.UUID(self.lease),
+            w.name,
+            socket.gethostname(),
+            os.getpid(),
+            w.concurrency,
+        )
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED

@@ -15,12 +15,9 @@ CREATE TABLE IF NOT EXISTS @schema.schema_migrations (
     applied_at timestamptz NOT NULL DEFAULT now());
 
 -- name: lock_migrations
--- Session advisory lock so only one process migrates at a time.
-SELECT pg_advisory_lock(hashtext('@sname:migrate'));
-
--- name: unlock_migrations
--- Release the migration lock.
-SELECT pg_advisory_unlock(hashtext('@sname:migrate'));
+-- Transaction advisory lock so only one process migrates at a time (safe behind a
+-- transaction pooler, unlike a session lock).
+SELECT pg_advisory_xact_lock(hashtext('@sname:migrate'));
 
 -- name: applied_versions
 -- Versions already applied.
