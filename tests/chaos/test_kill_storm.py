@@ -75,7 +75,9 @@ def test_sigkill_storm_loses_nothing_and_bounds_duplicates(
                 "handler": "echo",
                 "idempotency_key": f"storm-{seed}-{n}",
                 "items": [
-                    {"key": f"b{n}-{j}", "payload": {"sleep": round(rng.uniform(0.005, 0.05), 4)}}
+                    # ~0.25 s each: 300 of them keep 3 x 8 workers busy for the ~3 s
+                    # until the next batch, so every kill lands on live work
+                    {"key": f"b{n}-{j}", "payload": {"sleep": round(rng.uniform(0.1, 0.4), 4)}}
                     for j in range(ITEMS)
                 ],
             }
