@@ -1,8 +1,9 @@
 """Item and batch statuses, executor outcomes, and the allowed transitions.
 
 The transitions are enforced by guarded UPDATEs in the SQL functions of
-``sql/migrations``; this table is their reference, checked by the tests against
-what the database actually does.
+``sql/migrations``; this table is their reference, and the property test
+(tests/chaos/test_state_machine.py) checks every item transition the database
+makes against it.
 """
 
 from __future__ import annotations

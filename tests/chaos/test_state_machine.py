@@ -35,7 +35,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from supervisor import batches, config
+from supervisor import batches, config, states
 from supervisor import db as dbm
 
 T = TypeVar("T")
@@ -71,6 +71,7 @@ class BatchMachine(RuleBasedStateMachine):
         self.max_failures: int | None = None
         self.version = 0
         self.changed = True  # did the last step change the batch (version must move)?
+        self.seen: dict[int, str] = {}  # item status at the previous check
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -176,6 +177,13 @@ class BatchMachine(RuleBasedStateMachine):
         claimable = self.status in ("queued", "running") and c["queued"] > 0
         assert len(rows) == (min(n, c["queued"]) if claimable else 0), (len(rows), self.status, c)
         for r in rows:
+            # every observed change is one the transition table in states.py allows
+            before = self.seen.get(int(r["id"]))
+            if before is not None and before != r["status"]:
+                assert states.item_transition_allowed(
+                    states.ItemStatus(before), states.ItemStatus(r["status"])
+                ), (r["id"], before, r["status"])
+            self.seen[int(r["id"])] = r["status"]
             it = self.items[int(r["id"])]
             assert it.status == "queued", (r["id"], it)
             assert r["attempts"] == it.attempts + 1, (r["attempts"], it)
