@@ -177,13 +177,6 @@ class BatchMachine(RuleBasedStateMachine):
         claimable = self.status in ("queued", "running") and c["queued"] > 0
         assert len(rows) == (min(n, c["queued"]) if claimable else 0), (len(rows), self.status, c)
         for r in rows:
-            # every observed change is one the transition table in states.py allows
-            before = self.seen.get(int(r["id"]))
-            if before is not None and before != r["status"]:
-                assert states.item_transition_allowed(
-                    states.ItemStatus(before), states.ItemStatus(r["status"])
-                ), (r["id"], before, r["status"])
-            self.seen[int(r["id"])] = r["status"]
             it = self.items[int(r["id"])]
             assert it.status == "queued", (r["id"], it)
             assert r["attempts"] == it.attempts + 1, (r["attempts"], it)
@@ -333,6 +326,13 @@ class BatchMachine(RuleBasedStateMachine):
         # The model.
         assert b["status"] == self.status, (b["status"], self.status, dict(b))
         for r in rows:
+            # every observed change is one the transition table in states.py allows
+            before = self.seen.get(int(r["id"]))
+            if before is not None and before != r["status"]:
+                assert states.item_transition_allowed(
+                    states.ItemStatus(before), states.ItemStatus(r["status"])
+                ), (r["id"], before, r["status"])
+            self.seen[int(r["id"])] = r["status"]
             it = self.items[int(r["id"])]
             got = (r["status"], r["attempts"], r["max_attempts"])
             assert got == (it.status, it.attempts, it.max_attempts), (r["id"], got, it)
