@@ -96,8 +96,11 @@ def test_failure_budget_stops_the_batch_early_as_failed(daemons: Any) -> None:
     b = d.submit("permanent", list(range(50)), max_failures="10%")
     done = d.wait_status(b["id"], "failed", timeout=20)
     c = done["counts"]
-    # 10% of 50 = 5: the 6th failure stops it; attempts already in flight may still fail
-    assert 6 <= c["failed"] <= 8, c
+    # 10% of 50 = 5: the write that records the 6th failure stops it. What can still
+    # fail is bounded by what the daemon held: the outcomes in that same write and
+    # the attempts running when the stop arrived, each at most concurrency +
+    # prefetch (2 + 2 here); everything else is cancelled.
+    assert 6 <= c["failed"] <= 5 + 1 + 2 * (2 + 2), c
     assert c["cancelled"] == 50 - c["failed"] and c["succeeded"] == 0
     _, log, _ = d.api("GET", f"/v1/batches/{b['id']}/log")
     assert "failure_budget_exceeded" in [e["action"] for e in log["entries"]]
