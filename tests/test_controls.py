@@ -49,7 +49,10 @@ def test_pause_freezes_progress_and_resume_continues(daemons: Any) -> None:
         what="running items finished",
     )
     done_at_pause = paused["counts"]["succeeded"]
-    assert done_at_pause < frozen["succeeded"] <= done_at_pause + 2
+    # what may still finish: attempts running at the pause and outcomes not yet
+    # written, at most concurrency + prefetch (2 + 2); claimed-but-unstarted ones
+    # were handed back
+    assert done_at_pause <= frozen["succeeded"] <= done_at_pause + 4
     assert frozen["queued"] == 10 - frozen["succeeded"]
     time.sleep(0.8)  # a window in which an unpaused daemon would have started more
     assert d.batch(b["id"])["counts"] == frozen
