@@ -137,9 +137,6 @@ class Daemon:
     async def _run(self, dsn: str, built: dict[str, handlers.Handler]) -> int:
         db = await dbm.Database.connect(self.cfg, dsn, on_error=self.metrics.db_error)
         try:
-            applied = await dbm.with_retry(lambda: dbm.migrate(db))
-            if applied:
-                log.info("app.migrated versions=%s", applied)
             return await self._serve(db, dsn, built)
         finally:
             await db.close()
@@ -195,6 +192,7 @@ class Daemon:
             metrics=self.metrics,
             auth=Authenticator(cfg.tokens),
             readiness=lambda: self.readiness(db, disp),
+            serving=lambda: self.state in ("running", "draining"),
             draining=lambda: self.state == "draining",
         )
         self.api = ApiServer(ctx)
@@ -208,6 +206,12 @@ class Daemon:
             cbs.stop_claiming()
 
         async with anyio.create_task_group() as root:
+            # Serve the probes first: while the database is unreachable at start-up
+            # /healthz answers and /readyz says why we are not ready.
+            await root.start(self.api.run)
+            migrated = await dbm.with_retry(lambda: dbm.migrate(db))
+            if migrated:
+                log.info("app.migrated versions=%s", migrated)
             await root.start(bus.run)
             await root.start(ob.run)
             await hb.register()
@@ -221,7 +225,6 @@ class Daemon:
             async with anyio.create_task_group() as work:
                 await work.start(cbs.run)
                 await work.start(disp.run)
-                await root.start(self.api.run)
                 self._on_first_signal = drain
                 self._on_second_signal = disp.skip_drain
                 self._set_state("running")

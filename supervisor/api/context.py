@@ -23,6 +23,7 @@ class ApiContext:
     auth: Authenticator
     readiness: Callable[[], Awaitable[tuple[bool, list[str]]]]
     draining: Callable[[], bool]
+    serving: Callable[[], bool] = lambda: True  # False while the daemon is starting
 
 
 CTX: web.AppKey[ApiContext] = web.AppKey("ctx", ApiContext)

@@ -30,7 +30,15 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     try:
         path = request.path
         if not (path in PUBLIC or path.startswith("/static/")):
-            request[PRINCIPAL] = request.app[CTX].auth.authenticate(request)
+            ctx = request.app[CTX]
+            if not ctx.serving():
+                raise Problem(
+                    503,
+                    "the daemon is starting (waiting for the database or "
+                    "migrating it); retry shortly",
+                    headers={"Retry-After": "1"},
+                )
+            request[PRINCIPAL] = ctx.auth.authenticate(request)
         return await handler(request)
     except Problem as p:
         return render(p.status, p.detail, instance=request.path, errors=p.errors, headers=p.headers)
