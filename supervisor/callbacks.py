@@ -49,6 +49,7 @@ class Callbacks:
         self._wakeup = Wakeup()
         self._claim_scope = anyio.CancelScope()
         self._running = 0
+        self._active: set[uuid.UUID] = set()  # batch ids whose callback runs here
 
     def wake(self, _payload: str = "") -> None:
         self._wakeup.set()
@@ -62,21 +63,33 @@ class Callbacks:
         async with anyio.create_task_group() as tg:
             task_status.started()
             with self._claim_scope:
+                lost_reply = False
                 while True:
                     free = MAX_PARALLEL - self._running
                     rows = []
-                    if free > 0:
-                        try:
+                    try:
+                        if lost_reply:
+                            # A claim may have committed while its reply was lost:
+                            # hand back what runs under our lease but not here.
+                            await self._db.fetch(
+                                "release_orphan_callbacks",
+                                uuid.UUID(self._lease),
+                                list(self._active),
+                            )
+                            lost_reply = False
+                        if free > 0:
                             rows = await self._db.fetch(
                                 "claim_callbacks",
                                 free,
                                 uuid.UUID(self._lease),
                                 self._cfg.worker.name,
                             )
-                        except DatabaseUnavailable:
-                            rows = []  # the dispatcher reports outages; poll again later
+                    except DatabaseUnavailable:
+                        rows = []  # the dispatcher reports outages; poll again later
+                        lost_reply = True
                     for row in rows:
                         self._running += 1
+                        self._active.add(row["id"])
                         tg.start_soon(self._run_one, row)
                     if not rows:
                         await self._wakeup.wait(self._cfg.worker.poll_interval_s * 2)
@@ -146,6 +159,7 @@ class Callbacks:
             with anyio.CancelScope(shield=True):
                 await self._finish(row, attempt_no, outcome, error, delay)
             self._running -= 1
+            self._active.discard(row["id"])
             self._wakeup.set()
 
     async def _finish(

@@ -83,6 +83,7 @@ class Dispatcher:
         self._claim_scope = anyio.CancelScope()
         self._drain_scope = anyio.CancelScope()
         self._stopping = False
+        self._orphan_check = False
         self._retry_due: float | None = None
         self._meta_cache: dict[str, Any] = {}
         self.db_ok = True
@@ -184,6 +185,12 @@ class Dispatcher:
         turn = 0
         failures = 0
         while True:
+            if self._orphan_check:
+                try:
+                    await self._release_orphans()
+                except DatabaseUnavailable:
+                    await anyio.sleep(0.2 + random.random() * 0.3)
+                    continue  # still away; try again before claiming anything
             free = self.free_slots()
             if free <= 0:
                 await self._wakeup.wait()
@@ -225,6 +232,9 @@ class Dispatcher:
                 failures = 0
             except DatabaseUnavailable as exc:
                 self.db_ok = False
+                # The claim may have committed with its reply lost: reconcile before
+                # the next claim (see _release_orphans).
+                self._orphan_check = True
                 failures += 1
                 delay = min(5.0, 0.1 * 2 ** min(failures, 6)) * (0.5 + random.random())
                 log.warning("dispatcher.claim_failed error=%s retry_in=%.2fs", exc, delay)
@@ -244,6 +254,40 @@ class Dispatcher:
             deadline = time.monotonic() + 0.005
             while self.free_slots() < refill and time.monotonic() < deadline:
                 await self._wakeup.wait(max(0.0, deadline - time.monotonic()))
+
+    async def _release_orphans(self) -> None:
+        """After a failed claim: items the database says we run but we do not know.
+
+        A claim whose commit succeeded while its reply was lost (the connection died
+        at that moment) leaves items `running` under our live lease that no worker
+        runs and no reaper would ever reclaim. No other claim of ours is in flight
+        here (the claim loop is the only claimer), so whatever we do not hold is
+        such an orphan: release it (queued again, the attempt not counted)."""
+        rows = await self._db.fetch("running_items_of_lease", self._lease)
+        known = set(self._running) | self._outbox.pending_ids()
+        for queue in self._ready.values():
+            known.update(int(item.id) for item in queue)
+        orphans = [r for r in rows if int(r["id"]) not in known]
+        for r in orphans:
+            item = Item(
+                id=str(r["id"]),
+                batch_id=str(r["batch_id"]),
+                key=None,
+                payload=None,
+                attempt=r["attempts"],
+                max_attempts=0,
+                handler=r["handler"],
+                batch_metadata={},
+            )
+            released = executor.cancelled_attempt(item, StopReason.SHUTDOWN, self._worker)
+            self._outbox.put(executor.record(item, self._lease, released, time.monotonic()))
+        if orphans:
+            log.warning(
+                "dispatcher.orphans_released items=%s: claimed in a transaction whose reply "
+                "was lost; handed back without spending the attempt",
+                len(orphans),
+            )
+        self._orphan_check = False
 
     # -- the prefetch window ------------------------------------------------------
 

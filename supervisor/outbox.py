@@ -69,6 +69,10 @@ class Outbox:
     def pending(self) -> int:
         return len(self._pending)
 
+    def pending_ids(self) -> set[int]:
+        """Items whose outcome waits to be written (they are still `running` there)."""
+        return {r.item_id for r in self._pending}
+
     async def wait_empty(self) -> None:
         """Wait until every outcome handed in so far has been written."""
         while self._pending:

@@ -121,6 +121,17 @@ SELECT * FROM @schema.apply_outcomes($1, $2, $3, $4, $5, $6, $7, $8, $9);
 -- Reclaim the running items of leases that are gone (WorkerLost).
 SELECT * FROM @schema.reclaim_leases($1, $2);
 
+-- name: running_items_of_lease
+-- Items the database says this lease is running (to find claims whose reply was lost).
+SELECT id, batch_id, attempts, handler FROM @schema.items WHERE status = 'running' AND lease = $1;
+
+-- name: release_orphan_callbacks
+-- Callbacks running under this lease that this process is not running (a lost reply).
+UPDATE @schema.batches SET callback_state = 'pending', callback_lease = NULL,
+       callback_run_after = now(), version = version + 1
+ WHERE callback_state = 'running' AND callback_lease = $1 AND NOT (id = ANY ($2))
+RETURNING id;
+
 -- name: stopping_batches_of_lease
 -- Batches being stopped (cancel, failure budget) or paused that have items under this lease.
 SELECT DISTINCT i.batch_id, b.status FROM @schema.items i JOIN @schema.batches b ON b.id = i.batch_id

@@ -197,3 +197,48 @@ def test_crash_during_finalization_leaves_no_batch_stuck(
     for d in ds:
         assert d.proc is not None and d.proc.poll() is None, d.log()
     assert_no_drift(ds[0])
+
+
+def test_claim_whose_reply_was_lost_is_handed_back(
+    daemons: DaemonFactory, db_url: str, restore_server: TestServer
+) -> None:
+    """A claim that commits while its reply is lost leaves items `running` under a
+    live lease that nobody runs and no reaper reclaims (the lease is alive). After
+    a failed claim the daemon reconciles: what runs under its lease but not in it
+    is released (queued again, the attempt not counted)."""
+    d = daemons("victim", handlers=ECHO, worker=FAST_WORKER)
+    (lease,) = [r["id"] for r in query(db_url, "SELECT id FROM supervisor.workers")]
+    # A batch of a handler this daemon does not run, so only our forged claim takes it.
+    bid = query(
+        db_url,
+        "INSERT INTO supervisor.batches (id, tenant, handler, status, attempt_budget, total, "
+        "queued) VALUES (gen_random_uuid(), 'default', 'ghost', 'queued', 3, 3, 3) RETURNING id",
+    )[0]["id"]
+    query(
+        db_url,
+        "INSERT INTO supervisor.items (batch_id, seq, handler, payload, max_attempts) "
+        "SELECT $1, g, 'ghost', '{}', 3 FROM generate_series(1, 3) g",
+        bid,
+    )
+    # The committed claim whose reply the daemon never saw.
+    claimed = query(
+        db_url,
+        "SELECT * FROM supervisor.claim_items('ghost', 3, 'victim', $1, NULL, NULL, 1)",
+        lease,
+    )
+    assert len(claimed) == 3
+    crash_and_recover(restore_server, 0.5)  # the daemon's next claims fail, then work again
+
+    def handed_back() -> bool:
+        rows = query(
+            db_url,
+            "SELECT status, attempts, max_attempts FROM supervisor.items WHERE batch_id = $1",
+            bid,
+        )
+        return all(
+            (r["status"], r["attempts"], r["max_attempts"]) == ("queued", 1, 4) for r in rows
+        )
+
+    wait_for(handed_back, 20, 0.1, "orphaned claims released")
+    assert "dispatcher.orphans_released items=3" in d.log()
+    assert_no_drift(d)
