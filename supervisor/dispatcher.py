@@ -332,21 +332,19 @@ class Dispatcher:
 
     def _drop_ready(self, which: Callable[[Item], bool], reason: StopReason) -> int:
         """Hand back claimed items that have not started (cancelled or released)."""
-        n = 0
+        dropped: list[Item] = []
         for queue in self._ready.values():
-            keep = collections.deque(item for item in queue if not which(item))
+            keep: list[Item] = []
             for item in queue:
-                if which(item):
-                    self._finish(
-                        item,
-                        executor.cancelled_attempt(item, reason, self._worker),
-                        time.monotonic(),
-                    )
-                    n += 1
+                (dropped if which(item) else keep).append(item)
             queue.clear()
             queue.extend(keep)
-        self._ready_count -= n
-        return n
+        self._ready_count -= len(dropped)
+        for item in dropped:  # after the queues are consistent: _finish may wake workers
+            self._finish(
+                item, executor.cancelled_attempt(item, reason, self._worker), time.monotonic()
+            )
+        return len(dropped)
 
     def _wake_workers(self, n: int) -> None:
         while n > 0 and self._idle_workers:

@@ -62,7 +62,8 @@ class Outbox:
 
     def put(self, rec: OutcomeRecord) -> None:
         self._pending.append(rec)
-        self._idle = anyio.Event() if self._idle.is_set() else self._idle
+        if self._idle.is_set():
+            self._idle = anyio.Event()  # something to write: no longer idle
         self._wakeup.set()
 
     @property
