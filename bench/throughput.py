@@ -67,7 +67,7 @@ async def one_run(ctx: Ctx, results: Results, n: int, key: str, profile: str | N
                         "--pid",
                         str(d.pid),
                         "--rate",
-                        "200",
+                        "1000",
                         "--format",
                         "raw",
                         "-o",

@@ -147,7 +147,7 @@ class Daemon:
 
         def applied(chunk: Sequence[OutcomeRecord], result: outbox_mod.Applied) -> None:
             self.metrics.applied(chunk, result)
-            disp.wake()  # persisted outcomes free their slots
+            disp.written({rec.handler for rec in chunk})  # persisted outcomes free their slots
             for rec in chunk:
                 if rec.outcome is states.Outcome.RETRY and result.status_of(rec) == "queued":
                     disp.retry_due_in(rec.delay_s)

@@ -89,7 +89,8 @@ class ServerConfig:
 class WorkerConfig:
     name: str = dataclasses.field(default_factory=socket.gethostname)
     concurrency: int = 64
-    prefetch: int | None = None  # claimed items waiting for a slot; default = concurrency
+    # claimed items that may wait for a worker; None = "auto" (see Dispatcher.window)
+    prefetch: int | None = None
     claim_batch_size: int = 500
     poll_interval_s: float = 1.0
     heartbeat_interval_s: float = 5.0
@@ -240,6 +241,17 @@ class _Checker:
         return value
 
 
+def _prefetch(ck: _Checker, t: Mapping[str, Any]) -> int | None:
+    """``[worker] prefetch``: an integer >= 0 (fixed) or "auto" (the default, None)."""
+    value = t.get("prefetch", "auto")
+    if value == "auto":
+        return None
+    if isinstance(value, str):
+        ck.problems.append(f'worker.prefetch: expected an integer or "auto", got {value!r}')
+        return None
+    return ck.positive_int(t, "worker", "prefetch", None, minimum=0)
+
+
 def _fields(cls: type) -> list[str]:
     return [f.name.removesuffix("_s") for f in dataclasses.fields(cls)]
 
@@ -291,7 +303,7 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
     worker = WorkerConfig(
         name=ck.get(t, "worker", "name", str, socket.gethostname()) or socket.gethostname(),
         concurrency=ck.positive_int(t, "worker", "concurrency", 64) or 64,
-        prefetch=ck.positive_int(t, "worker", "prefetch", None, minimum=0),
+        prefetch=_prefetch(ck, t),
         claim_batch_size=ck.positive_int(t, "worker", "claim_batch_size", 500) or 500,
         poll_interval_s=ck.duration(t, "worker", "poll_interval", 1.0),
         heartbeat_interval_s=ck.duration(t, "worker", "heartbeat_interval", 5.0),

@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 CONTROL_CHECK_S = 2.0
 THROTTLED_POLL_S = 0.05
 RATE_BURST_S = 0.1  # a rate limit's bucket holds this many seconds' worth of starts
+PREFETCH_HORIZON_S = 0.05  # "auto" prefetch: hold about this much work of fast handlers
+PREFETCH_MAX_FACTOR = 8  # ... and at most this many times concurrency
+RATE_SAMPLE_S = 0.02  # the start rate is sampled at most this often
+RATE_SMOOTH_S = 0.2  # and smoothed over about this long
 
 
 class Dispatcher:
@@ -65,7 +69,12 @@ class Dispatcher:
         self._worker = cfg.worker.name
         self._on_in_flight = on_in_flight
         concurrency = cfg.worker.concurrency
-        self._prefetch = cfg.worker.prefetch if cfg.worker.prefetch is not None else concurrency
+        prefetch = cfg.worker.prefetch
+        self._base_window = concurrency + (concurrency if prefetch is None else prefetch)
+        self._starts = 0  # attempts started, for the prefetch window (see window())
+        self._start_rate = 0.0  # starts per second, smoothed
+        self._rate_at = time.monotonic()
+        self._rate_starts = 0
         self._caps = {n: h.config.concurrency for n, h in handlers.items() if h.config.concurrency}
         # claimed, not started: one FIFO per handler, served round-robin
         self._ready: dict[str, collections.deque[Item]] = {n: collections.deque() for n in handlers}
@@ -79,6 +88,9 @@ class Dispatcher:
         self._reasons: dict[int, StopReason] = {}
         self._turn = 0
         self._wakeup = Wakeup()
+        # handler -> monotonic time until which its claims are skipped: its last
+        # claim found nothing runnable (see _claim_loop)
+        self._nothing_until: dict[str, float] = {}
         self._idle = anyio.Event()
         self._claim_scope = anyio.CancelScope()
         self._drain_scope = anyio.CancelScope()
@@ -92,7 +104,20 @@ class Dispatcher:
 
     # -- control from outside -------------------------------------------------
 
-    def wake(self, _payload: str = "") -> None:
+    def wake(self, payload: str = "") -> None:
+        """A NOTIFY on the wake channel: a handler's name (new, resumed or retried
+        work of that handler) or anything else (look at every handler again)."""
+        if payload in self._nothing_until:
+            del self._nothing_until[payload]
+        elif payload not in self._handlers:
+            self._nothing_until.clear()
+        self._wakeup.set()
+
+    def written(self, handlers: set[str]) -> None:
+        """Outcomes of these handlers were persisted: their slots are free, and
+        their batches may have runnable items again (retries, max_concurrency)."""
+        for name in handlers:
+            self._nothing_until.pop(name, None)
         self._wakeup.set()
 
     def retry_due_in(self, delay_s: float) -> None:
@@ -135,13 +160,36 @@ class Dispatcher:
             log.info("dispatcher.released_paused batch=%s items=%s", batch_id, n)
         return n
 
+    def window(self) -> int:
+        """Claimed and unfinished attempts this daemon may hold: ``concurrency``
+        running plus the prefetch window. ``[worker] prefetch = "auto"`` (the
+        default) is ``concurrency`` items, grown for fast handlers to what the
+        workers start in PREFETCH_HORIZON_S (at most PREFETCH_MAX_FACTOR x
+        concurrency): a claimed item never waits long for a worker, and fast
+        handlers get claims big enough to amortise their transactions."""
+        concurrency = self._cfg.worker.concurrency
+        if self._cfg.worker.prefetch is not None:
+            return self._base_window
+        now = time.monotonic()
+        elapsed = now - self._rate_at
+        if elapsed >= RATE_SAMPLE_S:
+            sampled = (self._starts - self._rate_starts) / elapsed
+            self._start_rate += (sampled - self._start_rate) * min(1.0, elapsed / RATE_SMOOTH_S)
+            self._rate_at, self._rate_starts = now, self._starts
+        grown = min(PREFETCH_MAX_FACTOR * concurrency, int(self._start_rate * PREFETCH_HORIZON_S))
+        return concurrency + max(concurrency, grown)
+
     def free_slots(self) -> int:
-        """How many more items we may claim. Claimed items wait for a worker in a
-        prefetch window of ``[worker] prefetch`` items, and a claim stays ours until
-        its outcome is persisted, so the items this daemon has `running` in the
-        database never exceed concurrency + prefetch."""
-        limit = self._cfg.worker.concurrency + self._prefetch
-        return limit - self.owned - self._outbox.pending
+        """How many more items we may claim: the window minus what we hold. A claim
+        stays ours until its outcome is persisted, so the attempts this daemon has
+        `running` in the database never exceed the window (plus, while an "auto"
+        window is grown, that growth again: outcomes being written)."""
+        window = self.window()
+        # Outcomes waiting for their write count too, except that a window grown for
+        # fast handlers lets its growth's worth of them be written while the next
+        # claim runs (claims and writes overlap instead of taking turns).
+        growth = window - self._base_window
+        return window - self.owned - max(0, self._outbox.pending - growth)
 
     # -- the component ----------------------------------------------------------
 
@@ -181,7 +229,6 @@ class Dispatcher:
     async def _claim_loop(self) -> None:
         names = list(self._handlers)
         batch_size = self._cfg.worker.claim_batch_size
-        refill = max(1, min(batch_size, (self._cfg.worker.concurrency + self._prefetch) // 4))
         turn = 0
         failures = 0
         while True:
@@ -199,10 +246,13 @@ class Dispatcher:
             saturated = False
             throttled = False  # a handler capped by rate or global limits got less than asked
             turn += 1
+            now = time.monotonic()
             try:
                 for name in (
                     names[turn % len(names) :] + names[: turn % len(names)] if names else []
                 ):
+                    if self._nothing_until.get(name, 0.0) > now:
+                        continue  # found nothing last time, and nothing has changed since
                     hcfg = self._handlers[name].config
                     n = min(free - claimed, batch_size)
                     if hcfg.concurrency is not None:
@@ -226,6 +276,11 @@ class Dispatcher:
                     saturated = saturated or len(rows) == n
                     limited = hcfg.rate_per_s is not None or hcfg.global_concurrency is not None
                     throttled = throttled or (limited and len(rows) < n)
+                    if not rows and not limited:
+                        # Skip this handler's claim round trip until something says
+                        # it has work: a wake-up naming it, its outcomes written (retries,
+                        # max_concurrency slots), a poll timeout, or a poll interval.
+                        self._nothing_until[name] = now + self._cfg.worker.poll_interval_s
                 if claimed:
                     self._wake_workers(claimed)
                 self.db_ok = True
@@ -249,9 +304,11 @@ class Dispatcher:
             if self._retry_due is not None:
                 poll = min(poll, max(0.0, self._retry_due - time.monotonic()) + 0.002)
                 self._retry_due = None
-            await self._wakeup.wait(poll)
+            if not await self._wakeup.wait(poll):
+                self._nothing_until.clear()  # the poll: look at every handler again
             # Woken by finished items: let a few more finish so claims stay batched.
             deadline = time.monotonic() + 0.005
+            refill = max(1, min(batch_size, self.window() // 4))
             while self.free_slots() < refill and time.monotonic() < deadline:
                 await self._wakeup.wait(max(0.0, deadline - time.monotonic()))
 
@@ -372,6 +429,7 @@ class Dispatcher:
         started = time.monotonic()
         result: executor.Attempt | None = None
         self.in_flight += 1
+        self._starts += 1
         self.per_handler[item.handler] += 1
         self._on_in_flight(item.handler, 1)
         try:

@@ -95,7 +95,8 @@ def test_retry_of_completed_with_errors_batch_ends_completed(daemons: Any, tmp_p
 
 
 def test_failure_budget_stops_the_batch_early_as_failed(daemons: Any) -> None:
-    d = daemons(worker={"concurrency": 2})
+    # prefetch pinned: an "auto" window would grow for this instant handler
+    d = daemons(worker={"concurrency": 2, "prefetch": 2})
     b = d.submit("permanent", list(range(50)), max_failures="10%")
     done = d.wait_status(b["id"], "failed", timeout=20)
     c = done["counts"]

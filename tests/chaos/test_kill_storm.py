@@ -27,7 +27,8 @@ STORM_S = 15.0
 SUBMIT_EVERY_S = 3.0  # spread the batches over the storm so the kills hit live work
 CONCURRENCY = FAST_WORKER["concurrency"]
 # What one kill can make run again: attempts that started but whose outcome was not
-# yet written. A daemon owns at most concurrency + prefetch (= concurrency) claims.
+# yet written. A daemon owns at most concurrency + prefetch (= concurrency) claims:
+# items sleep >= 0.1 s, too slow for the "auto" prefetch window to grow.
 PER_KILL = 2 * CONCURRENCY
 
 

@@ -27,6 +27,16 @@ def test_defaults_are_valid_and_durations_are_seconds() -> None:
     assert cfg.database.schema == "supervisor"
 
 
+def test_prefetch_is_auto_by_default_or_a_fixed_count() -> None:
+    assert config.from_mapping({}).worker.prefetch is None
+    assert config.from_mapping({"worker": {"prefetch": "auto"}}).worker.prefetch is None
+    assert config.from_mapping({"worker": {"prefetch": 0}}).worker.prefetch == 0
+    assert problems({"worker": {"prefetch": "lots"}}) == [
+        "worker.prefetch: expected an integer or \"auto\", got 'lots'"
+    ]
+    assert problems({"worker": {"prefetch": -1}}) == ["worker.prefetch: must be at least 0, got -1"]
+
+
 def test_unknown_keys_are_named_with_did_you_mean() -> None:
     ps = problems({"worker": {"concurency": 4}, "servr": {}})
     assert "worker.concurency: unknown key (did you mean 'concurrency'?)" in ps
