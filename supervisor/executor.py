@@ -41,7 +41,9 @@ class StopReason(enum.Enum):
     SHUTDOWN = "shutdown"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+# Attempt and OutcomeRecord are built once per item on the hot path: plain slotted
+# dataclasses (a frozen one's __init__ costs about four times as much); never mutated.
+@dataclasses.dataclass(slots=True)
 class Attempt:
     """How one handler attempt ended, ready to be written."""
 
@@ -51,7 +53,7 @@ class Attempt:
     delay_s: float = 0.0
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class OutcomeRecord:
     """One fenced write: the outcome of attempt ``attempt`` under ``lease``."""
 
