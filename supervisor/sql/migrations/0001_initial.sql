@@ -386,7 +386,7 @@ BEGIN
 END
 $$;
 
--- (Redefined by 0002_apply_outcomes_by_id: items are found by primary key.)
+-- (Redefined by 0002_apply_outcomes_by_id: items are probed by (lease, id).)
 -- apply_outcomes: the fenced outcome write of one lease. Each row names the
 -- attempt it belongs to; a row whose item is no longer running under this lease
 -- and attempt changes nothing (a zombie's late write). Outcomes:
