@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import importlib.metadata
 import json
@@ -118,6 +119,18 @@ def report(results: Results, header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _print_new(results: Results, printed: set[str]) -> set[str]:
+    """Print the metrics not printed yet (progress while the rounds run)."""
+    for m in results.metrics.values():
+        if m.name.split(":")[0] not in printed:
+            print(
+                f"    {m.name}: median {fmt(m.median)} {m.unit} "
+                f"({', '.join(fmt(v) for v in m.values)})",
+                flush=True,
+            )
+    return printed | {m.name.split(":")[0] for m in results.metrics.values()}
+
+
 async def amain(args: argparse.Namespace) -> int:
     names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [n for n in names if n not in SCENARIOS]
@@ -156,17 +169,17 @@ async def amain(args: argparse.Namespace) -> int:
         )
         if ctx.profile_dir is not None:
             ctx.profile_dir.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            print(f"... {name}", flush=True)
-            await SCENARIOS[name](ctx, results)
-            for m in results.metrics.values():
-                if m.name.split(":")[0] not in printed:
-                    print(
-                        f"    {m.name}: median {fmt(m.median)} {m.unit} "
-                        f"({', '.join(fmt(v) for v in m.values)})",
-                        flush=True,
-                    )
-            printed.update(m.name.split(":")[0] for m in results.metrics.values())
+        # Rounds: every scenario once per round, so that a machine whose speed drifts
+        # during the run (this one does, by up to 2x within the hour) weighs on ours
+        # and on the peers alike, instead of on whichever scenario ran last.
+        for r in range(runs):
+            for name in names:
+                print(f"... {name} (round {r + 1} of {runs})", flush=True)
+                one = dataclasses.replace(
+                    ctx, runs=1, profile_dir=ctx.profile_dir if r == 0 else None
+                )
+                await SCENARIOS[name](one, results)
+                printed = _print_new(results, printed)
         header.append("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
         text = report(results, header)
         print()
