@@ -178,7 +178,7 @@ class Dispatcher:
             self._start_rate += (sampled - self._start_rate) * min(1.0, elapsed / RATE_SMOOTH_S)
             self._rate_at, self._rate_starts = now, self._starts
         grown = min(PREFETCH_MAX_FACTOR * concurrency, int(self._start_rate * PREFETCH_HORIZON_S))
-        return concurrency + max(concurrency, grown)
+        return max(self._base_window, concurrency + grown)
 
     def free_slots(self) -> int:
         """How many more items we may claim: the window minus what we hold. A claim

@@ -92,7 +92,7 @@ CREATE TABLE @schema.items (
 );
 CREATE INDEX items_by_batch ON @schema.items (batch_id, id);
 CREATE INDEX items_runnable ON @schema.items (batch_id, run_after, id) WHERE status = 'queued';
-CREATE INDEX items_running ON @schema.items (lease) WHERE status = 'running';
+CREATE INDEX items_running ON @schema.items (lease) WHERE status = 'running';  -- (lease, id) since 0002
 CREATE INDEX items_finished ON @schema.items (batch_id, finished_version)
     WHERE finished_version IS NOT NULL;
 CREATE UNIQUE INDEX items_key ON @schema.items (batch_id, key) WHERE key IS NOT NULL;
