@@ -48,13 +48,13 @@ def test_concurrent_migrations_apply_once_then_nothing(
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         outs = list(pool.map(lambda _: cli(["migrate"], fresh_db_url, cfg), range(3)))
     assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
-    assert sum("(applied 1, 2)" in o.stdout for o in outs) == 1, [o.stdout for o in outs]
+    assert sum("(applied 1, 2, 3)" in o.stdout for o in outs) == 1, [o.stdout for o in outs]
     again = cli(["migrate"], fresh_db_url, cfg)
     assert again.returncode == 0 and "already current" in again.stdout
 
 
 def test_a_database_at_version_1_is_upgraded(fresh_db_url: str, tmp_path: pathlib.Path) -> None:
-    """0002 redefines apply_outcomes; a database migrated by an older release gets it."""
+    """0002 and 0003 redefine apply_outcomes; a database migrated by an older release gets them."""
     cfg = config(tmp_path)
     assert cli(["migrate"], fresh_db_url, cfg).returncode == 0
     old = next(m for m in sqlfile.load_migrations("supervisor") if m.version == 1).sql
@@ -65,7 +65,7 @@ def test_a_database_at_version_1_is_upgraded(fresh_db_url: str, tmp_path: pathli
         conn = await asyncpg.connect(fresh_db_url)
         try:
             await conn.execute(old_apply)
-            await conn.execute("DELETE FROM supervisor.schema_migrations WHERE version = 2")
+            await conn.execute("DELETE FROM supervisor.schema_migrations WHERE version IN (2, 3)")
         finally:
             await conn.close()
 
@@ -80,10 +80,12 @@ def test_a_database_at_version_1_is_upgraded(fresh_db_url: str, tmp_path: pathli
             await conn.close()
 
     asyncio.run(downgrade())
-    assert "ANY (p_ids)" not in asyncio.run(apply_definition())
+    before = asyncio.run(apply_definition())
+    assert "ANY (p_ids)" not in before and "enable_nestloop" not in before
     out = cli(["migrate"], fresh_db_url, cfg)
-    assert out.returncode == 0 and "(applied 2)" in out.stdout, out.stdout
-    assert "ANY (p_ids)" in asyncio.run(apply_definition())
+    assert out.returncode == 0 and "(applied 2, 3)" in out.stdout, out.stdout
+    after = asyncio.run(apply_definition())
+    assert "ANY (p_ids)" in after and "enable_nestloop" in after
 
 
 def test_newer_schema_is_refused_with_a_clear_message(db_url: str, tmp_path: pathlib.Path) -> None:

@@ -1,0 +1,82 @@
+"""The outcome write stays linear when statistics say nothing is running.
+
+A daemon's running items are a tiny share of a deep queue. Once autoanalyze has
+sampled a big table of queued items, the planner estimates that one item matches an
+outcome write, and (before migration 0003) put the unnest of the outcomes on the
+inner side of a nested loop: every item rescanned every outcome, so a write of n
+outcomes cost n^2 and a 1,000,000-item batch ran at half the rate of a small one
+(bench/README.md). Here that state is built on purpose (a big batch, ANALYZE while
+all of it is queued, then a claim) and the plan of the write is read back with
+auto_explain, which reports the plans of statements inside PL/pgSQL functions.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import anyio
+import asyncpg
+import pytest
+
+from supervisor import batches, config
+from supervisor import db as dbm
+
+ITEMS = 50_000
+CLAIM = 400
+
+
+async def scenario(db_url: str) -> tuple[str, int]:
+    db = await dbm.Database.connect(config.from_mapping({}), db_url)
+    conn = await asyncpg.connect(db_url)
+    try:
+        nb = batches.NewBatch(handler="h", items=[(None, json.dumps(n)) for n in range(ITEMS)])
+        sub = await batches.submit(
+            db, nb, tenant="t", actor="test", attempt_budget=3, callback_handler=None
+        )
+        batch_id = uuid.UUID(str(sub.batch["id"]))
+        await conn.execute("ANALYZE supervisor.items")  # what autoanalyze sees: all queued
+        lease = uuid.uuid4()
+        claimed = await db.fetch("claim_items", "h", CLAIM, "w1", lease, None, None, 1.0)
+        assert len(claimed) == CLAIM
+
+        try:
+            await conn.execute("LOAD 'auto_explain'")
+        except asyncpg.PostgresError as e:  # pragma: no cover - depends on the server build
+            pytest.skip(f"auto_explain is not available in this PostgreSQL build: {e}")
+        await conn.execute(
+            "SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;"
+            "SET client_min_messages = log"
+        )
+        plans: list[str] = []
+        conn.add_log_listener(lambda _c, msg: plans.append(str(msg.message)))
+        n = len(claimed)
+        rows = await conn.fetch(
+            db.sql("apply_outcomes"),
+            lease,
+            [batch_id],
+            [r["id"] for r in claimed],
+            [r["attempts"] for r in claimed],
+            ["succeeded"] * n,
+            [None] * n,
+            [None] * n,
+            [0.0] * n,
+            "test",
+        )
+        assert rows == [], rows  # nothing fenced, the batch not finished
+        succeeded = await conn.fetchval(
+            "SELECT succeeded FROM supervisor.batches WHERE id = $1", batch_id
+        )
+        update = [p for p in plans if "Query Text: WITH u AS" in p]
+        assert len(update) == 1, plans
+        return update[0], succeeded
+    finally:
+        await conn.close()
+        await db.close()
+
+
+def test_outcome_write_never_nests_the_outcomes_inside_the_items(db_url: str) -> None:
+    plan, succeeded = anyio.run(scenario, db_url)
+    assert succeeded == CLAIM
+    assert "Nested Loop" not in plan, plan
+    assert "Function Scan on u" in plan, plan
