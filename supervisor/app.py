@@ -153,7 +153,8 @@ class Daemon:
                     disp.retry_due_in(rec.delay_s)
 
         ob = outbox_mod.Outbox(db, actor, applied)
-        disp = dispatcher.Dispatcher(cfg, db, built, ob, self.lease, self.metrics.in_flight_delta)
+        disp = dispatcher.Dispatcher(cfg, db, built, ob, self.lease)
+        self.metrics.track_in_flight(built, lambda handler: disp.per_handler[handler])
         bus = events.Bus(db, cfg.database.listen_url or dsn, cfg.database.schema)
         cbs = callbacks.Callbacks(cfg, db, built, self.lease, self.metrics)
 

@@ -3,8 +3,13 @@
 Claiming (``claim_items``) commits each item as ``running`` with its attempt
 counted and this lease recorded before any handler sees it: persist before
 work. Claimed items wait in a small prefetch window (``[worker] prefetch``) and
-are run by ``[worker] concurrency`` long-lived workers, each attempt in its own
-cancel scope whose deadline is the handler's ``timeout``. A handler's
+are run by ``[worker] concurrency`` long-lived workers. Each worker runs its
+attempts inside one cancel scope of its own: stopping an attempt (its handler's
+``timeout``, its batch stopped, the drain deadline) cancels that scope, and the
+worker opens a new one for its next attempt. Timeouts are enforced by one
+watchdog (:meth:`Dispatcher._watch_deadlines`, every TIMEOUT_TICK_S) rather than
+a timer per attempt: a scope and a timer per attempt were ~15 % of the daemon's
+CPU with fast handlers (bench/README.md). A handler's
 ``concurrency`` caps its workers in this daemon; the global caps
 (``global_concurrency``, ``rate_limit``, a batch's ``max_concurrency``) are
 enforced by the claim itself. A claim stays ours until its outcome is persisted
@@ -26,6 +31,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -50,6 +56,16 @@ PREFETCH_MAX_FACTOR = 4  # ... and at most this many times concurrency (bigger c
 # made Python steps long enough to push the status p99 past 20 ms under load)
 RATE_SAMPLE_S = 0.02  # the start rate is sampled at most this often
 RATE_SMOOTH_S = 0.2  # and smoothed over about this long
+TIMEOUT_TICK_S = 0.02  # an attempt past its timeout is stopped within this long
+
+
+@dataclass(slots=True)
+class Running:
+    """An attempt a worker runs now, and how to stop it."""
+
+    batch_id: str
+    scope: anyio.CancelScope  # the worker's scope: cancelling it stops this attempt
+    deadline: float  # time.monotonic() past which it has timed out
 
 
 class Dispatcher:
@@ -60,7 +76,6 @@ class Dispatcher:
         handlers: Mapping[str, Handler],
         outbox: Outbox,
         lease: str,
-        on_in_flight: Callable[[str, int], None] = lambda handler, delta: None,
     ) -> None:
         self._cfg = cfg
         self._db = db
@@ -68,7 +83,6 @@ class Dispatcher:
         self._outbox = outbox
         self._lease = lease
         self._worker = cfg.worker.name
-        self._on_in_flight = on_in_flight
         concurrency = cfg.worker.concurrency
         prefetch = cfg.worker.prefetch
         self._base_window = concurrency + (concurrency if prefetch is None else prefetch)
@@ -85,7 +99,8 @@ class Dispatcher:
         self.per_handler: Counter[str] = Counter()
         self.owned = 0  # attempts claimed by us and not yet handed to the outbox
         self._owned_per_handler: Counter[str] = Counter()
-        self._running: dict[int, tuple[str, anyio.CancelScope]] = {}
+        self._running: dict[int, Running] = {}
+        # why an attempt of ours was stopped (absent: the task group's own cancellation)
         self._reasons: dict[int, StopReason] = {}
         self._turn = 0
         self._wakeup = Wakeup()
@@ -144,10 +159,9 @@ class Dispatcher:
     def cancel_batch(self, batch_id: str) -> int:
         """Stop this daemon's attempts (running or waiting) of a batch being stopped."""
         n = self._drop_ready(lambda item: item.batch_id == batch_id, StopReason.CANCELLED)
-        for item_id, (bid, scope) in list(self._running.items()):
-            if bid == batch_id and item_id not in self._reasons:
-                self._reasons[item_id] = StopReason.CANCELLED
-                scope.cancel()
+        for item_id, run in list(self._running.items()):
+            if run.batch_id == batch_id and item_id not in self._reasons:
+                self._stop(item_id, run, StopReason.CANCELLED)
                 n += 1
         if n:
             log.info("dispatcher.cancel batch=%s stopped=%s", batch_id, n)
@@ -201,6 +215,7 @@ class Dispatcher:
             for _ in range(self._cfg.worker.concurrency):
                 work.start_soon(self._work)
             work.start_soon(self._watch_stopping_batches)
+            work.start_soon(self._watch_deadlines)
             task_status.started()
             with self._claim_scope:
                 self.claiming = True
@@ -218,9 +233,9 @@ class Dispatcher:
                     self._idle = anyio.Event()
                     await self._idle.wait()
             self.released = self.in_flight
-            for item_id, (_bid, scope) in list(self._running.items()):
-                self._reasons.setdefault(item_id, StopReason.SHUTDOWN)
-                scope.cancel()
+            for item_id, run in list(self._running.items()):
+                if item_id not in self._reasons:
+                    self._stop(item_id, run, StopReason.SHUTDOWN)
             work.cancel_scope.cancel()
         if self.released:
             log.info(
@@ -412,19 +427,23 @@ class Dispatcher:
     # -- workers ------------------------------------------------------------------
 
     async def _work(self) -> None:
-        """One of ``concurrency`` workers: run claimed items one after another."""
+        """One of ``concurrency`` workers: run claimed items one after another,
+        inside a cancel scope that lives until one of its attempts is stopped."""
         while True:
-            item = self._next_ready()
-            if item is None:
-                if self._stopping:
-                    return
-                ready = anyio.Event()
-                self._idle_workers.append(ready)
-                await ready.wait()
-                continue
-            await self._run_item(item)
+            with anyio.CancelScope() as scope:
+                while not scope.cancel_called:
+                    item = self._next_ready()
+                    if item is None:
+                        if self._stopping:
+                            return
+                        ready = anyio.Event()
+                        self._idle_workers.append(ready)
+                        await ready.wait()
+                        continue
+                    await self._run_item(item, scope)
+            # An attempt of ours was stopped (its outcome is recorded): a fresh scope.
 
-    async def _run_item(self, item: Item) -> None:
+    async def _run_item(self, item: Item, scope: anyio.CancelScope) -> None:
         key = int(item.id)
         handler = self._handlers[item.handler]
         started = time.monotonic()
@@ -432,32 +451,44 @@ class Dispatcher:
         self.in_flight += 1
         self._starts += 1
         self.per_handler[item.handler] += 1
-        self._on_in_flight(item.handler, 1)
+        self._running[key] = Running(item.batch_id, scope, started + handler.config.timeout_s)
         try:
-            with anyio.CancelScope(
-                deadline=anyio.current_time() + handler.config.timeout_s
-            ) as scope:
-                self._running[key] = (item.batch_id, scope)
-                result = await executor.attempt(handler, item, self._worker)
-            if result is None:  # our scope was cancelled: who did it says what it means
-                reason = self._reasons.get(key)
-                if reason is None:
-                    result = executor.timed_out(handler, item, self._worker)
-                else:
-                    result = executor.cancelled_attempt(item, reason, self._worker)
+            result = await executor.attempt(handler, item, self._worker)
         except anyio.get_cancelled_exc_class():
-            result = executor.cancelled_attempt(
-                item, self._reasons.get(key, StopReason.SHUTDOWN), self._worker
-            )
+            # Who stopped it says what it means; no reason: the task group is
+            # being torn down (shutdown).
+            reason = self._reasons.get(key, StopReason.SHUTDOWN)
+            if reason is StopReason.TIMEOUT:
+                result = executor.timed_out(handler, item, self._worker)
+            else:
+                result = executor.cancelled_attempt(item, reason, self._worker)
             raise
         finally:
-            self._running.pop(key, None)
+            del self._running[key]
             self._reasons.pop(key, None)
             self.in_flight -= 1
             self.per_handler[item.handler] -= 1
-            self._on_in_flight(item.handler, -1)
             if result is not None:
                 self._finish(item, result, started)
+
+    def _stop(self, item_id: int, run: Running, reason: StopReason) -> None:
+        """Stop one running attempt: record why, then cancel its worker's scope
+        (which runs nothing else meanwhile: the worker is inside this attempt)."""
+        self._reasons[item_id] = reason
+        run.scope.cancel()
+
+    async def _watch_deadlines(self) -> None:
+        """Stop attempts that ran past their handler's timeout."""
+        while True:
+            await anyio.sleep(TIMEOUT_TICK_S)
+            now = time.monotonic()
+            late = [
+                (k, r)
+                for k, r in self._running.items()
+                if r.deadline <= now and k not in self._reasons
+            ]
+            for item_id, run in late:
+                self._stop(item_id, run, StopReason.TIMEOUT)
 
     def _finish(self, item: Item, result: executor.Attempt, started: float) -> None:
         """Hand an outcome to the outbox; the claim stays counted until it is written."""

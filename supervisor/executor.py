@@ -39,6 +39,7 @@ class StopReason(enum.Enum):
     # drain deadline, or a claimed attempt handed back before it started (drain,
     # pause): released without spending the attempt
     SHUTDOWN = "shutdown"
+    TIMEOUT = "timeout"  # ran past its handler's timeout: retried with backoff
 
 
 # Attempt and OutcomeRecord are built once per item on the hot path: plain slotted
@@ -93,6 +94,8 @@ _ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")  # a NUL, not an escaped b
 
 def encode_result(value: Any) -> str:
     """JSON text PostgreSQL can store; raises PermanentError otherwise."""
+    if value is None:
+        return "null"  # the common result of fire-and-forget handlers
     try:
         text = compact_json(value)
     except (TypeError, ValueError) as exc:

@@ -8,8 +8,9 @@ that reads queue depth and lag from the database.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -81,7 +82,6 @@ class Metrics:
             PREFIX + "build_info", "Build information.", ["version"], registry=r
         )
         self.build_info.labels(__version__).set(1)
-        self._in_flight_children: dict[str, Any] = {}
         self._duration_children: dict[tuple[str, str], Any] = {}
         self.set_state("starting")
 
@@ -89,11 +89,11 @@ class Metrics:
         for s in WORKER_STATES:
             self.worker_state.labels(s).set(1 if s == state else 0)
 
-    def in_flight_delta(self, handler: str, delta: int) -> None:
-        child = self._in_flight_children.get(handler)
-        if child is None:
-            child = self._in_flight_children[handler] = self.in_flight.labels(handler)
-        child.inc(delta)
+    def track_in_flight(self, handlers: Iterable[str], running: Callable[[str], int]) -> None:
+        """The in-flight gauge reads the dispatcher's counts when scraped: nothing
+        to do per attempt on the hot path."""
+        for name in handlers:
+            self.in_flight.labels(name).set_function(functools.partial(running, name))
 
     def db_error(self, operation: str) -> None:
         self.db_errors.labels(operation).inc()
