@@ -52,8 +52,8 @@ CONTROL_CHECK_S = 2.0
 THROTTLED_POLL_S = 0.05
 RATE_BURST_S = 0.1  # a rate limit's bucket holds this many seconds' worth of starts
 PREFETCH_HORIZON_S = 0.05  # "auto" prefetch: hold about this much work of fast handlers
-PREFETCH_MAX_FACTOR = 4  # ... and at most this many times concurrency (bigger claims
-# made Python steps long enough to push the status p99 past 20 ms under load)
+PREFETCH_MAX_FACTOR = 8  # ... and at most this many times concurrency (12 x made
+# Python steps long enough to push the status p99 past 20 ms under load)
 RATE_SAMPLE_S = 0.02  # the start rate is sampled at most this often
 RATE_SMOOTH_S = 0.2  # and smoothed over about this long
 TIMEOUT_TICK_S = 0.02  # an attempt past its timeout is stopped within this long
