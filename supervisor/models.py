@@ -53,10 +53,17 @@ _C_ENCODER = (
     else None
 )
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_encode_str = json_encoder.encode_basestring  # the C one when available, as json.dumps uses
 
 
 def compact_json(value: Any) -> str:
     """Compact JSON text, as jsonb will store it (UTF-8, no NaN)."""
+    # Scalar payloads (ids, URLs) are common: skip the encoder's call overhead.
+    kind = type(value)
+    if kind is int:
+        return repr(value)
+    if kind is str:
+        return _encode_str(value)
     if _C_ENCODER is not None:
         return "".join(_C_ENCODER(value, 0))
     return _ENCODER.encode(value)
