@@ -160,8 +160,7 @@ class Dispatcher:
         """Stop this daemon's attempts (running or waiting) of a batch being stopped."""
         n = self._drop_ready(lambda item: item.batch_id == batch_id, StopReason.CANCELLED)
         for item_id, run in list(self._running.items()):
-            if run.batch_id == batch_id and item_id not in self._reasons:
-                self._stop(item_id, run, StopReason.CANCELLED)
+            if run.batch_id == batch_id and self._stop(item_id, run, StopReason.CANCELLED):
                 n += 1
         if n:
             log.info("dispatcher.cancel batch=%s stopped=%s", batch_id, n)
@@ -234,8 +233,7 @@ class Dispatcher:
                     await self._idle.wait()
             self.released = self.in_flight
             for item_id, run in list(self._running.items()):
-                if item_id not in self._reasons:
-                    self._stop(item_id, run, StopReason.SHUTDOWN)
+                self._stop(item_id, run, StopReason.SHUTDOWN)
             work.cancel_scope.cancel()
         if self.released:
             log.info(
@@ -471,22 +469,22 @@ class Dispatcher:
             if result is not None:
                 self._finish(item, result, started)
 
-    def _stop(self, item_id: int, run: Running, reason: StopReason) -> None:
+    def _stop(self, item_id: int, run: Running, reason: StopReason) -> bool:
         """Stop one running attempt: record why, then cancel its worker's scope
-        (which runs nothing else meanwhile: the worker is inside this attempt)."""
+        (which runs nothing else meanwhile: the worker is inside this attempt).
+        The first reason stands; returns False if it was already being stopped."""
+        if item_id in self._reasons:
+            return False
         self._reasons[item_id] = reason
         run.scope.cancel()
+        return True
 
     async def _watch_deadlines(self) -> None:
         """Stop attempts that ran past their handler's timeout."""
         while True:
             await anyio.sleep(TIMEOUT_TICK_S)
             now = time.monotonic()
-            late = [
-                (k, r)
-                for k, r in self._running.items()
-                if r.deadline <= now and k not in self._reasons
-            ]
+            late = [(k, r) for k, r in self._running.items() if r.deadline <= now]
             for item_id, run in late:
                 self._stop(item_id, run, StopReason.TIMEOUT)
 

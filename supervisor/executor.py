@@ -94,8 +94,6 @@ _ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")  # a NUL, not an escaped b
 
 def encode_result(value: Any) -> str:
     """JSON text PostgreSQL can store; raises PermanentError otherwise."""
-    if value is None:
-        return "null"  # the common result of fire-and-forget handlers
     try:
         text = compact_json(value)
     except (TypeError, ValueError) as exc:

@@ -58,7 +58,10 @@ _encode_str = json_encoder.encode_basestring  # the C one when available, as jso
 
 def compact_json(value: Any) -> str:
     """Compact JSON text, as jsonb will store it (UTF-8, no NaN)."""
-    # Scalar payloads (ids, URLs) are common: skip the encoder's call overhead.
+    # Scalars are common (payloads: ids, URLs; results: None): skip the encoder's
+    # call overhead.
+    if value is None:
+        return "null"
     kind = type(value)
     if kind is int:
         return repr(value)
