@@ -139,8 +139,9 @@ class Callbacks:
                     and attempt_no < handler.config.max_attempts
                 ):
                     outcome = "pending"
-                    delay = result.delay_s or handler.config.retry_backoff.delay(
-                        attempt_no, random.random()
+                    delay = executor.clamp_delay(
+                        result.delay_s
+                        or handler.config.retry_backoff.delay(attempt_no, random.random())
                     )
                 else:
                     outcome = "failed"

@@ -30,6 +30,12 @@ from supervisor.models import Item, compact_json
 log = logging.getLogger(__name__)
 TRACEBACK_TAIL = 4000
 MESSAGE_MAX = 2000
+# The longest retry delay stored: a handler's ``RetryAfter(1e300)`` (or a remote
+# ``Retry-After`` of years) waits this long instead of overflowing the timestamp.
+MAX_RETRY_DELAY_S = 30 * 86400.0
+# Lone UTF-16 surrogates (a file name decoded with ``surrogateescape``): valid in
+# a Python str, rejected by PostgreSQL's text and jsonb.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class StopReason(enum.Enum):
@@ -70,9 +76,24 @@ class OutcomeRecord:
     duration_s: float
 
 
-def _clean(text: str, limit: int) -> str:
-    # PostgreSQL text and jsonb cannot hold NUL; keep the tail, where the cause usually is.
+def storable_text(text: str) -> str:
+    """``text`` with what PostgreSQL cannot store spelled out: NUL as ``\\u0000``
+    and a lone surrogate as ``\\udcff`` (backslash escapes, readable text)."""
     text = text.replace("\x00", "\\u0000")
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def clamp_delay(delay_s: float) -> float:
+    """A retry delay PostgreSQL can add to now(): NaN and negatives are 0, and
+    anything longer than MAX_RETRY_DELAY_S is MAX_RETRY_DELAY_S."""
+    if not delay_s >= 0.0:  # also NaN
+        return 0.0
+    return min(delay_s, MAX_RETRY_DELAY_S)
+
+
+def _clean(text: str, limit: int) -> str:
+    # Keep the tail, where the cause usually is.
+    text = storable_text(text)
     return text if len(text) <= limit else "…" + text[-limit:]
 
 
@@ -102,10 +123,9 @@ def encode_result(value: Any) -> str:
         raise PermanentError(
             "handler result contains a NUL character (\\u0000), which PostgreSQL cannot store"
         )
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise PermanentError(f"handler result is not valid Unicode: {exc}") from exc
+    if _SURROGATE.search(text):
+        # Inside a JSON string a lone surrogate becomes the escaped text "\\udcff".
+        text = _SURROGATE.sub(lambda m: f"\\\\u{ord(m.group()):04x}", text)
     return text
 
 
@@ -132,9 +152,12 @@ async def attempt(handler: Handler, item: Item, worker: str) -> Attempt:
         return Attempt(
             states.Outcome.RETRY,
             error=error_entry(item.attempt, "RetryAfter", str(exc), None, worker),
-            delay_s=max(0.0, exc.seconds),
+            delay_s=exc.seconds,
         )
-    except Exception as exc:  # any other handler failure is retried (SPEC §5)
+    except BaseException as exc:
+        # Any other handler failure is retried with backoff: also SystemExit,
+        # KeyboardInterrupt and other BaseExceptions a handler raises (a poison
+        # input costs one attempt, never the daemon). Cancellation was re-raised above.
         # A handler's exception may carry the delay the remote side asked for
         # (the http handler's Retry-After); 0 is a valid request to retry now.
         asked = getattr(exc, "retry_after", None)
@@ -197,6 +220,26 @@ def cancelled_attempt(item: Item, reason: StopReason, worker: str) -> Attempt:
     )
 
 
+def rejected(rec: OutcomeRecord, exc: Exception, worker: str) -> OutcomeRecord:
+    """``rec`` replaced by a failed attempt (retried while attempts remain) saying
+    that PostgreSQL rejected the outcome it had, and why."""
+    error = error_entry(
+        rec.attempt,
+        "OutcomeRejected",
+        f"the database rejected this attempt's outcome ({rec.outcome.value}) and it was "
+        f"not stored: {type(exc).__name__}: {exc}",
+        None,
+        worker,
+    )
+    return dataclasses.replace(
+        rec,
+        outcome=states.Outcome.RETRY,
+        result_json=None,
+        error_json=json.dumps(error),
+        delay_s=1.0,
+    )
+
+
 def record(item: Item, lease: str, attempt: Attempt, started: float) -> OutcomeRecord:
     return OutcomeRecord(
         item_id=int(item.id),
@@ -207,6 +250,6 @@ def record(item: Item, lease: str, attempt: Attempt, started: float) -> OutcomeR
         outcome=attempt.outcome,
         result_json=attempt.result_json,
         error_json=json.dumps(attempt.error) if attempt.error is not None else None,
-        delay_s=attempt.delay_s,
+        delay_s=clamp_delay(attempt.delay_s),
         duration_s=time.monotonic() - started,
     )

@@ -106,3 +106,29 @@ async def gated(item: Item) -> Any:
     if item.payload.get("ok") or (gate and os.path.exists(gate)):
         return {"ok": True, "attempt": item.attempt}
     raise PermanentError("upstream rejected the item")
+
+
+async def exits(item: Item) -> Any:
+    """Calls ``sys.exit`` like a careless script would (poison input)."""
+    import sys
+
+    sys.exit(f"handler gave up on {item.payload}")
+
+
+def exits_in_thread(item: Item) -> Any:
+    """A plain ``def`` that raises SystemExit in its worker thread."""
+    raise SystemExit(3)
+
+
+async def unstorable_error(item: Item) -> Any:
+    """Fails with a message PostgreSQL's jsonb cannot hold: a lone surrogate, as a
+    non-UTF-8 file name decoded with ``surrogateescape`` gives."""
+    name = b"report-\xff.pdf".decode("utf-8", "surrogateescape")
+    if item.attempt == 1:
+        raise OSError(f"cannot open {name}")
+    return {"name": name}
+
+
+async def absurd_retry(item: Item) -> Any:
+    """Asks for a delay no timestamp can represent."""
+    raise RetryAfter(1e300)
