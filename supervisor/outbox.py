@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import anyio
 
 from supervisor import db as dbm
-from supervisor import states
+from supervisor import executor, states
+from supervisor.errors import DatabaseUnavailable
 from supervisor.executor import OutcomeRecord
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,41 @@ class Outbox:
                 self._wakeup = anyio.Event()
                 continue
             chunk = self._pending[:MAX_PER_WRITE]
-            applied = await self._write(chunk)
+            applied = await self._write_isolating(chunk)
             del self._pending[: len(chunk)]
             self._on_applied(chunk, applied)
+
+    async def _write_isolating(self, chunk: list[OutcomeRecord]) -> Applied:
+        """Write ``chunk``; if PostgreSQL rejects it for good (not an outage: those
+        are retried inside :meth:`_write`), find the rejected outcome by halving, so
+        the others land as written and only that one item's attempt is spent."""
+        try:
+            return await self._write(chunk)
+        except DatabaseUnavailable:
+            raise
+        except Exception as exc:
+            # A poison outcome must cost one attempt, never the daemon or the
+            # other outcomes of the group: isolate it (see the docstring).
+            if len(chunk) > 1:
+                half = len(chunk) // 2
+                first = await self._write_isolating(chunk[:half])
+                second = await self._write_isolating(chunk[half:])
+                return Applied(
+                    first.fenced | second.fenced,
+                    first.statuses | second.statuses,
+                    first.finished + second.finished,
+                )
+            (rec,) = chunk
+            log.error(
+                "outcome.rejected item=%s attempt=%s outcome=%s error=%s: %s; recorded "
+                "as a failed attempt",
+                rec.item_id,
+                rec.attempt,
+                rec.outcome.value,
+                type(exc).__name__,
+                executor.storable_text(str(exc))[:500],
+            )
+            return await self._write([executor.rejected(rec, exc, self._actor)])
 
     async def _write(self, chunk: list[OutcomeRecord]) -> Applied:
         lease = chunk[0].lease
