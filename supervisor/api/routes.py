@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from supervisor import batches, models
+from supervisor import batches, models, states
 from supervisor.api import schemas, sse
 from supervisor.api.context import CTX, ApiContext, principal
 from supervisor.api.problems import Problem, ValidationFailed
@@ -128,7 +128,7 @@ async def list_batches(request: web.Request) -> web.Response:
             raise ValidationFailed(
                 [{"path": "cursor", "message": "not a cursor returned by this API"}], 400
             ) from None
-    status = schemas.text_param("status", q.get("status"))
+    status = schemas.status_param(q.get("status"), states.BatchStatus)
     handler = schemas.text_param("handler", q.get("handler"))
     rows = await ctx.db.fetch("list_batches", who.tenant_filter, status, handler, t, cid, limit + 1)
     more = len(rows) > limit
@@ -253,7 +253,7 @@ async def list_items(request: web.Request) -> web.Response:
             raise ValidationFailed(
                 [{"path": "cursor", "message": "not a cursor returned by this API"}], 400
             )
-    status = schemas.text_param("status", q.get("status"))
+    status = schemas.status_param(q.get("status"), states.ItemStatus)
     rows = await ctx.db.fetch("list_items", row["id"], status, after, limit + 1)
     more = len(rows) > limit
     rows = rows[:limit]

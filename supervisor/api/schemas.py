@@ -5,6 +5,7 @@ is written, so a rejected submission leaves nothing behind.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import re
@@ -340,15 +341,24 @@ def patch(body: Any) -> dict[str, Any]:
 def limit_param(value: str | None, default: int = 100, maximum: int = 500) -> int:
     if value is None:
         return default
-    try:
-        n = int(value)
-    except ValueError:
-        n = -1
+    # Plain ASCII digits only: int() would also take " 5", "1_0" and Arabic-Indic digits.
+    n = int(value) if re.fullmatch(r"[0-9]{1,6}", value) else -1
     if not 1 <= n <= maximum:
         raise ValidationFailed(
             [{"path": "limit", "message": f"must be an integer from 1 to {maximum}"}], 400
         )
     return n
+
+
+def status_param(value: str | None, allowed: type[enum.StrEnum]) -> str | None:
+    """A ``status`` filter: one of ``allowed``; empty means absent. An unknown
+    status is a 400 (a typo must not look like "no such batches")."""
+    if not value:
+        return None
+    if value not in allowed.__members__.values():
+        names = ", ".join(allowed.__members__.values())
+        raise ValidationFailed([{"path": "status", "message": f"must be one of {names}"}], 400)
+    return value
 
 
 def text_param(name: str, value: str | None) -> str | None:
