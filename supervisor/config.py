@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import os
 import re
 import socket
@@ -353,6 +354,7 @@ def _tokens(ck: _Checker, auth: Mapping[str, Any]) -> tuple[TokenConfig, ...]:
         ck.problems.append("auth.tokens: expected an array of tables ([[auth.tokens]])")
         return ()
     out: list[TokenConfig] = []
+    seen: dict[str, int] = {}  # digest -> index of the first token with it
     for i, t in enumerate(raw):
         p = f"auth.tokens[{i}]"
         if not isinstance(t, dict):
@@ -362,6 +364,13 @@ def _tokens(ck: _Checker, auth: Mapping[str, Any]) -> tuple[TokenConfig, ...]:
         digest = ck.get(t, p, "sha256", str, "")
         if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
             ck.problems.append(f"{p}.sha256: expected the 64-hex-digit SHA-256 of the token")
+        elif digest.lower() in seen:
+            ck.problems.append(
+                f"{p}.sha256: the same token as auth.tokens[{seen[digest.lower()]}] "
+                "(each token must be distinct)"
+            )
+        else:
+            seen[digest.lower()] = i
         scopes = ck.get(t, p, "scopes", list, ["read"])
         for s in scopes:
             if s not in SCOPES:
@@ -475,7 +484,21 @@ def _handlers(ck: _Checker, raw: Mapping[str, Any]) -> dict[str, HandlerConfig]:
 
 
 def _is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
+    """True if every address ``host`` names is a loopback address (a name is
+    resolved: "127.example.com" is not loopback just because of its prefix)."""
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False  # a name that does not resolve is not known to be loopback
+    return bool(infos) and all(
+        ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos
+    )
 
 
 def config_path(explicit: str | None) -> str:

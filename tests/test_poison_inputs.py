@@ -1,4 +1,4 @@
-"""A poison input costs one attempt, never the daemon (issue 13, points 4 and 5).
+"""A poison input costs one attempt, never the daemon.
 
 Each test failed before the fix: a handler's ``SystemExit`` ended the daemon
 process; an error text with a lone surrogate, or a result holding one, made the
