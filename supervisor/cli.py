@@ -197,7 +197,10 @@ def _problem(method: str, url: str, status: int, text: str) -> ClientError:
 
 async def _call(session: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> Any:
     try:
-        async with session.request(method, url, headers=_headers(), **kw) as resp:
+        headers = _headers()
+        if method != "GET":
+            headers["Content-Type"] = "application/json"  # the API refuses changes without it
+        async with session.request(method, url, headers=headers, **kw) as resp:
             text = await resp.text()
             if resp.status >= 400:
                 raise _problem(method, url, resp.status, text)

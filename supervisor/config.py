@@ -84,6 +84,10 @@ class ServerConfig:
     max_body_bytes: int = 64 * 1024 * 1024
     max_items_per_batch: int = 100_000
     metrics_sample_interval_s: float = 5.0  # queue depth/lag gauges are read this often
+    # Browser origins besides the dashboard's own that may send requests (CSRF guard).
+    allowed_origins: tuple[str, ...] = ()
+    # Host header values accepted besides the served address (DNS-rebinding guard).
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,6 +301,8 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
         max_body_bytes=ck.positive_int(t, "server", "max_body_bytes", 64 * 1024 * 1024) or 1,
         max_items_per_batch=ck.positive_int(t, "server", "max_items_per_batch", 100_000) or 1,
         metrics_sample_interval_s=ck.duration(t, "server", "metrics_sample_interval", 5.0),
+        allowed_origins=_strings(ck, t, "server", "allowed_origins"),
+        allowed_hosts=_strings(ck, t, "server", "allowed_hosts"),
     )
 
     t = ck.section(raw, "worker")
@@ -345,6 +351,16 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
     return Config(
         database, embedded, server, worker, logging_cfg, retention, tokens, handlers, path
     )
+
+
+def _strings(ck: _Checker, t: Mapping[str, Any], path: str, key: str) -> tuple[str, ...]:
+    """A list of non-empty strings (empty by default)."""
+    raw = ck.get(t, path, key, list, [])
+    bad = [v for v in raw if not isinstance(v, str) or not v]
+    if bad:
+        ck.problems.append(f"{path}.{key}: expected a list of non-empty strings, got {bad[0]!r}")
+        return ()
+    return tuple(raw)
 
 
 def _tokens(ck: _Checker, auth: Mapping[str, Any]) -> tuple[TokenConfig, ...]:

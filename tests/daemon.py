@@ -272,6 +272,8 @@ def request(
     if body is not None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         hdrs.setdefault("Content-Type", "application/json")
+    elif method not in ("GET", "HEAD"):
+        hdrs.setdefault("Content-Type", "application/json")  # the API's CSRF guard
     req = urllib.request.Request(url, data=data, method=method, headers=hdrs)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:

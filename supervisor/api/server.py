@@ -1,8 +1,10 @@
 """The aiohttp application and its runner component.
 
-Middleware turns every error into problem+json: validation and state errors
-raised as :class:`Problem`, a database outage as 503, aiohttp's own 404/405/413,
-and anything unexpected as a logged 500 (never a bare traceback).
+Middleware first applies the browser-facing checks of :mod:`supervisor.api.guard`
+(Host, Origin, JSON content type), then turns every error into problem+json:
+validation and state errors raised as :class:`Problem`, a database outage as 503,
+aiohttp's own 404/405/413, and anything unexpected as a logged 500 (never a bare
+traceback).
 """
 
 from __future__ import annotations
@@ -17,17 +19,20 @@ from aiohttp import web
 
 from supervisor.api import routes
 from supervisor.api.context import CTX, PRINCIPAL, ApiContext
+from supervisor.api.guard import Guard
 from supervisor.api.problems import Problem, render
 from supervisor.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 PUBLIC = ("/healthz", "/readyz", "/metrics", "/v1/openapi.json", "/", "/static/")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+GUARD = web.AppKey("guard", Guard)
 
 
 @web.middleware
 async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
+        request.app[GUARD].check(request)
         path = request.path
         if not (path in PUBLIC or path.startswith("/static/")):
             ctx = request.app[CTX]
@@ -79,6 +84,7 @@ def _static(name: str, content_type: str) -> Handler:
 def build_app(ctx: ApiContext) -> web.Application:
     app = web.Application(middlewares=[problems], client_max_size=ctx.cfg.server.max_body_bytes)
     app[CTX] = ctx
+    app[GUARD] = Guard(ctx.cfg.server)
     app.add_routes(routes.routes)
     app.router.add_get("/v1/openapi.json", _static("openapi.json", "application/json"))
     app.router.add_get("/", _static("index.html", "text/html"))
