@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -175,8 +176,18 @@ def _headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+# C0 and C1 controls and the bidi overrides: an item key or an error text holding
+# ANSI/OSC escape sequences must not reach (and drive) the operator's terminal.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters shown as escapes (``\\x1b``)."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    return _printable(" ".join(text.split()))
 
 
 def _problem(method: str, url: str, status: int, text: str) -> ClientError:
@@ -381,10 +392,11 @@ async def _watch(session: aiohttp.ClientSession, base: str, batch_id: str, quiet
         )
         for it in page["items"]:
             err = it.get("error") or {}
-            key = f" key={it['key']}" if it.get("key") is not None else ""
+            key = f" key={_printable(str(it['key']))}" if it.get("key") is not None else ""
             print(
                 f"  failed item {it['id']}{key} after {it['attempts']} attempt(s): "
-                f"{err.get('type', 'Error')}: {_one_line(str(err.get('message', '')))}"
+                f"{_printable(str(err.get('type', 'Error')))}: "
+                f"{_one_line(str(err.get('message', '')))}"
             )
         if c["failed"] > shown:
             more = c["failed"] - shown
