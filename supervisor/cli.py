@@ -168,7 +168,21 @@ WATCH_RECONNECTS = 10  # consecutive failed reconnects before ``watch`` gives up
 
 
 def _client_url(args: argparse.Namespace) -> str:
-    return (args.url or os.environ.get("BATCH_SUPERVISOR_URL") or DEFAULT_URL).rstrip("/")
+    """``--url``, else BATCH_SUPERVISOR_URL, else the API address of the config
+    named by ``--config`` (or BATCH_SUPERVISOR_CONFIG), else DEFAULT_URL."""
+    url = args.url or os.environ.get("BATCH_SUPERVISOR_URL")
+    if url:
+        return str(url).rstrip("/")
+    if args.config or os.environ.get(config.ENV_CONFIG):
+        try:
+            server = config.load(args.config).server
+        except (ConfigError, OSError) as exc:
+            detail = _one_line(f"cannot read the API address from the config: {exc}")
+            raise ClientError(detail) from None
+        host = "127.0.0.1" if server.host in ("0.0.0.0", "") else server.host
+        host = "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
+        return f"http://{host}:{server.port}"
+    return DEFAULT_URL
 
 
 def _headers() -> dict[str, str]:
@@ -438,9 +452,8 @@ def _submission(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    base = _client_url(args)
-
     async def go() -> int:
+        base = _client_url(args)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
             verb = args.command
             if verb == "submit":
@@ -519,7 +532,7 @@ def parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("run", help="run the daemon"))
     with_config(sub.add_parser("migrate", help="apply database migrations"))
     with_config(sub.add_parser("check", help="validate the configuration and every handler"))
-    d = with_config(sub.add_parser("doctor", help="check the SPEC §4 invariants of every batch"))
+    d = with_config(sub.add_parser("doctor", help="check the invariants of every batch"))
     d.add_argument("--repair", action="store_true", help="fix the drift found")
 
     s = with_url(sub.add_parser("submit", help="submit a batch from JSON Lines or a JSON array"))
