@@ -37,6 +37,16 @@ def _frame(event: str, data: Any, event_id: int | None = None) -> bytes:
 
 
 async def stream(request: web.Request, ctx: ApiContext, row: Any) -> web.StreamResponse:
+    try:
+        return await _stream(request, ctx, row)
+    except ConnectionResetError:
+        # The client went away (a closed dashboard tab): normal for a stream, not
+        # an error of ours.
+        log.debug("sse.client_gone batch=%s", row["id"])
+        return web.Response()
+
+
+async def _stream(request: web.Request, ctx: ApiContext, row: Any) -> web.StreamResponse:
     resp = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
