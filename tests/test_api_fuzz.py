@@ -123,7 +123,10 @@ def test_schemathesis_every_operation(daemons: DaemonFactory, db_url: str) -> No
             def run(case: Any) -> None:
                 # The events stream of a live batch lasts until it ends; the timeout
                 # bounds that, and the echo batches here end in well under it.
-                response = case.call(base_url=d.url, headers=AUTH, timeout=15)
+                # Changes carry the JSON content type, as every client must (a body-less
+                # POST without it is a 415, which would hide the operation itself).
+                ctype = {} if case.method.upper() == "GET" else {"Content-Type": "application/json"}
+                response = case.call(base_url=d.url, headers=AUTH | ctype, timeout=15)
                 case.validate_response(response, checks=CHECKS)
 
             run()
