@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -274,9 +275,19 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
         ck.problems.append(
             f"database.schema: {schema!r} must be a lower-case identifier (letters, digits, _)"
         )
+    url = ck.get(t, "database", "url", str, "")
+    listen_url = ck.get(t, "database", "listen_url", str, "")
+    for where, value in (
+        ("database.url", url),
+        ("database.listen_url", listen_url),
+        (ENV_DATABASE_URL, os.environ.get(ENV_DATABASE_URL, "")),
+    ):
+        why = _dsn_problem(value)
+        if why:
+            ck.problems.append(f"{where}: {why}")
     database = DatabaseConfig(
-        url=ck.get(t, "database", "url", str, ""),
-        listen_url=ck.get(t, "database", "listen_url", str, ""),
+        url=url,
+        listen_url=listen_url,
         schema=schema,
         pool_min=ck.positive_int(t, "database", "pool_min", 2, minimum=1) or 2,
         pool_max=ck.positive_int(t, "database", "pool_max", 10, minimum=2) or 10,
@@ -351,6 +362,20 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
     return Config(
         database, embedded, server, worker, logging_cfg, retention, tokens, handlers, path
     )
+
+
+def _dsn_problem(url: str) -> str | None:
+    """Why ``url`` is not a usable PostgreSQL URL (None if it is, or is empty)."""
+    if not url:
+        return None
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql"):
+        return "expected a postgresql://user:password@host:port/dbname URL"
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        return f"bad port in the URL ({exc})"
+    return None
 
 
 def _strings(ck: _Checker, t: Mapping[str, Any], path: str, key: str) -> tuple[str, ...]:

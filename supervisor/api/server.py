@@ -24,7 +24,7 @@ from supervisor.api import routes
 from supervisor.api.context import CTX, PRINCIPAL, ApiContext
 from supervisor.api.guard import Guard
 from supervisor.api.problems import Problem, render
-from supervisor.errors import DatabaseUnavailable
+from supervisor.errors import ConfigError, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 PUBLIC = ("/healthz", "/readyz", "/metrics", "/v1/openapi.json", "/", "/static/")
@@ -131,8 +131,16 @@ class ApiServer:
         runner = web.AppRunner(build_app(self._ctx), access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self._ctx.cfg.server.host, self._ctx.cfg.server.port)
-            await site.start()
+            host, port = self._ctx.cfg.server.host, self._ctx.cfg.server.port
+            site = web.TCPSite(runner, host, port)
+            try:
+                await site.start()
+            except OSError as exc:
+                # Configuration can fix this (another daemon on the port, a host
+                # that is not ours): exit 78 with one line, not a traceback.
+                raise ConfigError(
+                    [f"server.port: cannot listen on {host}:{port}: {exc.strerror or exc}"]
+                ) from None
             server = getattr(site, "_server", None)
             sockets = getattr(server, "sockets", None) or []
             self.port = sockets[0].getsockname()[1] if sockets else self._ctx.cfg.server.port
