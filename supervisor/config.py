@@ -154,6 +154,9 @@ class HandlerConfig:
     on_complete: str | None = None
     headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
     signing_secret: str | None = None
+    # exec: the child's environment beyond the minimal one (PATH, LANG, TZ, HOME)
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    pass_env: tuple[str, ...] = ()  # names copied from the daemon's environment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -444,6 +447,8 @@ _HANDLER_KEYS = [
     "on_complete",
     "headers",
     "signing_secret",
+    "env",
+    "pass_env",
 ]
 
 
@@ -495,6 +500,13 @@ def _handlers(ck: _Checker, raw: Mapping[str, Any]) -> dict[str, HandlerConfig]:
                 rate_per_s = parse_rate(rate_limit)
             except ValueError as exc:
                 ck.problems.append(f"{p}.rate_limit: {exc}")
+        env = ck.get(t, p, "env", dict, {})
+        for ek, ev in env.items():
+            if not isinstance(ev, str):
+                ck.problems.append(f"{p}.env.{ek}: expected str, got {type(ev).__name__}")
+        pass_env = _strings(ck, t, p, "pass_env")
+        if (env or pass_env) and htype != "exec":
+            ck.problems.append(f"{p}: env and pass_env apply to exec handlers only")
         headers = ck.get(t, p, "headers", dict, {})
         for hk, hv in headers.items():
             if not isinstance(hv, str):
@@ -514,6 +526,8 @@ def _handlers(ck: _Checker, raw: Mapping[str, Any]) -> dict[str, HandlerConfig]:
             rate_per_s=rate_per_s,
             on_complete=ck.get(t, p, "on_complete", str, None),
             headers={str(k): str(v) for k, v in headers.items()},
+            env={str(k): str(v) for k, v in env.items()},
+            pass_env=pass_env,
             signing_secret=ck.get(t, p, "signing_secret", str, None),
         )
     for name, h in out.items():

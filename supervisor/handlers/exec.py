@@ -1,11 +1,12 @@
 """``type = "exec"``: runs ``command`` (argv list, never a shell) once per attempt.
 
 The item's payload is written to stdin as JSON; ``BSV_*`` environment variables
-describe the attempt. Exit 0 succeeds (stdout as JSON, else text, is the
-result), exit 75 (EX_TEMPFAIL) is retried, any other exit fails the item with
-the tail of stderr. The child runs in its own process group, and an attempt
-that is cancelled (timeout, batch cancel, drain deadline) kills the whole group
-and reaps it before returning, so no process outlives its attempt.
+describe the attempt, in a minimal environment (see :meth:`ExecHandler._env`).
+Exit 0 succeeds (stdout as JSON, else text, is the result), exit 75
+(EX_TEMPFAIL) is retried, any other exit fails the item with the tail of stderr.
+The child runs in its own process group, and an attempt that is cancelled
+(timeout, batch cancel, drain deadline) kills the whole group and reaps it
+before returning, so no process outlives its attempt.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -152,6 +154,13 @@ def _tail(stderr: str) -> str:
     return stderr if len(stderr) <= MESSAGE_TAIL else "…" + stderr[-MESSAGE_TAIL:]
 
 
+def _home() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_dir
+    except KeyError:
+        return "/"
+
+
 class ExecHandler:
     def __init__(self, hcfg: HandlerConfig) -> None:
         self.config = hcfg
@@ -159,8 +168,22 @@ class ExecHandler:
         self._argv = list(hcfg.command)
 
     def _env(self, item: Item) -> dict[str, str]:
+        """A minimal environment, never the daemon's own (it may hold cloud keys,
+        the database URL with its password, tokens): PATH, LANG, TZ, HOME of the
+        run account, what the handler's ``pass_env`` names, its ``env``, and the
+        ``BSV_*`` variables of the attempt."""
+        base = {
+            "PATH": os.environ.get("PATH") or os.defpath,
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            "HOME": _home(),
+        }
+        if "TZ" in os.environ:
+            base["TZ"] = os.environ["TZ"]
+        passed = {k: os.environ[k] for k in self.config.pass_env if k in os.environ}
         return {
-            **os.environ,
+            **base,
+            **passed,
+            **self.config.env,
             "BSV_ITEM_ID": item.id,
             "BSV_BATCH_ID": item.batch_id,
             "BSV_ATTEMPT": str(item.attempt),
