@@ -112,7 +112,17 @@ def batch_json(row: Row) -> dict[str, Any]:
     }
 
 
-def item_json(row: Row, *, with_errors: bool = False) -> dict[str, Any]:
+def error_json(text: str | None, *, tracebacks: bool) -> Any:
+    """An item's error entry for a client; without ``tracebacks`` its traceback
+    (source lines, paths, whatever secret sits on the failing line) is withheld:
+    type and message are for every reader, tracebacks for ``admin`` only."""
+    entry = loads(text)
+    if not tracebacks and isinstance(entry, dict) and entry.get("traceback") is not None:
+        entry["traceback"] = None
+    return entry
+
+
+def item_json(row: Row, *, with_errors: bool = False, tracebacks: bool = True) -> dict[str, Any]:
     out = {
         "id": str(row["id"]),
         "batch_id": str(row["batch_id"]),
@@ -122,7 +132,7 @@ def item_json(row: Row, *, with_errors: bool = False) -> dict[str, Any]:
         "result": loads(row["result"]),
         "attempts": row["attempts"],
         "max_attempts": row["max_attempts"],
-        "error": loads(row["error"]),
+        "error": error_json(row["error"], tracebacks=tracebacks),
         "run_after": rfc3339(row["run_after"])
         if row["status"] == states.ItemStatus.QUEUED
         else None,
@@ -132,7 +142,10 @@ def item_json(row: Row, *, with_errors: bool = False) -> dict[str, Any]:
         "finished_at": rfc3339(row["finished_at"]),
     }
     if with_errors:
-        out["errors"] = loads(row["errors"])
+        errors = loads(row["errors"])
+        if not tracebacks and isinstance(errors, list):
+            errors = [{**e, "traceback": None} if isinstance(e, dict) else e for e in errors]
+        out["errors"] = errors
     return out
 
 

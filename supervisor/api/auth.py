@@ -33,6 +33,11 @@ class Principal:
         """The tenant to restrict reads to; None for admins (every tenant)."""
         return None if "admin" in self.scopes else self.tenant
 
+    @property
+    def sees_tracebacks(self) -> bool:
+        """Handler tracebacks are for operators (``admin``, or the open API)."""
+        return "admin" in self.scopes
+
     def require(self, scope: str) -> None:
         if scope not in self.scopes and "admin" not in self.scopes:
             raise Problem(403, f"this token lacks the {scope!r} scope")

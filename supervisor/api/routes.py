@@ -258,7 +258,9 @@ async def list_items(request: web.Request) -> web.Response:
     more = len(rows) > limit
     rows = rows[:limit]
     nxt = _cursor_encode({"after": rows[-1]["id"]}) if more else None
-    return _json({"items": [models.item_json(r) for r in rows], "next_cursor": nxt})
+    tb = principal(request).sees_tracebacks
+    items = [models.item_json(r, tracebacks=tb) for r in rows]
+    return _json({"items": items, "next_cursor": nxt})
 
 
 @routes.get("/v1/items/{id}")
@@ -272,7 +274,7 @@ async def get_item(request: web.Request) -> web.Response:
     row = await ctx.db.fetchrow("get_item", int(raw), who.tenant_filter)
     if row is None:
         raise Problem(404, f"no item {raw!r}")
-    return _json(models.item_json(row, with_errors=True))
+    return _json(models.item_json(row, with_errors=True, tracebacks=who.sees_tracebacks))
 
 
 @routes.get("/v1/batches/{id}/summary")

@@ -20,7 +20,7 @@ import anyio
 from aiohttp import web
 
 from supervisor import models
-from supervisor.api.context import ApiContext
+from supervisor.api.context import ApiContext, principal
 from supervisor.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ async def _stream(request: web.Request, ctx: ApiContext, row: Any) -> web.Stream
         }
     )
     await resp.prepare(request)
+    tracebacks = principal(request).sees_tracebacks
     batch_id = row["id"]
     resume = request.headers.get("Last-Event-ID", "")
     valid = resume.isascii() and resume.isdigit() and len(resume) <= 18  # fits a bigint
@@ -80,7 +81,7 @@ async def _stream(request: web.Request, ctx: ApiContext, row: Any) -> web.Stream
                             "id": str(it["id"]),
                             "key": it["key"],
                             "status": it["status"],
-                            "error": models.loads(it["error"]),
+                            "error": models.error_json(it["error"], tracebacks=tracebacks),
                         },
                     )
                 )
