@@ -91,9 +91,17 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = ()
 
 
+def default_worker_name(port: int) -> str:
+    """``<host>:<API port>``: unique per daemon on a host (two cannot serve one port)
+    and stable across restarts, so a restart reclaims its predecessor's items at
+    once. Without a fixed port, ``<host>:pid<pid>``."""
+    host = socket.gethostname()
+    return f"{host}:{port}" if port else f"{host}:pid{os.getpid()}"
+
+
 @dataclasses.dataclass(frozen=True)
 class WorkerConfig:
-    name: str = dataclasses.field(default_factory=socket.gethostname)
+    name: str = dataclasses.field(default_factory=lambda: default_worker_name(0))
     concurrency: int = 64
     # claimed items that may wait for a worker; None = "auto" (see Dispatcher.window)
     prefetch: int | None = None
@@ -322,7 +330,7 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
     t = ck.section(raw, "worker")
     ck.unknown("worker", t, _fields(WorkerConfig))
     worker = WorkerConfig(
-        name=ck.get(t, "worker", "name", str, socket.gethostname()) or socket.gethostname(),
+        name=ck.get(t, "worker", "name", str, "") or default_worker_name(server.port),
         concurrency=ck.positive_int(t, "worker", "concurrency", 64) or 64,
         prefetch=_prefetch(ck, t),
         claim_batch_size=ck.positive_int(t, "worker", "claim_batch_size", 500) or 500,

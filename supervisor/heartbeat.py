@@ -9,6 +9,7 @@ stalled, it registers again; its stale attempts are already fenced off.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -20,7 +21,7 @@ import anyio.abc
 
 from supervisor import db as dbm
 from supervisor.config import Config
-from supervisor.errors import DatabaseUnavailable
+from supervisor.errors import ConfigError, DatabaseUnavailable
 from supervisor.events import Wakeup
 
 log = logging.getLogger(__name__)
@@ -52,29 +53,64 @@ class Heartbeat:
         self._wakeup.set()
 
     async def register(self) -> None:
-        """Register and reclaim the previous incarnation's items (with retry)."""
+        """Register under the worker name, reclaiming what gone predecessors left.
+
+        Raises ConfigError if a live daemon holds the name: two daemons under
+        one name would reclaim each other's live work.
+        """
         w = self._cfg.worker
-
-        async def _do() -> None:
-            await self._insert_row()
-            old = [
-                r["id"]
-                for r in await self._db.fetch(
-                    "previous_incarnations", w.name, uuid.UUID(self.lease)
-                )
-            ]
-            if old:
-                rows = await self._db.fetch("reclaim_leases", old, w.name)
-                await self._db.execute("delete_workers", old)
-                self._on_reclaimed(rows)
-                n = sum(1 for r in rows if r["kind"] == "item")
-                log.info(
-                    "heartbeat.reclaimed_previous name=%s leases=%s items=%s", w.name, len(old), n
-                )
-
-        await dbm.with_retry(_do)
+        deadline = anyio.current_time() + w.dead_after_s + w.heartbeat_interval_s
+        seen: dict[uuid.UUID, object] = {}  # heartbeat_at first seen for an unprovable row
+        while True:
+            result = await dbm.with_retry(lambda: self._try_register(seen))
+            if result is None:
+                break
+            if anyio.current_time() > deadline:  # cannot happen while it beats; belt and braces
+                raise _name_in_use(w.name, result, "its heartbeat did not go stale")
+            log.info(
+                "heartbeat.name_wait name=%s host=%s pid=%s: another registration holds "
+                "this name; waiting up to worker.dead_after for it to go stale",
+                w.name,
+                result["host"],
+                result["pid"],
+            )
+            await anyio.sleep(min(w.heartbeat_interval_s, 1.0))
         self.ok = True
         log.info("heartbeat.registered name=%s lease=%s", w.name, self.lease)
+
+    async def _try_register(self, seen: dict[uuid.UUID, object]) -> dbm.Record | None:
+        """One attempt under the name's lock: register and reclaim, or return the
+        registration that is not yet provably gone (the caller waits and asks again)."""
+        w = self._cfg.worker
+        me = uuid.UUID(self.lease)
+        async with self._db.transaction("register") as tx:
+            await tx.execute("lock_worker_name", w.name)
+            gone: list[uuid.UUID] = []
+            pending: dbm.Record | None = None
+            for r in await tx.fetch("workers_named", w.name, me):
+                verdict = _predecessor(
+                    r, w.dead_after_s, seen.setdefault(r["id"], r["heartbeat_at"])
+                )
+                if verdict == "live":
+                    raise _name_in_use(w.name, r, "it is still heartbeating")
+                if verdict == "gone":
+                    gone.append(r["id"])
+                else:
+                    pending = r
+            if pending is not None:
+                return pending
+            gone += [r["id"] for r in await tx.fetch("orphan_leases_of_name", w.name, me)]
+            await self._insert_row(tx)
+            rows = await tx.fetch("reclaim_leases", gone, w.name) if gone else []
+            if gone:
+                await tx.execute("delete_workers", gone)
+        if gone:
+            self._on_reclaimed(rows)
+            n = sum(1 for r in rows if r["kind"] == "item")
+            log.info(
+                "heartbeat.reclaimed_previous name=%s leases=%s items=%s", w.name, len(gone), n
+            )
+        return None
 
     async def beat(self) -> None:
         async with self._lock:
@@ -90,11 +126,11 @@ class Heartbeat:
                 "heartbeat.reregister: our worker row was reaped (stalled past "
                 "dead_after?); registering again"
             )
-            await self._insert_row()
+            await self._insert_row(self._db)
 
-    async def _insert_row(self) -> None:
+    async def _insert_row(self, db: dbm.Database | dbm.Tx) -> None:
         w = self._cfg.worker
-        await self._db.execute(
+        await db.execute(
             "register_worker",
             uuid.UUID(self.lease),
             w.name,
@@ -131,3 +167,52 @@ class Heartbeat:
         except DatabaseUnavailable as exc:
             # The reaper of another daemon (or our next start) cleans the row up.
             log.warning("heartbeat.deregister_failed error=%s", exc)
+
+
+def _predecessor(r: dbm.Record, dead_after_s: float, first_heartbeat: object) -> str:
+    """Classify another registration under our name: "gone" (provably: stale
+    heartbeat, or its process on this host no longer exists or is ourselves),
+    "live" (a daemon process on this host, or a heartbeat that moved since we
+    first looked) or "unknown" (another host, fresh heartbeat: wait and see)."""
+    if r["age_s"] > dead_after_s:
+        return "gone"
+    if r["heartbeat_at"] != first_heartbeat:
+        return "live"
+    if r["host"] == socket.gethostname():
+        pid = r["pid"]
+        if pid == os.getpid():
+            return "gone"  # one pid is one process: an earlier life of ours (container restart)
+        cmdline = _cmdline(pid)
+        if cmdline is None:
+            return "gone"
+        if _is_daemon(cmdline):
+            return "live"
+    return "unknown"
+
+
+def _cmdline(pid: int) -> list[bytes] | None:
+    """The process's arguments, or None if no such process exists."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return []  # exists, but unreadable: not known to be ours
+
+
+def _is_daemon(args: list[bytes]) -> bool:
+    """True if these are a batch-supervisor's arguments (console script or ``-m``)."""
+    return any(a.endswith(b"batch-supervisor") for a in args) or any(
+        a == b"-m" and b == b"supervisor" for a, b in itertools.pairwise(args)
+    )
+
+
+def _name_in_use(name: str, r: dbm.Record, why: str) -> ConfigError:
+    return ConfigError(
+        [
+            f"worker.name: {name!r} is held by a live daemon (host {r['host']}, pid {r['pid']}, "
+            f"heartbeat {r['age_s']:.1f}s ago; {why}); give each daemon its own [worker] name "
+            "or leave it unset"
+        ]
+    )

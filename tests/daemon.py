@@ -112,6 +112,7 @@ class Daemon:
         self.port = free_port()
         self.dir = tmp / f"daemon-{name}"
         self.dir.mkdir(parents=True, exist_ok=True)
+        # worker={"name": None} leaves the name out: the daemon picks its default.
         cfg: dict[str, Any] = {
             "server": {"host": "127.0.0.1", "port": self.port},
             "worker": {
@@ -126,6 +127,7 @@ class Daemon:
             "logging": {"level": "info"},
             "handlers": dict(handlers if handlers is not None else DEFAULT_HANDLERS),
         }
+        cfg["worker"] = {k: v for k, v in cfg["worker"].items() if v is not None}
         for k, v in (extra or {}).items():
             cfg[k] = cfg.get(k, {}) | v if isinstance(v, dict) and k != "handlers" else v
         self.config_path = self.dir / "config.toml"

@@ -179,11 +179,21 @@ UPDATE @schema.workers SET heartbeat_at = now(), state = $2, in_flight = $3
 -- Remove this daemon from the registry on clean exit.
 DELETE FROM @schema.workers WHERE id = $1;
 
--- name: previous_incarnations
--- Leases of earlier processes with this worker name (a restart), and of items they still hold.
-SELECT id FROM @schema.workers WHERE name = $1 AND id <> $2
-UNION
-SELECT DISTINCT lease FROM @schema.items WHERE status = 'running' AND worker = $1 AND lease <> $2;
+-- name: lock_worker_name
+-- Serialises daemons registering under one worker name (transaction-scoped).
+SELECT pg_advisory_xact_lock(hashtext('@sname:worker:' || $1));
+
+-- name: workers_named
+-- Other registrations under this worker name, with their heartbeat age by the database clock.
+SELECT id, host, pid, heartbeat_at,
+       extract(epoch FROM now() - heartbeat_at)::double precision AS age_s
+  FROM @schema.workers WHERE name = $1 AND id <> $2;
+
+-- name: orphan_leases_of_name
+-- Leases under this worker name that still hold running items but have no worker row.
+SELECT DISTINCT i.lease AS id FROM @schema.items i
+ WHERE i.status = 'running' AND i.worker = $1 AND i.lease <> $2
+   AND NOT EXISTS (SELECT 1 FROM @schema.workers w WHERE w.id = i.lease);
 
 -- name: delete_workers
 -- Remove worker rows by lease.
