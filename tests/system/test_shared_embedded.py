@@ -8,39 +8,14 @@ daemon never got its database back. Both tests below failed that way.
 
 from __future__ import annotations
 
-import contextlib
 import pathlib
-import shutil
-from collections.abc import Iterator
-from typing import Any
 
-import pytest
-
-from supervisor import embedded
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon
-from tests.pgharness import make_base_dir, postgres_pids
+from tests.pgharness import postgres_pids
+from tests.system.embedded_daemons import start_embedded
 
 EX_CONFIG = 78
-
-
-@pytest.fixture
-def data_dir() -> Iterator[pathlib.Path]:
-    base = make_base_dir("bsv-shared-")
-    path = base / "pgdata"
-    try:
-        yield path
-    finally:
-        # Daemons killed by the fixture leave the (detached) server behind.
-        with contextlib.suppress(embedded.EmbeddedPostgresError):
-            embedded.EmbeddedPostgres(path).stop("immediate")
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def _embedded(daemons: DaemonFactory, name: str, data_dir: pathlib.Path, **kw: Any) -> Daemon:
-    extra = {"embedded": {"data_dir": str(data_dir)}} | kw.pop("extra", {})
-    d = daemons(name, start=False, env={"BATCH_SUPERVISOR_DATABASE_URL": ""}, extra=extra, **kw)
-    return d.start(wait=False)
 
 
 def _works(d: Daemon) -> None:
@@ -51,9 +26,9 @@ def _works(d: Daemon) -> None:
 def test_second_daemon_leaves_the_shared_server_running(
     daemons: DaemonFactory, data_dir: pathlib.Path
 ) -> None:
-    first = _embedded(daemons, "first", data_dir)
+    first = start_embedded(daemons, "first", data_dir)
     first.wait_ready(90)
-    second = _embedded(daemons, "second", data_dir)
+    second = start_embedded(daemons, "second", data_dir)
     second.wait_ready(60)
     _works(second)
     assert second.stop() == 0
@@ -69,9 +44,9 @@ def test_second_run_on_a_busy_port_leaves_the_first_one_working(
     daemons: DaemonFactory, data_dir: pathlib.Path
 ) -> None:
     """The quick-start command run twice in one directory."""
-    first = _embedded(daemons, "first", data_dir)
+    first = start_embedded(daemons, "first", data_dir)
     first.wait_ready(90)
-    again = _embedded(daemons, "again", data_dir, extra={"server": {"port": first.port}})
+    again = start_embedded(daemons, "again", data_dir, extra={"server": {"port": first.port}})
     assert again.wait_exit(60) == EX_CONFIG, again.log()
     assert "Traceback" not in again.log(), again.log()
     assert postgres_pids(data_dir), "the failed second run stopped the first one's server"
