@@ -23,8 +23,14 @@ def notify(message: str) -> bool:
     addr = "\0" + path[1:] if path.startswith("@") else path
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            # Never block the event loop: a receiver that does not read (its queue
+            # holds about ten datagrams) must not freeze the API and the heartbeats.
+            s.setblocking(False)
             s.connect(addr)
             s.sendall(message.encode())
+    except BlockingIOError:
+        log.debug("systemd.notify_dropped message=%s: the receiver's queue is full", message)
+        return False
     except OSError as exc:
         log.warning("systemd.notify_failed error=%s", exc)
         return False

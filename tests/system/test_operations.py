@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import DaemonFactory
-from tests.daemon import DEFAULT_HANDLERS, ROOT, Daemon, check_invariants, wait_for
+from tests.daemon import DEFAULT_HANDLERS, ROOT, Daemon, check_invariants, request, wait_for
 from tests.pgharness import TestServer
 
 HEARTBEAT_S = 0.5  # tests/daemon.py default [worker] heartbeat_interval (= reaper interval)
@@ -349,6 +349,22 @@ def test_sd_notify_protocol(
     assert got.index("READY=1") < got.index("STOPPING=1")
     status = [m for m in got if m.startswith("STATUS=")]
     assert any("in flight" in m for m in status), status
+
+
+def test_an_unread_notify_socket_never_blocks_the_daemon(
+    daemons: DaemonFactory, notify_socket: tuple[str, socket.socket]
+) -> None:
+    """A notify receiver that stops reading (its queue holds about ten datagrams)
+    must not freeze the event loop: the pings are dropped, the API answers."""
+    path, _ = notify_socket  # never read
+    a = daemons("a", env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+    # 30 requests over 3 s: well past the ~15 pings that fill the queue.
+    for _ in range(30):
+        status, _, _ = request("GET", a.url + "/healthz", timeout=5)
+        assert status == 200
+        time.sleep(0.1)
+    batch = a.submit("echo", [1, 2])
+    assert a.wait_status(batch["id"], "completed", 10)["counts"]["succeeded"] == 2
 
 
 # -- 6. metrics -------------------------------------------------------------------------------
