@@ -3,8 +3,10 @@ checks handlers, and runs every component in one task group; owns the signals
 and the two-phase stop.
 
 Start order (each ``await tg.start`` returns once the component is ready):
-events bus → outbox → heartbeat (registers, reclaims the previous incarnation)
-→ reaper → metrics sampler → callbacks → dispatcher → API → READY=1.
+API (probes answer while the database is still coming) → embedded-server watch
+(if we own the server) → migrate → events bus → outbox → heartbeat (registers,
+reclaims a gone predecessor) → reaper → metrics sampler → retention → watchdog
+→ callbacks → dispatcher → READY=1.
 
 Stop (SIGTERM/SIGINT): draining (readyz 503, workers row, metrics, STOPPING=1)
 → dispatcher and callbacks stop claiming → running items get drain_timeout
@@ -27,6 +29,7 @@ from supervisor import (
     callbacks,
     dispatcher,
     embedded,
+    embedded_watch,
     events,
     handlers,
     heartbeat,
@@ -186,6 +189,12 @@ class Daemon:
         hb = heartbeat.Heartbeat(
             cfg, db, self.lease, lambda: self.state, lambda: disp.in_flight, reclaimed
         )
+        watch = embedded_watch.EmbeddedWatch(self.pg) if self.pg is not None else None
+
+        def health() -> list[str]:
+            reasons = [watch.down_reason] if watch is not None and watch.down_reason else []
+            return reasons + ([s] if (s := hb.stalled()) else [])
+
         ctx = ApiContext(
             cfg=cfg,
             db=db,
@@ -195,6 +204,7 @@ class Daemon:
             readiness=lambda: self.readiness(db, disp),
             serving=lambda: self.state in ("running", "draining"),
             draining=lambda: self.state == "draining",
+            health=health,
         )
         self.api = ApiServer(ctx)
 
@@ -210,6 +220,8 @@ class Daemon:
             # Serve the probes first: while the database is unreachable at start-up
             # /healthz answers and /readyz says why we are not ready.
             await root.start(self.api.run)
+            if watch is not None:
+                await root.start(watch.run)
             migrated = await dbm.with_retry(lambda: dbm.migrate(db))
             if migrated:
                 log.info("app.migrated versions=%s", migrated)
@@ -222,7 +234,7 @@ class Daemon:
             sampler = metrics_mod.QueueSampler(db, self.metrics, sample_s)
             await root.start(sampler.run)
             await root.start(retention.Retention(cfg, db).run)
-            await root.start(systemd.Watchdog(lambda: dispatcher.status_line(disp)).run)
+            await root.start(systemd.Watchdog(lambda: dispatcher.status_line(disp), health).run)
             async with anyio.create_task_group() as work:
                 await work.start(cbs.run)
                 await work.start(disp.run)

@@ -47,6 +47,7 @@ class Heartbeat:
         self._lock = anyio.Lock()  # a beat never races the final deregistration
         self._deregistered = False
         self.ok = False
+        self._last_ok: float | None = None  # anyio clock of the last successful beat
 
     def wake(self) -> None:
         """Beat now (e.g. to publish the draining state at once)."""
@@ -76,6 +77,7 @@ class Heartbeat:
             )
             await anyio.sleep(min(w.heartbeat_interval_s, 1.0))
         self.ok = True
+        self._last_ok = anyio.current_time()
         log.info("heartbeat.registered name=%s lease=%s", w.name, self.lease)
 
     async def _try_register(self, seen: dict[uuid.UUID, object]) -> dbm.Record | None:
@@ -148,9 +150,20 @@ class Heartbeat:
             try:
                 await self.beat()
                 self.ok = True
+                self._last_ok = anyio.current_time()
             except DatabaseUnavailable as exc:
                 self.ok = False
                 log.warning("heartbeat.failed error=%s", exc)
+
+    def stalled(self) -> str:
+        """Why we count as dead to the other daemons, or "" (a heartbeat older than
+        dead_after: our items are theirs to reclaim, our late writes are fenced)."""
+        if self._last_ok is None or self._deregistered:
+            return ""
+        silent = anyio.current_time() - self._last_ok
+        if silent <= self._cfg.worker.dead_after_s:
+            return ""
+        return f"no heartbeat written for {silent:.0f}s (worker.dead_after is exceeded)"
 
     async def deregister(self) -> None:
         async with self._lock:

@@ -50,11 +50,16 @@ def watchdog_interval() -> float | None:
 
 
 class Watchdog:
-    """Pings WATCHDOG=1 from the event loop (a stuck loop stops the pings) and
-    refreshes STATUS= with the in-flight summary."""
+    """Pings WATCHDOG=1 from the event loop (a stuck loop stops the pings) while
+    the daemon can make progress, and refreshes STATUS= with the in-flight summary.
 
-    def __init__(self, status: Callable[[], str]) -> None:
+    ``health`` gives the reasons the daemon cannot make progress by itself; while
+    there are any, the pings stop and systemd restarts the daemon WatchdogSec later.
+    """
+
+    def __init__(self, status: Callable[[], str], health: Callable[[], list[str]]) -> None:
         self._status = status
+        self._health = health
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -63,9 +68,10 @@ class Watchdog:
         interval = watchdog_interval()
         last_status = ""
         while True:
-            if interval is not None:
+            reasons = self._health()
+            if interval is not None and not reasons:
                 notify("WATCHDOG=1")
-            text = self._status()
+            text = "; ".join(reasons) or self._status()
             if text != last_status:
                 notify(f"STATUS={text}")
                 last_status = text

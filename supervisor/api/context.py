@@ -24,6 +24,8 @@ class ApiContext:
     readiness: Callable[[], Awaitable[tuple[bool, list[str]]]]
     draining: Callable[[], bool]
     serving: Callable[[], bool] = lambda: True  # False while the daemon is starting
+    # Why the daemon cannot make progress by itself (/healthz 503); empty when healthy.
+    health: Callable[[], list[str]] = lambda: []
 
 
 CTX: web.AppKey[ApiContext] = web.AppKey("ctx", ApiContext)

@@ -337,6 +337,9 @@ async def workers(request: web.Request) -> web.Response:
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
+    reasons = ctx_of(request).health()
+    if reasons:
+        return _json({"status": "unhealthy", "reasons": reasons}, 503)
     return _json({"status": "ok"})
 
 
