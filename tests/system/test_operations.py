@@ -261,7 +261,9 @@ def test_database_outage_mid_batch(
     daemons: DaemonFactory, pg_server: TestServer, tmp_path: pathlib.Path
 ) -> None:
     runlog = tmp_path / "runs.jsonl"
-    a = daemons("a", worker={"concurrency": 4}, env={"BSV_TEST_RUNLOG": str(runlog)})
+    # An outage shorter than dead_after: not ready, but alive (healthz 200) throughout.
+    worker = {"concurrency": 4, "dead_after": "15s"}
+    a = daemons("a", worker=worker, env={"BSV_TEST_RUNLOG": str(runlog)})
     n = 24
     batch = a.submit("echo", [{"sleep": 0.4, "n": i} for i in range(n)])
     wait_for(
