@@ -78,12 +78,15 @@ class Callbacks:
                             )
                             lost_reply = False
                         if free > 0:
-                            rows = await self._db.fetch(
-                                "claim_callbacks",
-                                free,
-                                uuid.UUID(self._lease),
-                                self._cfg.worker.name,
-                            )
+                            # Shielded, as the dispatcher's claims: a claim cancelled
+                            # as it committed would strand its callbacks `running`.
+                            with anyio.CancelScope(shield=True):
+                                rows = await self._db.fetch(
+                                    "claim_callbacks",
+                                    free,
+                                    uuid.UUID(self._lease),
+                                    self._cfg.worker.name,
+                                )
                     except DatabaseUnavailable:
                         rows = []  # the dispatcher reports outages; poll again later
                         lost_reply = True

@@ -265,6 +265,8 @@ class Dispatcher:
                 for name in (
                     names[turn % len(names) :] + names[: turn % len(names)] if names else []
                 ):
+                    if self._stopping:
+                        break
                     if self._nothing_until.get(name, 0.0) > now:
                         continue  # found nothing last time, and nothing has changed since
                     hcfg = self._handlers[name].config
@@ -274,16 +276,20 @@ class Dispatcher:
                         n = min(n, 2 * hcfg.concurrency - self._owned_per_handler[name])
                     if n <= 0:
                         continue
-                    rows = await self._db.fetch(
-                        "claim_items",
-                        name,
-                        n,
-                        self._worker,
-                        self._lease,
-                        hcfg.global_concurrency,
-                        hcfg.rate_per_s,
-                        max(1.0, (hcfg.rate_per_s or 0.0) * RATE_BURST_S),
-                    )
+                    # Shielded: a soft stop that cancelled a claim as it committed
+                    # would leave its items running under our lease with no one on
+                    # them. What it returns is enqueued; the stop releases it.
+                    with anyio.CancelScope(shield=True):
+                        rows = await self._db.fetch(
+                            "claim_items",
+                            name,
+                            n,
+                            self._worker,
+                            self._lease,
+                            hcfg.global_concurrency,
+                            hcfg.rate_per_s,
+                            max(1.0, (hcfg.rate_per_s or 0.0) * RATE_BURST_S),
+                        )
                     for row in rows:
                         self._enqueue(name, row)
                     claimed += len(rows)
