@@ -45,11 +45,15 @@ from supervisor.api.auth import Authenticator
 from supervisor.api.context import ApiContext
 from supervisor.api.server import ApiServer
 from supervisor.config import Config
-from supervisor.errors import DatabaseUnavailable
+from supervisor.errors import ConfigError, DatabaseUnavailable, SupervisorError
 from supervisor.executor import OutcomeRecord
 
 log = logging.getLogger(__name__)
 OUTBOX_FLUSH_TIMEOUT_S = 30.0
+
+
+class EmbeddedStartFailed(SupervisorError):
+    """The embedded server could not be started (the message says why)."""
 
 
 class Daemon:
@@ -75,7 +79,14 @@ class Daemon:
         )
         log.info("embedded.starting data_dir=%s", data_dir)
         pg = self.pg
-        return await anyio.to_thread.run_sync(pg.start)
+        try:
+            return await anyio.to_thread.run_sync(pg.start)
+        except embedded.EmbeddedPostgresError as exc:
+            if self.cfg.embedded.bin_dir:
+                raise ConfigError([f"embedded.bin_dir: {exc}"]) from exc
+            raise EmbeddedStartFailed(
+                f"cannot start the embedded PostgreSQL server: {exc}"
+            ) from exc
 
     async def _stop_embedded(self) -> None:
         if self.pg is not None:

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from supervisor import __version__, config, handlers, logs
+from supervisor import __version__, config, embedded, handlers, logs
 from supervisor import db as dbm
 from supervisor.errors import ConfigError, HandlerLoadError, SchemaTooNew, SupervisorError
 
@@ -115,6 +115,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(args)
     problems = handlers.check_all(cfg)
+    if not cfg.database_url and cfg.embedded.bin_dir:
+        try:
+            embedded.find_bin_dir(cfg.embedded.bin_dir)
+        except embedded.EmbeddedPostgresError as exc:
+            problems.append(f"embedded.bin_dir: {exc}")
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
     if problems:

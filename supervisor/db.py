@@ -20,7 +20,7 @@ import tenacity
 
 from supervisor import sqlfile
 from supervisor.config import Config
-from supervisor.errors import DatabaseUnavailable, SchemaTooNew
+from supervisor.errors import ConfigError, DatabaseUnavailable, SchemaTooNew
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,6 +33,15 @@ _TRANSIENT = (
     asyncpg.exceptions.TransactionRollbackError,
     OSError,
     TimeoutError,
+)
+
+
+# The server answered, and refused who we are or where we asked to go: no retry
+# fixes that, the configured URL does.
+_MISCONFIGURED = (
+    asyncpg.exceptions.InvalidCatalogNameError,  # no such database
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,  # no such role, pg_hba
+    asyncpg.exceptions.InvalidPasswordError,
 )
 
 
@@ -124,6 +133,14 @@ class Database:
             if is_transient(exc):
                 self._on_error(op)
                 raise DatabaseUnavailable(f"{op}: {type(exc).__name__}: {exc}") from exc
+            if isinstance(exc, _MISCONFIGURED):
+                raise ConfigError(
+                    [
+                        f"database.url: the server refused the connection: {exc} (check the "
+                        "role, password and database name in database.url or "
+                        "BATCH_SUPERVISOR_DATABASE_URL)"
+                    ]
+                ) from exc
             raise
 
     async def fetch(self, name: str, *args: Any) -> list[Record]:

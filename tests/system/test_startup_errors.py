@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.parse
 from typing import Any
 
 import pytest
@@ -59,3 +60,49 @@ def test_check_reports_a_malformed_database_url(tmp_path: Any) -> None:
     )
     assert out.returncode == 78, out
     assert "database.url: expected a postgresql://" in out.stderr
+
+
+def _run(d: Any, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", *args, "--config", str(d.config_path)],
+        cwd=ROOT,
+        env=d.env | (env or {}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("part", "value", "said"),
+    [
+        ("user", "nosuchrole", 'role "nosuchrole" does not exist'),
+        ("path", "/nosuchdb", 'database "nosuchdb" does not exist'),
+    ],
+    ids=["role", "database"],
+)
+def test_a_role_or_database_that_does_not_exist_is_one_line_and_exit_78(
+    daemons: Any, db_url: str, part: str, value: str, said: str
+) -> None:
+    u = urllib.parse.urlsplit(db_url)
+    if part == "user":
+        u = u._replace(netloc=f"{value}@{u.hostname}:{u.port}")
+    else:
+        u = u._replace(path=value)
+    d = daemons(start=False)
+    out = _run(d, "run", env={"BATCH_SUPERVISOR_DATABASE_URL": urllib.parse.urlunsplit(u)})
+    assert out.returncode == 78, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert "database.url: the server refused the connection:" in out.stderr, out.stderr
+    assert said in out.stderr, out.stderr
+
+
+def test_a_bad_embedded_bin_dir_is_one_line_and_exit_78(daemons: Any, tmp_path: Any) -> None:
+    extra = {"embedded": {"bin_dir": str(tmp_path / "nothing-here"), "data_dir": str(tmp_path)}}
+    d = daemons(start=False, extra=extra, env={"BATCH_SUPERVISOR_DATABASE_URL": ""})
+    for command in ("check", "run"):
+        out = _run(d, command)
+        assert out.returncode == 78, (command, out.stderr)
+        assert "Traceback" not in out.stderr, out.stderr
+        assert "embedded.bin_dir: configured PostgreSQL bin_dir" in out.stderr, out.stderr
