@@ -487,6 +487,41 @@ def _server_env() -> dict[str, str]:
     return env
 
 
+# --------------------------------------------------------------------------- data dir
+
+STATE_DATA_ROOT: Final = BINARY_COPY_ROOT / "data"
+
+
+def _reachable_data_dir(requested: pathlib.Path) -> pathlib.Path:
+    """Where the cluster for ``requested`` lives: ``requested`` itself, unless we are
+    root and it sits under a directory only root can enter (a clone in /root, a
+    ``mktemp -d``). The server account could not reach it there, and we never
+    chmod a user's directories: the cluster then lives in a state directory of
+    its own under STATE_DATA_ROOT, the same one for the same requested path."""
+    if os.geteuid() != 0 or (requested / "PG_VERSION").exists():
+        return requested
+    if not any(_closed_to_others(p) for p in requested.parents):
+        return requested
+    digest = hashlib.sha256(os.fsencode(requested)).hexdigest()[:12]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", str(requested.parent)).strip("-")[-40:]
+    return STATE_DATA_ROOT / f"{slug}-{digest}" / requested.name
+
+
+def _closed_to_others(path: pathlib.Path) -> bool:
+    try:
+        return not path.stat().st_mode & stat.S_IXOTH
+    except OSError:
+        return False  # not there yet: we create it (0755 under our umask at worst)
+
+
+def _prepare_state_parent(data_dir: pathlib.Path) -> None:
+    """Make the state directories above a relocated cluster enterable by the server
+    account (mkdir's mode is masked by the umask)."""
+    for path in (BINARY_COPY_ROOT, STATE_DATA_ROOT, data_dir.parent):
+        path.mkdir(mode=0o755, exist_ok=True)
+        os.chmod(path, 0o755)
+
+
 # --------------------------------------------------------------------------- server
 
 
@@ -506,7 +541,8 @@ class EmbeddedPostgres:
         start_timeout_s: float = 60.0,
         stop_timeout_s: float = 60.0,
     ) -> None:
-        self._data_dir = pathlib.Path(os.path.abspath(os.fspath(data_dir)))
+        self.requested_data_dir = pathlib.Path(os.path.abspath(os.fspath(data_dir)))
+        self._data_dir = _reachable_data_dir(self.requested_data_dir)
         self._port = port
         self._listen_tcp = listen_tcp
         self._configured_bin_dir = bin_dir
@@ -567,6 +603,14 @@ class EmbeddedPostgres:
         """Create the cluster if needed, start (or adopt) the server, return its DSN."""
         account = self._resolve_account()
         bin_dir = self._resolve_bin_dir(account)
+        if self._data_dir != self.requested_data_dir:
+            logger.info(
+                "embedded.start: the server account cannot enter %s (a directory only root "
+                "may enter); the cluster lives in %s instead",
+                self.requested_data_dir,
+                self._data_dir,
+            )
+            _prepare_state_parent(self._data_dir)
         self._data_dir.parent.mkdir(parents=True, exist_ok=True)
         self._check_reachable(account, self._data_dir.parent, os.X_OK)
         with _flock(self.lock_file):
