@@ -16,6 +16,7 @@ is written → deregister → API and the rest stop → embedded server stops �
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import uuid
@@ -47,9 +48,14 @@ from supervisor.api.server import ApiServer
 from supervisor.config import Config
 from supervisor.errors import ConfigError, DatabaseUnavailable, SupervisorError
 from supervisor.executor import OutcomeRecord
+from supervisor.handlers import python as python_handler
 
 log = logging.getLogger(__name__)
 OUTBOX_FLUSH_TIMEOUT_S = 30.0
+
+
+def _abandoned(h: python_handler.PythonHandler) -> int:
+    return h.abandoned_threads
 
 
 class EmbeddedStartFailed(SupervisorError):
@@ -169,6 +175,9 @@ class Daemon:
         ob = outbox_mod.Outbox(db, actor, applied)
         disp = dispatcher.Dispatcher(cfg, db, built, ob, self.lease)
         self.metrics.track_in_flight(built, lambda handler: disp.per_handler[handler])
+        for name, h in built.items():
+            if isinstance(h, python_handler.PythonHandler):
+                self.metrics.track_abandoned_threads(name, functools.partial(_abandoned, h))
         bus = events.Bus(db, cfg.database.listen_url or dsn, cfg.database.schema)
         cbs = callbacks.Callbacks(cfg, db, built, self.lease, self.metrics)
 

@@ -45,6 +45,12 @@ class Metrics:
         self.in_flight = Gauge(
             PREFIX + "items_in_flight", "Items running in this daemon.", ["handler"], registry=r
         )
+        self.threads_abandoned = Gauge(
+            PREFIX + "handler_threads_abandoned",
+            "Threads of plain-def python handlers still running after their attempt ended.",
+            ["handler"],
+            registry=r,
+        )
         self.queued = Gauge(
             PREFIX + "items_queued",
             "Runnable items in the database (sampled).",
@@ -94,6 +100,9 @@ class Metrics:
         to do per attempt on the hot path."""
         for name in handlers:
             self.in_flight.labels(name).set_function(functools.partial(running, name))
+
+    def track_abandoned_threads(self, handler: str, count: Callable[[], int]) -> None:
+        self.threads_abandoned.labels(handler).set_function(count)
 
     def db_error(self, operation: str) -> None:
         self.db_errors.labels(operation).inc()

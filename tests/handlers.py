@@ -132,3 +132,10 @@ async def unstorable_error(item: Item) -> Any:
 async def absurd_retry(item: Item) -> Any:
     """Asks for a delay no timestamp can represent."""
     raise RetryAfter(1e300)
+
+
+def sync_hangs(item: Item) -> Any:
+    """A plain ``def`` that blocks its thread for payload["sleep"] seconds (default 60)."""
+    p = item.payload if isinstance(item.payload, dict) else {}
+    time.sleep(float(p.get("sleep", 60)))
+    return "woke"

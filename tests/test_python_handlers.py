@@ -1,4 +1,4 @@
-"""Python handlers (SPEC §5): plain functions run in a thread; exceptions are
+"""Python handlers: plain functions run in a thread; exceptions are
 retried with backoff; RetryAfter chooses the delay; timeouts are recorded."""
 
 from __future__ import annotations
@@ -70,3 +70,40 @@ def test_timeout_is_recorded_and_retried_until_attempts_are_spent(daemons: Any) 
     assert it["attempts"] == 2
     assert [e["type"] for e in it["errors"]] == ["Timeout", "Timeout"]
     assert "timeout of 0.2s" in it["errors"][0]["message"]
+
+
+def _threads(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+
+
+def test_hung_plain_functions_leak_a_bounded_number_of_threads(daemons: Any) -> None:
+    """Each timed-out attempt abandons its thread (threads cannot be killed); a
+    handler that always hangs must not grow the daemon's threads without bound."""
+    from supervisor.handlers.python import ABANDONED_MAX
+
+    hangs = {
+        "type": "python",
+        "target": "tests.handlers:sync_hangs",
+        "timeout": "100ms",
+        "max_attempts": 1,
+        "concurrency": 4,
+    }
+    d = daemons(handlers=HANDLERS | {"hangs": hangs})
+    baseline = _threads(d.pid)
+    n = 4 * ABANDONED_MAX
+    b = d.submit("hangs", [{"sleep": 120, "n": i} for i in range(n)])
+    done = d.wait_status(b["id"], "failed", timeout=60)
+    assert done["counts"]["failed"] == n
+    assert _threads(d.pid) <= baseline + ABANDONED_MAX + 4, (baseline, _threads(d.pid))
+    kinds = set()
+    for item in d.items(b["id"]):
+        code, full, _ = d.api("GET", f"/v1/items/{item['id']}")
+        assert code == 200
+        kinds.update(e["type"] for e in full["errors"])
+    assert kinds == {"Timeout", "ThreadsExhausted"}, kinds
+    code, text, _ = d.api("GET", "/metrics")
+    gauge = 'batch_supervisor_handler_threads_abandoned{handler="hangs"} '
+    (line,) = [x for x in str(text).splitlines() if x.startswith(gauge)]
+    # The cap, plus at most the attempts that were running when it was reached.
+    assert ABANDONED_MAX <= float(line.split()[-1]) <= ABANDONED_MAX + 4, line
