@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -574,6 +575,32 @@ COMMANDS = {"run": cmd_run, "migrate": cmd_migrate, "check": cmd_check, "doctor"
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    _exit_past_abandoned_threads(code)
+    return code
+
+
+def _exit_past_abandoned_threads(code: int) -> None:
+    """Exit now if threads of timed-out handler attempts still run: the interpreter
+    would wait for them at exit, and a hung one would keep a drained daemon alive
+    until systemd kills it."""
+    left = [
+        t
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and t.is_alive() and not t.daemon
+    ]
+    if left:
+        logging.getLogger(__name__).warning(
+            "app.exit: %s abandoned handler thread(s) still running; exiting without them",
+            len(left),
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     try:
         return COMMANDS.get(args.command, cmd_client)(args)

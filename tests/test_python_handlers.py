@@ -3,6 +3,7 @@ retried with backoff; RetryAfter chooses the delay; timeouts are recorded."""
 
 from __future__ import annotations
 
+import signal
 from datetime import datetime
 from typing import Any
 
@@ -107,3 +108,20 @@ def test_hung_plain_functions_leak_a_bounded_number_of_threads(daemons: Any) -> 
     (line,) = [x for x in str(text).splitlines() if x.startswith(gauge)]
     # The cap, plus at most the attempts that were running when it was reached.
     assert ABANDONED_MAX <= float(line.split()[-1]) <= ABANDONED_MAX + 4, line
+
+
+def test_a_drain_does_not_wait_for_abandoned_threads(daemons: Any) -> None:
+    """The interpreter joins non-daemon threads at exit: a hung plain def used to
+    keep a drained daemon alive forever after 'app.stopped'."""
+    hangs = {
+        "type": "python",
+        "target": "tests.handlers:sync_hangs",
+        "timeout": "100ms",
+        "max_attempts": 1,
+    }
+    d = daemons(handlers=HANDLERS | {"hangs": hangs})
+    b = d.submit("hangs", [{"sleep": 600, "n": i} for i in range(3)])
+    d.wait_status(b["id"], "failed", timeout=30)
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(30) == 0, d.log()
+    assert "abandoned handler thread(s) still running" in d.log(), d.log()
