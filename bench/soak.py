@@ -68,7 +68,7 @@ WORKER: dict[str, Any] = {
 
 
 def terminal_status(b: dict[str, Any]) -> str:
-    """The status SPEC §4 gives a drained batch with these counts and stop reason."""
+    """The status the batch invariants give a drained batch with these counts and stop reason."""
     if b["stop_reason"] == "cancel":
         return "cancelled"
     if b["stop_reason"] == "max_failures":
@@ -209,7 +209,7 @@ class Soak:
             self.findings.append(f"{action} {bid} answered {status}: {resp}")
 
     def check_alive(self) -> None:
-        """A daemon that exited without being killed is a finding (SPEC §7: losing the
+        """A daemon that exited without being killed is a finding (losing the
         database never kills the daemon); it is restarted so the soak goes on."""
         for d in self.daemons:
             if d.proc is not None and d.proc.poll() is not None:

@@ -1,4 +1,4 @@
-"""Prometheus metrics (names fixed by SPEC §8), one registry per daemon.
+"""Prometheus metrics (names are part of the contract), one registry per daemon.
 
 Fed by the components at the points where things actually happen: the outbox
 after a write lands (item outcomes, finished batches), the dispatcher (in

@@ -172,7 +172,7 @@ class Outbox:
 
 
 def metric_outcome(rec: OutcomeRecord, status: str) -> str:
-    """The SPEC §8 ``outcome`` label for an applied write."""
+    """The ``outcome`` label for an applied write."""
     if status == states.ItemStatus.QUEUED:
         return "released" if rec.outcome is states.Outcome.RELEASED else "retried"
     return status

@@ -292,7 +292,7 @@ def request(
 
 
 def check_invariants(b: Mapping[str, Any]) -> None:
-    """SPEC §4 as seen through the API."""
+    """The batch invariants as seen through the API."""
     c = b["counts"]
     assert (
         c["total"] == c["queued"] + c["running"] + c["succeeded"] + c["failed"] + c["cancelled"]

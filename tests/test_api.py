@@ -1,4 +1,4 @@
-"""HTTP API behaviour (SPEC §6) over real HTTP against real daemons: validation
+"""HTTP API behaviour over real HTTP against real daemons: validation
 and limits (nothing written on rejection), idempotency (also under concurrent
 submissions), paging and filters, ETag / If-None-Match, bearer auth and tenancy."""
 

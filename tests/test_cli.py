@@ -1,4 +1,4 @@
-"""The CLI's client verbs (SPEC §9) against a real daemon: submit (file, stdin,
+"""The CLI's client verbs against a real daemon: submit (file, stdin,
 --key-field, --wait), status, watch, list and the control verbs; every API or
 input error is one ``error:`` line and a non-zero exit, never a traceback."""
 

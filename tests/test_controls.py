@@ -1,4 +1,4 @@
-"""Batch controls and live progress (SPEC §6): pause/resume, retry, PATCH,
+"""Batch controls and live progress: pause/resume, retry, PATCH,
 DELETE, the failure budget, and SSE across daemons."""
 
 from __future__ import annotations

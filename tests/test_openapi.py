@@ -1,4 +1,4 @@
-"""The OpenAPI document (SPEC §6) against the application that serves it: every
+"""The OpenAPI document against the application that serves it: every
 route documented, nothing documented that is not routed, and a valid 3.1 document."""
 
 from __future__ import annotations

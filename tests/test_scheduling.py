@@ -1,4 +1,4 @@
-"""Scheduling (SPEC §7): fairness across batches, priority, per-batch
+"""Scheduling: fairness across batches, priority, per-batch
 max_concurrency, per-daemon handler concurrency, and the global limits
 (global_concurrency, rate_limit) enforced in the claim across daemons.
 

@@ -1,4 +1,4 @@
-"""The five post-mortems in shared/seeds/, replayed against real daemons.
+"""The five post-mortems (see README), replayed against real daemons.
 
 000 batch stuck in "processing" after every file finished; summary missing.
 001 background work failing silently; errors not recorded.

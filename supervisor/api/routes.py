@@ -1,4 +1,4 @@
-"""HTTP API v1 routes (SPEC §6). Thin: validate, authorize, call
+"""HTTP API v1 routes. Thin: validate, authorize, call
 :mod:`supervisor.batches` or a named query, shape the JSON."""
 
 from __future__ import annotations

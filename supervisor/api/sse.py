@@ -1,4 +1,4 @@
-"""Server-Sent Events for one batch (SPEC §6).
+"""Server-Sent Events for one batch.
 
 On connect: ``snapshot`` (the batch JSON). Then, on every change (woken by
 NOTIFY from any daemon, or polling when LISTEN is down): ``item`` events for

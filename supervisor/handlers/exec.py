@@ -137,7 +137,7 @@ def _result(stdout: bytes) -> Any:
     try:
         return json.loads(text)
     except ValueError:
-        return text.rstrip("\r\n")  # plain text output is a result too (SPEC §5)
+        return text.rstrip("\r\n")  # plain text output is a result too
 
 
 def _signal_name(signum: int) -> str:

@@ -158,7 +158,7 @@ class HttpHandler:
                 connector=aiohttp.TCPConnector(
                     limit=CONNECTION_LIMIT, limit_per_host=PER_HOST_LIMIT
                 ),
-                # The executor's per-attempt timeout is the only limit (SPEC §5).
+                # The executor's per-attempt timeout is the only limit.
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=None, sock_read=None),
             )
         return self._session
@@ -222,7 +222,7 @@ class HttpHandler:
         try:
             return json.loads(text)
         except ValueError:
-            return text  # not JSON: the text is the result (SPEC §5)
+            return text  # not JSON: the text is the result
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -277,7 +277,7 @@ WITH b AS (
 SELECT id FROM b;
 
 -- name: doctor_drift
--- Batches whose counters or status disagree with their items (SPEC §4 invariants).
+-- Batches whose counters or status disagree with their items (the batch invariants).
 SELECT b.id, b.status, b.total, b.queued, b.running, b.succeeded, b.failed, b.cancelled,
        coalesce(c.n, 0) AS n, coalesce(c.q, 0) AS q, coalesce(c.r, 0) AS r,
        coalesce(c.s, 0) AS s, coalesce(c.f, 0) AS f, coalesce(c.c, 0) AS c

@@ -1,4 +1,4 @@
-"""The daemon behind PgBouncer in transaction mode (SPEC §3, pooler compatibility):
+"""The daemon behind PgBouncer in transaction mode (pooler compatibility):
 ``statement_cache_size = 0`` for the pooled connections, LISTEN on a direct session
 (``listen_url``), or polling when there is none. A batch completes and its SSE stream
 still delivers progress (snapshot ... end).

@@ -4,7 +4,7 @@ database, through ``supervisor.db.Database`` and the named queries; no daemon.
 Hypothesis drives random sequences, on a fresh batch of a few items (with or without
 a failure budget), of claim / outcome (succeeded, failed, retry, released, cancelled;
 with the current or a stale lease and attempt) / reclaim / cancel / pause / resume /
-retry_batch, and after every step checks the SPEC §4 invariants (each count equals
+retry_batch, and after every step checks the batch invariants (each count equals
 the number of items in that state, total = sum, terminal exactly when queued +
 running = 0) and agreement with a small model of the expected item and batch states.
 A fenced write (stale lease or attempt) and a no-op control must change nothing, not
@@ -316,7 +316,7 @@ class BatchMachine(RuleBasedStateMachine):
         rows = self.run(self.db.fetch("list_items", bid, None, 0, 100))
         assert b is not None
         actual = Counter(r["status"] for r in rows)
-        # SPEC §4: each count is the number of its items; total is the sum; terminal
+        # The invariants: each count is the number of its items; total is the sum; terminal
         # exactly when nothing is queued or running.
         for s in STATES:
             assert b[s] == actual[s], (s, dict(b), actual)

@@ -1,4 +1,4 @@
-"""Operations (SPEC §7, §8): real daemons, real signals, a real PostgreSQL outage.
+"""Operations: real daemons, real signals, a real PostgreSQL outage.
 
 Every test runs ``batch-supervisor run`` subprocesses against the suite's server
 (tests/conftest.py) and observes them only from outside: HTTP API, /metrics,
@@ -413,7 +413,7 @@ def test_metrics_names_labels_and_counts(daemons: DaemonFactory) -> None:
     assert m[p + f'build_info{{version="{__version__}"}}'] == 1.0
     status, text, headers = a.api("GET", "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
-    # Every SPEC §8 family is exported under its fixed name and type.
+    # Every documented metric family is exported under its fixed name and type.
     for family, kind in (
         ("items_total", "counter"),
         ("item_duration_seconds", "histogram"),
