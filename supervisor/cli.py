@@ -397,10 +397,12 @@ async def _watch(session: aiohttp.ClientSession, base: str, batch_id: str, quiet
         progress.close()
     if final is None:
         raise ClientError("the event stream ended before any snapshot")
+    final = await _wait_callback(session, base, final, quiet)
     c = final["counts"]
+    callback_ok = _report_callback(final)
     if final["status"] == "completed":
         print(f"batch {batch_id} completed: {c['succeeded']} succeeded")
-        return 0
+        return 0 if callback_ok else 1
     print(
         f"batch {batch_id} ended {final['status']}: {c['succeeded']} succeeded, "
         f"{c['failed']} failed, {c['cancelled']} cancelled"
@@ -422,6 +424,45 @@ async def _watch(session: aiohttp.ClientSession, base: str, batch_id: str, quiet
             more = c["failed"] - shown
             print(f"  ... and {more} more: GET /v1/batches/{batch_id}/items?status=failed")
     return 1
+
+
+CALLBACK_POLL_MAX_S = 2.0
+
+
+async def _wait_callback(
+    session: aiohttp.ClientSession, base: str, batch: dict[str, Any], quiet: bool
+) -> dict[str, Any]:
+    """A terminal batch whose completion callback has not finished yet: poll until it
+    has (the event stream ends with the batch, the callback runs after it)."""
+    delay = 0.05
+    announced = False
+    while (batch.get("callback") or {}).get("state") in ("pending", "running"):
+        if not announced and not quiet:
+            handler = _printable(str(batch["callback"]["handler"]))
+            print(f"waiting for the completion callback {handler}...", file=sys.stderr)
+            announced = True
+        await asyncio.sleep(delay)
+        delay = min(CALLBACK_POLL_MAX_S, delay * 2)
+        batch = await _call(session, "GET", f"{base}/v1/batches/{batch['id']}")
+    return batch
+
+
+def _report_callback(batch: dict[str, Any]) -> bool:
+    """Print how the completion callback ended; False if it failed."""
+    cb = batch.get("callback") or {}
+    if cb.get("state") not in ("succeeded", "failed"):
+        return True
+    handler = _printable(str(cb["handler"]))
+    if cb["state"] == "succeeded":
+        print(f"completion callback {handler} succeeded after {cb['attempts']} attempt(s)")
+        return True
+    err = cb.get("error") or {}
+    print(
+        f"completion callback {handler} failed after {cb['attempts']} attempt(s): "
+        f"{_printable(str(err.get('type', 'Error')))}: {_one_line(str(err.get('message', '')))}"
+        f" (redeliver: batch-supervisor redeliver {batch['id']})"
+    )
+    return False
 
 
 def _max_failures(text: str) -> int | str:
@@ -494,7 +535,8 @@ def cmd_client(args: argparse.Namespace) -> int:
             body2 = (
                 {"include_cancelled": True} if getattr(args, "include_cancelled", False) else None
             )
-            b = await _call(s, "POST", f"{base}/v1/batches/{args.id}/{verb}", json=body2)
+            path = "callback/redeliver" if verb == "redeliver" else verb
+            b = await _call(s, "POST", f"{base}/v1/batches/{args.id}/{path}", json=body2)
             print(f"batch {b['id']}: {b['status']}")
             return 0
 
@@ -552,7 +594,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--idempotency-key")
     s.add_argument("--on-complete", help="handler to call once the batch is terminal")
     s.add_argument("--metadata", help="a JSON object stored with the batch")
-    s.add_argument("--wait", action="store_true", help="watch until terminal; exit 0 on completed")
+    s.add_argument(
+        "--wait",
+        action="store_true",
+        help="watch until terminal and its callback has run; exit 0 on completed",
+    )
     s.add_argument("--json", action="store_true", help="print the batch JSON")
     st = with_url(sub.add_parser("status", help="show a batch"))
     st.add_argument("id")
@@ -568,6 +614,10 @@ def parser() -> argparse.ArgumentParser:
         v.add_argument("id")
         if verb == "retry":
             v.add_argument("--include-cancelled", action="store_true")
+    rd = with_url(
+        sub.add_parser("redeliver", help="run a batch's finished completion callback again")
+    )
+    rd.add_argument("id")
     return p
 
 

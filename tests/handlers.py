@@ -139,3 +139,16 @@ def sync_hangs(item: Item) -> Any:
     p = item.payload if isinstance(item.payload, dict) else {}
     time.sleep(float(p.get("sleep", 60)))
     return "woke"
+
+
+async def callback_slow(item: Item) -> Any:
+    """A completion callback that takes a second."""
+    await asyncio.sleep(1.0)
+    return {"saw": item.payload["summary"]["status"]}
+
+
+async def callback_until_flag(item: Item) -> Any:
+    """Fails until the file named by the batch's metadata ``flag`` exists."""
+    if not os.path.exists(item.payload["batch"]["metadata"]["flag"]):
+        raise RuntimeError("the downstream service is down")
+    return {"delivered": True}

@@ -221,6 +221,17 @@ async def resume_batch(request: web.Request) -> web.Response:
     return await _control(request, "pause_batch", False)
 
 
+@routes.post("/v1/batches/{id}/callback/redeliver")
+async def redeliver_callback(request: web.Request) -> web.Response:
+    """Admin: run a failed (or succeeded) completion callback again."""
+    principal(request).require("admin")
+    ctx = ctx_of(request)
+    outcome = await batches.control(
+        ctx.db, "redeliver_callback", request.match_info["id"], None, principal(request).name
+    )
+    return await _control_response(request, outcome)
+
+
 @routes.post("/v1/batches/{id}/retry")
 async def retry_batch(request: web.Request) -> web.Response:
     principal(request).require("write")  # before reading the body: a 403 is no 422

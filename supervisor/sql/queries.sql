@@ -234,6 +234,33 @@ UPDATE @schema.batches b
  WHERE b.id = c.id
 RETURNING b.*;
 
+-- name: redeliver_callback
+-- Admin: run a finished completion callback again, with a fresh attempt budget.
+-- Returns 'ok', 'not_found' or 'conflict:<reason>' like the batch controls.
+WITH b AS (
+    SELECT id, callback_state FROM @schema.batches
+     WHERE id = $1 AND ($2::text IS NULL OR tenant = $2) FOR UPDATE
+), upd AS (
+    UPDATE @schema.batches t
+       SET callback_state = 'pending', callback_attempts = 0, callback_error = NULL,
+           callback_run_after = now(), version = t.version + 1
+      FROM b WHERE t.id = b.id AND b.callback_state IN ('failed', 'succeeded')
+    RETURNING t.id, t.version, t.status
+), logged AS (
+    INSERT INTO @schema.batch_events (batch_id, action, actor, detail)
+    SELECT id, 'callback_redeliver', $3, '{}' FROM upd
+), notified AS (
+    SELECT pg_notify('@sname_batch', id::text || ':' || version::text || ':' || status),
+           pg_notify('@sname_wake', 'callback')
+      FROM upd
+)
+SELECT CASE
+    WHEN NOT EXISTS (SELECT 1 FROM b) THEN 'not_found'
+    WHEN EXISTS (SELECT 1 FROM notified) THEN 'ok'
+    WHEN (SELECT callback_state FROM b) = 'none' THEN 'conflict:this batch has no completion callback yet'
+    ELSE 'conflict:the callback is ' || (SELECT callback_state FROM b) || '; only a finished one is redelivered'
+END AS outcome;
+
 -- name: finish_callback
 -- Fenced callback outcome: $4 = succeeded | failed | pending (retry after $6 seconds).
 WITH upd AS (
