@@ -152,3 +152,10 @@ async def callback_until_flag(item: Item) -> Any:
     if not os.path.exists(item.payload["batch"]["metadata"]["flag"]):
         raise RuntimeError("the downstream service is down")
     return {"delivered": True}
+
+
+async def callback_fails_timed(item: Item) -> Any:
+    """Appends the time of each call to the batch's metadata ``times`` file, then fails."""
+    with open(item.payload["batch"]["metadata"]["times"], "a") as f:
+        f.write(f"{time.time()}\n")
+    raise RuntimeError("still down")

@@ -72,3 +72,21 @@ def test_a_failed_callback_is_reported_and_can_be_redelivered(
         "POST", "/v1/batches/00000000-0000-0000-0000-000000000000/callback/redeliver"
     )
     assert status == 404, (status, body)
+
+
+def test_callback_retries_keep_sub_second_backoff(daemons: Any, tmp_path: pathlib.Path) -> None:
+    """The delay went through an integer parameter: 500 ms became 0."""
+    backoff = {"initial": "500ms", "max": "500ms", "multiplier": 1.0, "jitter": 0.0}
+    cb = {
+        "type": "python",
+        "target": "tests.handlers:callback_fails_timed",
+        "timeout": "5s",
+        "max_attempts": 2,
+        "retry_backoff": backoff,
+    }
+    d: Daemon = daemons(handlers=HANDLERS | {"cb_timed": cb})
+    times = tmp_path / "times"
+    b = d.submit("echo", [1], on_complete="cb_timed", metadata={"times": str(times)})
+    wait_for(lambda: d.batch(b["id"])["callback"]["state"] == "failed", 20, 0.05)
+    first, second = (float(t) for t in times.read_text().split())
+    assert second - first >= 0.5, second - first

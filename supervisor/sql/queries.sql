@@ -266,7 +266,7 @@ END AS outcome;
 WITH upd AS (
     UPDATE @schema.batches
        SET callback_state = $4, callback_error = $5, callback_lease = NULL,
-           callback_run_after = now() + make_interval(secs => coalesce($6, 0)),
+           callback_run_after = now() + make_interval(secs => coalesce($6::double precision, 0)),
            version = version + 1
      WHERE id = $1 AND callback_state = 'running' AND callback_lease = $2 AND callback_attempts = $3
     RETURNING id, version, status
