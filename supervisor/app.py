@@ -174,7 +174,7 @@ class Daemon:
 
         ob = outbox_mod.Outbox(db, actor, applied)
         disp = dispatcher.Dispatcher(cfg, db, built, ob, self.lease)
-        self.metrics.track_in_flight(built, lambda handler: disp.per_handler[handler])
+        self.metrics.track_in_flight(built, lambda handler: disp.per_handler[handler], disp.waiting)
         for name, h in built.items():
             if isinstance(h, python_handler.PythonHandler):
                 self.metrics.track_abandoned_threads(name, functools.partial(_abandoned, h))

@@ -174,6 +174,10 @@ class Dispatcher:
             log.info("dispatcher.released_paused batch=%s items=%s", batch_id, n)
         return n
 
+    def waiting(self, handler: str) -> int:
+        """Items of ``handler`` claimed by us that wait for a worker (not started)."""
+        return len(self._ready[handler])
+
     def window(self) -> int:
         """Claimed and unfinished attempts this daemon may hold: ``concurrency``
         running plus the prefetch window. ``[worker] prefetch = "auto"`` (the

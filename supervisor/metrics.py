@@ -17,7 +17,7 @@ import anyio
 import anyio.abc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from supervisor import __version__
+from supervisor import __version__, states
 from supervisor import db as dbm
 from supervisor.errors import DatabaseUnavailable
 from supervisor.executor import OutcomeRecord
@@ -26,6 +26,11 @@ from supervisor.outbox import Applied, metric_outcome
 log = logging.getLogger(__name__)
 PREFIX = "batch_supervisor_"
 WORKER_STATES = ("starting", "running", "draining", "stopped")
+# Every value of items_total's outcome label (see outbox.metric_outcome).
+ITEM_OUTCOMES = ("succeeded", "failed", "retried", "cancelled", "released", "reclaimed")
+UNFINISHED_BATCH_STATES = tuple(
+    s.value for s in states.BatchStatus if s not in states.BATCH_TERMINAL
+)
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
 
@@ -44,6 +49,30 @@ class Metrics:
         )
         self.in_flight = Gauge(
             PREFIX + "items_in_flight", "Items running in this daemon.", ["handler"], registry=r
+        )
+        self.claimed_waiting = Gauge(
+            PREFIX + "items_claimed_waiting",
+            "Items this daemon has claimed that wait for a worker (not started yet).",
+            ["handler"],
+            registry=r,
+        )
+        self.paused = Gauge(
+            PREFIX + "items_paused",
+            "Queued items of paused batches (sampled).",
+            ["handler"],
+            registry=r,
+        )
+        self.oldest_running = Gauge(
+            PREFIX + "oldest_running_attempt_seconds",
+            "Age of the oldest running attempt, any daemon (sampled).",
+            ["handler"],
+            registry=r,
+        )
+        self.oldest_batch = Gauge(
+            PREFIX + "oldest_unfinished_batch_seconds",
+            "Age of the oldest batch that is not terminal, by status (sampled).",
+            ["status"],
+            registry=r,
         )
         self.threads_abandoned = Gauge(
             PREFIX + "handler_threads_abandoned",
@@ -95,11 +124,21 @@ class Metrics:
         for s in WORKER_STATES:
             self.worker_state.labels(s).set(1 if s == state else 0)
 
-    def track_in_flight(self, handlers: Iterable[str], running: Callable[[str], int]) -> None:
-        """The in-flight gauge reads the dispatcher's counts when scraped: nothing
-        to do per attempt on the hot path."""
+    def track_in_flight(
+        self,
+        handlers: Iterable[str],
+        running: Callable[[str], int],
+        waiting: Callable[[str], int],
+    ) -> None:
+        """The in-flight and claimed-waiting gauges read the dispatcher's counts when
+        scraped: nothing to do per attempt on the hot path. Every handler's item
+        counters start at 0, so that ``rate()`` and ``increase()`` see a freshly
+        started daemon that finishes nothing (a stuck queue after a restart)."""
         for name in handlers:
             self.in_flight.labels(name).set_function(functools.partial(running, name))
+            self.claimed_waiting.labels(name).set_function(functools.partial(waiting, name))
+            for outcome in ITEM_OUTCOMES:
+                self.items.labels(name, outcome)
 
     def track_abandoned_threads(self, handler: str, count: Callable[[], int]) -> None:
         self.threads_abandoned.labels(handler).set_function(count)
@@ -153,15 +192,23 @@ class QueueSampler:
         while True:
             try:
                 rows = await self._db.fetch("queue_stats")
+                running = await self._db.fetch("running_stats")
+                batches = await self._db.fetch("unfinished_batch_stats")
             except DatabaseUnavailable:
                 rows = None  # keep the last sample; the outage is reported elsewhere
             if rows is not None:
-                now = {r["handler"] for r in rows}
-                for r in rows:
-                    self._metrics.queued.labels(r["handler"]).set(r["queued"] or 0)
-                    self._metrics.queue_lag.labels(r["handler"]).set(float(r["lag"] or 0))
-                for h in seen - now:
-                    self._metrics.queued.labels(h).set(0)
-                    self._metrics.queue_lag.labels(h).set(0)
+                m = self._metrics
+                oldest = {r["handler"]: float(r["oldest"] or 0) for r in running}
+                now = {r["handler"] for r in rows} | set(oldest)
+                by_handler = {r["handler"]: r for r in rows}
+                for h in now | seen:
+                    r = by_handler.get(h)
+                    m.queued.labels(h).set((r["queued"] or 0) if r else 0)
+                    m.paused.labels(h).set((r["paused"] or 0) if r else 0)
+                    m.queue_lag.labels(h).set(float(r["lag"] or 0) if r else 0.0)
+                    m.oldest_running.labels(h).set(oldest.get(h, 0.0))
+                ages = {r["status"]: float(r["oldest"] or 0) for r in batches}
+                for status in UNFINISHED_BATCH_STATES:
+                    m.oldest_batch.labels(status).set(ages.get(status, 0.0))
                 seen |= now
             await anyio.sleep(self._interval)

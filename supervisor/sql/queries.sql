@@ -277,16 +277,31 @@ WITH upd AS (
 SELECT pg_notify('@sname_batch', id::text || ':' || version::text || ':' || status) FROM upd;
 
 -- name: queue_stats
--- Sampled for metrics: runnable queued items and the age of the oldest, per handler.
-SELECT b.handler, sum(b.queued)::bigint AS queued,
+-- Sampled for metrics, per handler: queued items of active batches and the age of
+-- the oldest runnable one; queued items of paused batches apart.
+SELECT b.handler,
+       coalesce(sum(b.queued) FILTER (WHERE b.status <> 'paused'), 0)::bigint AS queued,
+       coalesce(sum(b.queued) FILTER (WHERE b.status = 'paused'), 0)::bigint AS paused,
        coalesce(extract(epoch FROM now() - min(o.run_after)), 0) AS lag
   FROM @schema.batches b
   LEFT JOIN LATERAL (
       SELECT i.run_after FROM @schema.items i
        WHERE i.batch_id = b.id AND i.status = 'queued' AND i.run_after <= now()
+         AND b.status <> 'paused'
        ORDER BY i.run_after LIMIT 1) o ON true
- WHERE b.status IN ('queued', 'running')
+ WHERE b.status IN ('queued', 'running', 'paused')
  GROUP BY b.handler;
+
+-- name: running_stats
+-- Sampled for metrics: the age of the oldest running attempt per handler (any daemon).
+SELECT handler, extract(epoch FROM now() - min(started_at)) AS oldest
+  FROM @schema.items WHERE status = 'running' GROUP BY handler;
+
+-- name: unfinished_batch_stats
+-- Sampled for metrics: the age of the oldest batch in each non-terminal status.
+SELECT status, extract(epoch FROM now() - min(created_at)) AS oldest
+  FROM @schema.batches
+ WHERE status IN ('queued', 'running', 'paused', 'cancelling') GROUP BY status;
 
 -- name: retention_delete
 -- Delete up to $2 terminal batches finished before $1 seconds ago, with their items.
