@@ -469,7 +469,8 @@ class Dispatcher:
             if reason is StopReason.TIMEOUT:
                 result = executor.timed_out(handler, item, self._worker)
             else:
-                result = executor.cancelled_attempt(item, reason, self._worker)
+                ran_s = time.monotonic() - started
+                result = executor.cancelled_attempt(item, reason, self._worker, ran_s)
             raise
         finally:
             del self._running[key]

@@ -204,10 +204,25 @@ async def invoke(handler: Handler, item: Item, worker: str) -> Attempt:
     return timed_out(handler, item, worker)
 
 
-def cancelled_attempt(item: Item, reason: StopReason, worker: str) -> Attempt:
-    """The outcome of an attempt stopped from outside, by reason."""
+def cancelled_attempt(
+    item: Item, reason: StopReason, worker: str, ran_s: float | None = None
+) -> Attempt:
+    """The outcome of an attempt stopped from outside, by reason. ``ran_s``: how
+    long its handler had run (None: it never started, so it leaves no trace)."""
     if reason is StopReason.SHUTDOWN:
-        return Attempt(states.Outcome.RELEASED)
+        if ran_s is None:
+            return Attempt(states.Outcome.RELEASED)
+        return Attempt(
+            states.Outcome.RELEASED,
+            error=error_entry(
+                item.attempt,
+                "Released",
+                f"the daemon was shutting down: this attempt was stopped after {ran_s:.1f}s "
+                "of work and handed back (not counted against max_attempts)",
+                None,
+                worker,
+            ),
+        )
     return Attempt(
         states.Outcome.CANCELLED,
         error=error_entry(

@@ -236,6 +236,11 @@ def test_sigterm_releases_long_items_after_drain_timeout(daemons: DaemonFactory)
     assert "dispatcher.released items=3" in a.log(), a.log()
     _released_items(obs, batch["id"], n)
     assert "a" not in {w["name"] for w in workers(obs)}
+    # The history says the attempt ran and was stopped by the drain, uncounted.
+    for it in obs.items(batch["id"]):
+        errors = item_detail(obs, it["id"])["errors"]
+        assert [(e["attempt"], e["type"]) for e in errors] == [(1, "Released")], errors
+        assert "shutting down" in errors[0]["message"] and "not counted" in errors[0]["message"]
 
 
 def test_second_sigterm_skips_the_drain_wait(daemons: DaemonFactory) -> None:
