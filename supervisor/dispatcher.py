@@ -276,8 +276,10 @@ class Dispatcher:
                     hcfg = self._handlers[name].config
                     n = min(free - claimed, batch_size)
                     if hcfg.concurrency is not None:
-                        # prefetch at most one more round of this handler's own cap
-                        n = min(n, 2 * hcfg.concurrency - self._owned_per_handler[name])
+                        # The cap bounds what we claim, not only what runs: a claim
+                        # is `running` in the batch's counts, and items waiting here
+                        # while other daemons have free workers would be held back.
+                        n = min(n, hcfg.concurrency - self._owned_per_handler[name])
                     if n <= 0:
                         continue
                     # Shielded: a soft stop that cancelled a claim as it committed

@@ -14,6 +14,7 @@ from collections import defaultdict
 from typing import Any
 
 from tests.daemon import DEFAULT_HANDLERS, wait_for
+from tests.system.test_operations import metrics_of
 
 
 def runlog(path: pathlib.Path) -> list[dict[str, Any]]:
@@ -101,3 +102,17 @@ def test_rate_limit_holds_across_two_daemons(daemons: Any, tmp_path: pathlib.Pat
     worst = max(sum(1 for t in starts if s <= t < s + 1.0) for s in starts)
     assert worst <= 23, worst  # 20/s plus the small burst the bucket allows
     assert starts[-1] - starts[0] >= 2.5  # 60 starts at 20/s cannot take less than ~3 s
+
+
+def test_a_handler_concurrency_caps_what_each_daemon_claims(daemons: Any) -> None:
+    """Two daemons, concurrency 2: four items are running, not eight (claims beyond
+    the cap were counted as running while they waited for a worker)."""
+    capped = {**DEFAULT_HANDLERS["sleeper"], "concurrency": 2}
+    handlers = DEFAULT_HANDLERS | {"sleeper": capped}
+    a = daemons("a", handlers=handlers)
+    b = daemons("b", handlers=handlers)
+    batch = a.submit("sleeper", [{"sleep": 3600, "n": i} for i in range(12)])
+    key = 'batch_supervisor_items_in_flight{handler="sleeper"}'
+    wait_for(lambda: metrics_of(a)[key] == 2 and metrics_of(b)[key] == 2, 20, 0.05)
+    counts = a.batch(batch["id"])["counts"]
+    assert counts["running"] == 4 and counts["queued"] == 8, counts
