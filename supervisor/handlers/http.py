@@ -4,7 +4,9 @@
 connection errors and timeouts are retried, honouring ``Retry-After``; any
 other status fails the item at once. With ``signing_secret`` the request
 carries ``X-Supervisor-Signature: sha256=<hex HMAC-SHA256 of the body>`` so the
-receiver can tell our requests from forged ones. Redirects are not followed:
+receiver can tell our requests from forged ones. The body's ``sent_at`` (unix
+seconds, also sent as ``X-Supervisor-Timestamp``) is covered by that signature,
+so a receiver can refuse a captured request replayed later. Redirects are not followed:
 a redirected POST may turn into a GET or carry the signed body elsewhere.
 
 The attempt's only time limit is the handler ``timeout`` the executor
@@ -18,6 +20,7 @@ import hashlib
 import hmac
 import json
 import re
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +33,7 @@ from supervisor.errors import HandlerLoadError, PermanentError
 from supervisor.models import Item
 
 SIGNATURE_HEADER = "X-Supervisor-Signature"
+TIMESTAMP_HEADER = "X-Supervisor-Timestamp"
 BODY_LIMIT = 10 * 1024 * 1024  # a successful response is stored as the result: keep it sane
 ERROR_BODY_READ = 64 * 1024  # of an error response, only an excerpt is kept
 EXCERPT_CHARS = 500
@@ -163,10 +167,11 @@ class HttpHandler:
             )
         return self._session
 
-    def _request_headers(self, body: bytes) -> dict[str, str]:
+    def _request_headers(self, body: bytes, sent_at: int) -> dict[str, str]:
         headers = {
             "Content-Type": "application/json",
             "User-Agent": f"batch-supervisor/{__version__}",
+            TIMESTAMP_HEADER: str(sent_at),
         }
         lower = {k.lower(): k for k in headers}
         for key, value in self._headers.items():
@@ -177,10 +182,16 @@ class HttpHandler:
         return headers
 
     async def run(self, item: Item) -> Any:
-        body = json.dumps({"item": item.to_json()}, separators=(",", ":")).encode()
+        sent_at = int(time.time())
+        body = json.dumps(
+            {"item": item.to_json(), "sent_at": sent_at}, separators=(",", ":")
+        ).encode()
         try:
             async with self._client().post(
-                self._url, data=body, headers=self._request_headers(body), allow_redirects=False
+                self._url,
+                data=body,
+                headers=self._request_headers(body, sent_at),
+                allow_redirects=False,
             ) as resp:
                 status = resp.status
                 if 200 <= status < 300:
