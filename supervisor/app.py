@@ -115,7 +115,9 @@ class Daemon:
             if version != latest:
                 reasons.append(f"schema at version {version}, expected {latest}")
         except (DatabaseUnavailable, TimeoutError) as exc:
-            reasons.append(f"database unreachable: {exc}")
+            # The probe is public: the error (host, port, role) goes to the log only.
+            log.debug("app.readiness database error=%s", exc)
+            reasons.append("database unreachable")
         if not disp.db_ok:
             reasons.append("database unavailable to the dispatcher")
         return not reasons, reasons

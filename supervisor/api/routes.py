@@ -325,7 +325,8 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/v1/workers")
 async def workers(request: web.Request) -> web.Response:
-    principal(request).require("read")
+    # Hosts and pids of the whole fleet, across tenants: operators only.
+    principal(request).require("admin")
     rows = await ctx_of(request).db.fetch("list_workers")
     return _json(
         {
