@@ -130,6 +130,8 @@ class TokenConfig:
     tenant: str
     sha256: str
     scopes: tuple[str, ...]
+    # Handlers this token may submit to or name as on_complete; None = every handler.
+    handlers: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,6 +364,10 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
 
     tokens = _tokens(ck, ck.section(raw, "auth"))
     handlers = _handlers(ck, ck.section(raw, "handlers"))
+    for i, tok in enumerate(tokens):
+        for h in tok.handlers or ():
+            if h not in handlers:
+                ck.problems.append(f"auth.tokens[{i}].handlers: no handler {h!r}")
 
     if not tokens and not _is_loopback(server.host):
         ck.problems.append(
@@ -412,7 +418,11 @@ def _tokens(ck: _Checker, auth: Mapping[str, Any]) -> tuple[TokenConfig, ...]:
         if not isinstance(t, dict):
             ck.problems.append(f"{p}: expected a table")
             continue
-        ck.unknown(p, t, ["name", "tenant", "sha256", "scopes"])
+        ck.unknown(p, t, ["name", "tenant", "sha256", "scopes", "handlers"])
+        allowed = ck.get(t, p, "handlers", list, None) if "handlers" in t else None
+        if allowed is not None and not all(isinstance(h, str) for h in allowed):
+            ck.problems.append(f"{p}.handlers: expected a list of handler names")
+            allowed = None
         digest = ck.get(t, p, "sha256", str, "")
         if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
             ck.problems.append(f"{p}.sha256: expected the 64-hex-digit SHA-256 of the token")
@@ -436,6 +446,7 @@ def _tokens(ck: _Checker, auth: Mapping[str, Any]) -> tuple[TokenConfig, ...]:
                 tenant=ck.get(t, p, "tenant", str, "default") or "default",
                 sha256=digest.lower(),
                 scopes=tuple(str(s) for s in scopes),
+                handlers=tuple(allowed) if allowed is not None else None,
             )
         )
     return tuple(out)

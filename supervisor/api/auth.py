@@ -27,6 +27,12 @@ class Principal:
     name: str
     tenant: str
     scopes: frozenset[str]
+    handlers: frozenset[str] | None = None  # None: every handler
+
+    def may_use(self, handler: str, field: str) -> None:
+        """403 unless this token may run ``handler`` (named by request ``field``)."""
+        if self.handlers is not None and handler not in self.handlers:
+            raise Problem(403, f"{field}: this token may not use handler {handler!r}")
 
     @property
     def tenant_filter(self) -> str | None:
@@ -72,4 +78,5 @@ class Authenticator:
             raise Problem(
                 401, "invalid token", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}
             )
-        return Principal(match.name, match.tenant, frozenset(match.scopes))
+        allowed = frozenset(match.handlers) if match.handlers is not None else None
+        return Principal(match.name, match.tenant, frozenset(match.scopes), allowed)

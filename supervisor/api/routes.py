@@ -89,6 +89,9 @@ async def create_batch(request: web.Request) -> web.Response:
         max_items=ctx.cfg.server.max_items_per_batch,
     )
     hcfg = ctx.cfg.handlers[nb.handler]
+    who.may_use(nb.handler, "handler")
+    if nb.on_complete is not None:
+        who.may_use(nb.on_complete, "on_complete")
     try:
         result = await batches.submit(
             ctx.db,
