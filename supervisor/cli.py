@@ -187,7 +187,8 @@ def _client_url(args: argparse.Namespace) -> str:
             raise ClientError(detail) from None
         host = "127.0.0.1" if server.host in ("0.0.0.0", "") else server.host
         host = "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
-        return f"http://{host}:{server.port}"
+        scheme = "https" if server.tls_cert else "http"
+        return f"{scheme}://{host}:{server.port}"
     return DEFAULT_URL
 
 

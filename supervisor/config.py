@@ -14,6 +14,7 @@ import ipaddress
 import os
 import re
 import socket
+import ssl
 import tomllib
 import urllib.parse
 from collections.abc import Mapping
@@ -89,6 +90,19 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()
     # Host header values accepted besides the served address (DNS-rebinding guard).
     allowed_hosts: tuple[str, ...] = ()
+    tls_cert: str = ""  # PEM certificate chain; with tls_key the API speaks HTTPS only
+    tls_key: str = ""
+    # Tokens over plain HTTP on a non-loopback address (a TLS-terminating proxy in front)
+    allow_plain_http: bool = False
+    metrics_auth: bool = False  # /metrics needs a read token (when tokens are configured)
+
+
+def tls_context(server: ServerConfig) -> ssl.SSLContext:
+    """The API's server-side TLS context (TLS 1.2 or newer)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(server.tls_cert, server.tls_key)
+    return ctx
 
 
 def default_worker_name(port: int) -> str:
@@ -327,7 +341,19 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
         metrics_sample_interval_s=ck.duration(t, "server", "metrics_sample_interval", 5.0),
         allowed_origins=_strings(ck, t, "server", "allowed_origins"),
         allowed_hosts=_strings(ck, t, "server", "allowed_hosts"),
+        tls_cert=ck.get(t, "server", "tls_cert", str, ""),
+        tls_key=ck.get(t, "server", "tls_key", str, ""),
+        allow_plain_http=ck.get(t, "server", "allow_plain_http", bool, False),
+        metrics_auth=ck.get(t, "server", "metrics_auth", bool, False),
     )
+    if bool(server.tls_cert) != bool(server.tls_key):
+        missing = "tls_key" if server.tls_cert else "tls_cert"
+        ck.problems.append(f"server.{missing}: required with server.tls_cert/tls_key")
+    elif server.tls_cert:
+        try:
+            tls_context(server)
+        except (OSError, ssl.SSLError) as exc:
+            ck.problems.append(f"server.tls_cert: cannot load the certificate and key: {exc}")
 
     t = ck.section(raw, "worker")
     ck.unknown("worker", t, _fields(WorkerConfig))
@@ -373,6 +399,12 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
         ck.problems.append(
             f"server.host: {server.host!r} is not a loopback address and no [[auth.tokens]] are "
             "configured; refusing to serve an open API on the network"
+        )
+    elif not server.tls_cert and not server.allow_plain_http and not _is_loopback(server.host):
+        ck.problems.append(
+            f"server.tls_cert: on {server.host!r} (not a loopback address) bearer tokens would "
+            "cross the network in cleartext; set server.tls_cert and server.tls_key, or "
+            "server.allow_plain_http = true behind a TLS-terminating proxy"
         )
     if ck.problems:
         raise ConfigError(ck.problems)

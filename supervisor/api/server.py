@@ -20,6 +20,7 @@ import anyio
 import anyio.abc
 from aiohttp import web
 
+from supervisor import config
 from supervisor.api import routes
 from supervisor.api.context import CTX, PRINCIPAL, ApiContext
 from supervisor.api.guard import Guard
@@ -37,8 +38,10 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     try:
         request.app[GUARD].check(request)
         path = request.path
-        if not (path in PUBLIC or path.startswith("/static/")):
-            ctx = request.app[CTX]
+        ctx = request.app[CTX]
+        if path == "/metrics" and ctx.cfg.server.metrics_auth:
+            ctx.auth.authenticate(request).require("read")
+        elif not (path in PUBLIC or path.startswith("/static/")):
             if not ctx.serving():
                 raise Problem(
                     503,
@@ -132,7 +135,10 @@ class ApiServer:
         await runner.setup()
         try:
             host, port = self._ctx.cfg.server.host, self._ctx.cfg.server.port
-            site = web.TCPSite(runner, host, port)
+            tls = (
+                config.tls_context(self._ctx.cfg.server) if self._ctx.cfg.server.tls_cert else None
+            )
+            site = web.TCPSite(runner, host, port, ssl_context=tls)
             try:
                 await site.start()
             except OSError as exc:
@@ -144,7 +150,12 @@ class ApiServer:
             server = getattr(site, "_server", None)
             sockets = getattr(server, "sockets", None) or []
             self.port = sockets[0].getsockname()[1] if sockets else self._ctx.cfg.server.port
-            log.info("api.listening host=%s port=%s", self._ctx.cfg.server.host, self.port)
+            log.info(
+                "api.listening host=%s port=%s tls=%s",
+                self._ctx.cfg.server.host,
+                self.port,
+                "on" if tls else "off",
+            )
             task_status.started()
             await anyio.sleep_forever()
         finally:

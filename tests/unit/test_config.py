@@ -101,7 +101,11 @@ def test_open_api_on_a_public_address_is_refused() -> None:
     ps = problems({"server": {"host": "0.0.0.0"}})
     assert any(p.startswith("server.host: '0.0.0.0' is not a loopback address") for p in ps)
     tok = {"name": "ci", "tenant": "t", "sha256": "a" * 64, "scopes": ["read"]}
-    cfg = config.from_mapping({"server": {"host": "0.0.0.0"}, "auth": {"tokens": [tok]}})
+    ps = problems({"server": {"host": "0.0.0.0"}, "auth": {"tokens": [tok]}})
+    assert any(p.startswith("server.tls_cert: on '0.0.0.0'") for p in ps), ps
+    cfg = config.from_mapping(
+        {"server": {"host": "0.0.0.0", "allow_plain_http": True}, "auth": {"tokens": [tok]}}
+    )
     assert cfg.tokens[0].scopes == ("read",)
 
 
