@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
 import shutil
+import socket
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -25,3 +28,18 @@ def data_dir() -> Iterator[pathlib.Path]:
         with contextlib.suppress(embedded.EmbeddedPostgresError):
             embedded.EmbeddedPostgres(path).stop("immediate")
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[tuple[str, socket.socket]]:
+    """A datagram socket standing in for systemd's (short path: sun_path is 108 bytes)."""
+    d = tempfile.mkdtemp(prefix="bsv-n-")
+    path = os.path.join(d, "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.1)
+    try:
+        yield path, sock
+    finally:
+        sock.close()
+        shutil.rmtree(d, ignore_errors=True)

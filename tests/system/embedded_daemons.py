@@ -14,3 +14,9 @@ def start_embedded(daemons: DaemonFactory, name: str, data_dir: pathlib.Path, **
     extra = {"embedded": {"data_dir": str(data_dir)}} | kw.pop("extra", {})
     d = daemons(name, start=False, env={"BATCH_SUPERVISOR_DATABASE_URL": ""}, extra=extra, **kw)
     return d.start(wait=False)
+
+
+def completes_a_batch(d: Daemon, timeout: float = 60) -> None:
+    """The daemon still does work: a small batch completes."""
+    batch = d.submit("echo", [1, 2, 3])
+    assert d.wait_status(batch["id"], "completed", timeout=timeout)["counts"]["succeeded"] == 3

@@ -17,14 +17,12 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import asyncpg
-import pytest
 
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, request, wait_for
-from tests.system.embedded_daemons import start_embedded
+from tests.system.embedded_daemons import completes_a_batch, start_embedded
 
 
 def _postmaster(data_dir: pathlib.Path) -> int:
@@ -36,24 +34,19 @@ def _healthz(d: Daemon) -> tuple[int, object]:
     return status, body
 
 
-def _works(d: Daemon) -> None:
-    batch = d.submit("echo", [1, 2, 3])
-    assert d.wait_status(batch["id"], "completed", timeout=60)["counts"]["succeeded"] == 3
-
-
 def test_killed_embedded_server_is_restarted_and_work_resumes(
     daemons: DaemonFactory, data_dir: pathlib.Path
 ) -> None:
     d = start_embedded(daemons, "owner", data_dir)
     d.wait_ready(90)
-    _works(d)
+    completes_a_batch(d)
     old = _postmaster(data_dir)
     os.kill(old, signal.SIGKILL)
 
     wait_for(lambda: "embedded.restarted" in d.log(), 60, 0.1, "the server restarted")
     assert "embedded.died" in d.log(), d.log()
     assert _postmaster(data_dir) != old
-    _works(d)
+    completes_a_batch(d)
     assert _healthz(d) == (200, {"status": "ok"})
     assert d.proc is not None and d.proc.poll() is None
 
@@ -76,18 +69,6 @@ def test_embedded_server_that_cannot_restart_ends_the_daemon(
     code = d.wait_exit(120)
     assert code not in (0, 78), (code, d.log())
     assert "died and could not be restarted" in d.log(), d.log()
-
-
-@pytest.fixture
-def notify_socket(tmp_path: pathlib.Path) -> Iterator[tuple[str, socket.socket]]:
-    path = str(tmp_path / "notify")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.settimeout(0.05)
-    try:
-        yield path, sock
-    finally:
-        sock.close()
 
 
 def _pings(sock: socket.socket, within: float = 1.0) -> int:

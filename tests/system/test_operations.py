@@ -9,17 +9,14 @@ their stderr, sd_notify datagrams, exit codes. Daemon configs use short interval
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import tomllib
-from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -314,21 +311,6 @@ def test_database_outage_mid_batch(
 
 
 # -- 5. sd_notify ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def notify_socket() -> Iterator[tuple[str, socket.socket]]:
-    """A datagram socket standing in for systemd's (short path: sun_path is 108 bytes)."""
-    d = tempfile.mkdtemp(prefix="bsv-n-")
-    path = os.path.join(d, "notify")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.settimeout(0.1)
-    try:
-        yield path, sock
-    finally:
-        sock.close()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_sd_notify_protocol(

@@ -11,16 +11,10 @@ from __future__ import annotations
 import pathlib
 
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon
 from tests.pgharness import postgres_pids
-from tests.system.embedded_daemons import start_embedded
+from tests.system.embedded_daemons import completes_a_batch, start_embedded
 
 EX_CONFIG = 78
-
-
-def _works(d: Daemon) -> None:
-    batch = d.submit("echo", [1, 2, 3])
-    assert d.wait_status(batch["id"], "completed", timeout=30)["counts"]["succeeded"] == 3
 
 
 def test_second_daemon_leaves_the_shared_server_running(
@@ -30,11 +24,11 @@ def test_second_daemon_leaves_the_shared_server_running(
     first.wait_ready(90)
     second = start_embedded(daemons, "second", data_dir)
     second.wait_ready(60)
-    _works(second)
+    completes_a_batch(second)
     assert second.stop() == 0
     assert postgres_pids(data_dir), "the first daemon's server was stopped"
     assert "left running" in second.log(), second.log()
-    _works(first)
+    completes_a_batch(first)
     # The last user stops it.
     assert first.stop() == 0
     assert not postgres_pids(data_dir), first.log()
@@ -50,4 +44,4 @@ def test_second_run_on_a_busy_port_leaves_the_first_one_working(
     assert again.wait_exit(60) == EX_CONFIG, again.log()
     assert "Traceback" not in again.log(), again.log()
     assert postgres_pids(data_dir), "the failed second run stopped the first one's server"
-    _works(first)
+    completes_a_batch(first)
