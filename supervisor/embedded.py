@@ -33,6 +33,7 @@ import shlex
 import shutil
 import stat
 import subprocess
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
@@ -427,6 +428,15 @@ def _postmaster_pid_in(lock_file: pathlib.Path) -> int | None:
     return int(first) if first.lstrip("-").isdigit() else None
 
 
+def _socket_dir_in(pid_file: pathlib.Path) -> pathlib.Path | None:
+    """The socket directory a running server recorded (line 5 of postmaster.pid)."""
+    try:
+        lines = pid_file.read_text().split("\n")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return pathlib.Path(lines[4].strip()) if len(lines) > 4 and lines[4].strip() else None
+
+
 def reap_orphaned_servers() -> list[int]:
     """Reap zombie postgres processes that were re-parented to this process.
 
@@ -555,6 +565,7 @@ class EmbeddedPostgres:
         self._account: _Account | None = None
         self._dsn: str | None = None
         self._users_fd: int | None = None  # our shared lock on users_file while we use it
+        self._socket_override: pathlib.Path | None = None  # set if the /tmp name was squatted
         self.adopted = False  # True when start() found the server already running
 
     # -- properties
@@ -583,10 +594,19 @@ class EmbeddedPostgres:
 
     @property
     def socket_dir(self) -> pathlib.Path:
-        """The server's private socket directory (short fallback under /tmp if needed)."""
+        """The server's private socket directory: inside the data directory, or, when
+        that path is too long for a socket name, a short one under /tmp. The /tmp name
+        is predictable, so anyone could create it first: a running server's actual
+        directory is read from its postmaster.pid, and a squatted name is replaced by
+        a fresh random directory at start (see _prepare_socket_dir)."""
         preferred = self._data_dir / ".s"
         if len(os.fsencode(preferred / f".s.PGSQL.{self._port}")) <= _SOCKET_PATH_MAX:
             return preferred
+        if self._socket_override is not None:
+            return self._socket_override
+        running = _socket_dir_in(self._data_dir / "postmaster.pid")
+        if running is not None and self._live_postmaster() is not None:
+            return running
         digest = hashlib.sha256(os.fsencode(self._data_dir)).hexdigest()[:16]
         return pathlib.Path(f"/tmp/bsv-{digest}")
 
@@ -806,7 +826,16 @@ class EmbeddedPostgres:
         sock = self.socket_dir
         with contextlib.suppress(FileExistsError):
             sock.mkdir(mode=0o700)
-        self._own_private_dir(account, sock)
+        try:
+            self._own_private_dir(account, sock)
+        except EmbeddedPostgresError as exc:
+            if sock.parent != pathlib.Path("/tmp"):
+                raise
+            # Someone else made our predictable name first: never use it, never fail.
+            fresh = pathlib.Path(tempfile.mkdtemp(prefix=f"{sock.name}-", dir="/tmp"))
+            logger.warning("embedded.socket_dir: %s; using %s instead", exc, fresh)
+            self._own_private_dir(account, fresh)
+            self._socket_override = fresh
 
     def _initdb(self, account: _Account, bin_dir: pathlib.Path) -> None:
         logger.info("embedded.initdb: creating cluster in %s", self._data_dir)
