@@ -215,6 +215,9 @@ class ExecHandler:
                     f"{self._argv[0]} wrote more than {STDOUT_LIMIT} bytes to stdout"
                 )
             code = await process.wait()
+            # Whatever the exit status, nothing the attempt started outlives it: a
+            # background child left in the group (`cmd &`) goes with the leader.
+            _signal_group(process.pid, signal.SIGKILL)
         except BaseException:
             await _kill_group(process)  # cancelled or failed: leave no process behind
             raise
