@@ -43,7 +43,7 @@ from supervisor import db as dbm
 from supervisor import metrics as metrics_mod
 from supervisor import outbox as outbox_mod
 from supervisor.api.auth import Authenticator
-from supervisor.api.context import ApiContext
+from supervisor.api.context import ApiContext, StreamSlots
 from supervisor.api.server import ApiServer
 from supervisor.config import Config
 from supervisor.errors import ConfigError, DatabaseUnavailable, SupervisorError
@@ -158,12 +158,22 @@ class Daemon:
 
     async def _run(self, dsn: str, built: dict[str, handlers.Handler]) -> int:
         db = await dbm.Database.connect(self.cfg, dsn, on_error=self.metrics.db_error)
+        api_db = await dbm.Database.connect(
+            self.cfg, dsn, on_error=self.metrics.db_error, max_size=self.cfg.database.api_pool_max
+        )
         try:
-            return await self._serve(db, dsn, built)
+            return await self._serve(db, api_db, dsn, built)
         finally:
+            await api_db.close()
             await db.close()
 
-    async def _serve(self, db: dbm.Database, dsn: str, built: dict[str, handlers.Handler]) -> int:
+    async def _serve(
+        self,
+        db: dbm.Database,
+        api_db: dbm.Database,
+        dsn: str,
+        built: dict[str, handlers.Handler],
+    ) -> int:
         cfg = self.cfg
         actor = cfg.worker.name
 
@@ -219,7 +229,7 @@ class Daemon:
 
         ctx = ApiContext(
             cfg=cfg,
-            db=db,
+            db=api_db,
             bus=bus,
             metrics=self.metrics,
             auth=Authenticator(cfg.tokens),
@@ -227,6 +237,7 @@ class Daemon:
             serving=lambda: self.state in ("running", "draining"),
             draining=lambda: self.state == "draining",
             health=health,
+            streams=StreamSlots(cfg.server.max_streams, cfg.server.max_streams_per_token),
         )
         self.api = ApiServer(ctx)
 

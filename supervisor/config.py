@@ -69,6 +69,9 @@ class DatabaseConfig:
     schema: str = "supervisor"
     pool_min: int = 2
     pool_max: int = 10
+    # The API's own pool (requests and SSE streams): API load never takes the
+    # connections the claim loop, outbox and heartbeats need.
+    api_pool_max: int = 5
     statement_cache_size: int = 100
 
 
@@ -95,6 +98,8 @@ class ServerConfig:
     # Tokens over plain HTTP on a non-loopback address (a TLS-terminating proxy in front)
     allow_plain_http: bool = False
     metrics_auth: bool = False  # /metrics needs a read token (when tokens are configured)
+    max_streams: int = 256  # SSE streams open at once on this daemon (429 beyond)
+    max_streams_per_token: int = 32
 
 
 def tls_context(server: ServerConfig) -> ssl.SSLContext:
@@ -318,6 +323,7 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
         schema=schema,
         pool_min=ck.positive_int(t, "database", "pool_min", 2, minimum=1) or 2,
         pool_max=ck.positive_int(t, "database", "pool_max", 10, minimum=2) or 10,
+        api_pool_max=ck.positive_int(t, "database", "api_pool_max", 5, minimum=1) or 5,
         statement_cache_size=ck.positive_int(t, "database", "statement_cache_size", 100, 0) or 0,
     )
     if database.pool_min > database.pool_max:
@@ -345,6 +351,8 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
         tls_key=ck.get(t, "server", "tls_key", str, ""),
         allow_plain_http=ck.get(t, "server", "allow_plain_http", bool, False),
         metrics_auth=ck.get(t, "server", "metrics_auth", bool, False),
+        max_streams=ck.positive_int(t, "server", "max_streams", 256) or 256,
+        max_streams_per_token=ck.positive_int(t, "server", "max_streams_per_token", 32) or 32,
     )
     if bool(server.tls_cert) != bool(server.tls_key):
         missing = "tls_key" if server.tls_cert else "tls_cert"

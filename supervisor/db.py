@@ -104,12 +104,16 @@ class Database:
 
     @classmethod
     async def connect(
-        cls, cfg: Config, dsn: str, on_error: Callable[[str], None] = lambda op: None
+        cls,
+        cfg: Config,
+        dsn: str,
+        on_error: Callable[[str], None] = lambda op: None,
+        max_size: int | None = None,
     ) -> Database:
         pool = await asyncpg.create_pool(
             dsn,
             min_size=0,
-            max_size=cfg.database.pool_max,
+            max_size=max_size or cfg.database.pool_max,
             statement_cache_size=cfg.database.statement_cache_size,
             command_timeout=60,
             timeout=5,

@@ -2,16 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
 
 from aiohttp import web
 
 from supervisor import db as dbm
 from supervisor.api.auth import Authenticator, Principal
+from supervisor.api.problems import Problem
 from supervisor.config import Config
 from supervisor.events import Bus
 from supervisor.metrics import Metrics
+
+
+class StreamSlots:
+    """Caps on SSE streams open at once, in all and per token (429 beyond): each
+    holds a connection and wakes on every change of its batch."""
+
+    def __init__(self, total: int, per_token: int) -> None:
+        self._total, self._per_token = total, per_token
+        self._open: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def slot(self, token: str) -> Iterator[None]:
+        if sum(self._open.values()) >= self._total:
+            raise Problem(429, f"too many event streams open ({self._total})", headers=RETRY)
+        if self._open[token] >= self._per_token:
+            raise Problem(
+                429,
+                f"this token has {self._per_token} event streams open already",
+                headers=RETRY,
+            )
+        self._open[token] += 1
+        try:
+            yield
+        finally:
+            self._open[token] -= 1
+
+
+RETRY = {"Retry-After": "5"}
 
 
 @dataclasses.dataclass
@@ -26,6 +57,7 @@ class ApiContext:
     serving: Callable[[], bool] = lambda: True  # False while the daemon is starting
     # Why the daemon cannot make progress by itself (/healthz 503); empty when healthy.
     health: Callable[[], list[str]] = lambda: []
+    streams: StreamSlots = dataclasses.field(default_factory=lambda: StreamSlots(256, 32))
 
 
 CTX: web.AppKey[ApiContext] = web.AppKey("ctx", ApiContext)

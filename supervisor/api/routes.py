@@ -321,9 +321,12 @@ async def get_log(request: web.Request) -> web.Response:
 
 @routes.get("/v1/batches/{id}/events")
 async def events(request: web.Request) -> web.StreamResponse:
-    principal(request).require("read")
+    who = principal(request)
+    who.require("read")
     row = await _batch_or_404(request)
-    return await sse.stream(request, ctx_of(request), row)
+    ctx = ctx_of(request)
+    with ctx.streams.slot(who.name):
+        return await sse.stream(request, ctx, row)
 
 
 @routes.get("/v1/workers")
