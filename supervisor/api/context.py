@@ -7,6 +7,7 @@ import dataclasses
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 
+import anyio
 from aiohttp import web
 
 from supervisor import db as dbm
@@ -58,6 +59,8 @@ class ApiContext:
     # Why the daemon cannot make progress by itself (/healthz 503); empty when healthy.
     health: Callable[[], list[str]] = lambda: []
     streams: StreamSlots = dataclasses.field(default_factory=lambda: StreamSlots(256, 32))
+    # Large request bodies are parsed one at a time (see routes.LARGE_BODY_BYTES).
+    large_bodies: anyio.Semaphore = dataclasses.field(default_factory=lambda: anyio.Semaphore(1))
 
 
 CTX: web.AppKey[ApiContext] = web.AppKey("ctx", ApiContext)

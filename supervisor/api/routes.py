@@ -10,6 +10,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from aiohttp import web
 
 from supervisor import batches, models, states
@@ -23,6 +25,16 @@ JSON_CT = "application/json"
 
 def ctx_of(request: web.Request) -> ApiContext:
     return request.app[CTX]
+
+
+# An item listing stops at this many bytes of items (at least one item), whatever
+# `limit` asks for, and continues from its next_cursor: a page of large payloads
+# must not become a 100 MB response.
+MAX_PAGE_BYTES = 8 * 1024 * 1024
+# Bodies above this are parsed in a worker thread, one at a time: parsing a big
+# body on the event loop stalled it for seconds, and several at once multiplied
+# the memory a body costs.
+LARGE_BODY_BYTES = 1024 * 1024
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -71,7 +83,10 @@ async def _read_json(request: web.Request) -> Any:
         ) from None
     if not raw:
         return None
-    return schemas.parse_json(raw)
+    if len(raw) <= LARGE_BODY_BYTES:
+        return schemas.parse_json(raw)
+    async with ctx.large_bodies:
+        return await anyio.to_thread.run_sync(schemas.parse_json, raw)
 
 
 @routes.post("/v1/batches")
@@ -269,12 +284,19 @@ async def list_items(request: web.Request) -> web.Response:
             )
     status = schemas.status_param(q.get("status"), states.ItemStatus)
     rows = await ctx.db.fetch("list_items", row["id"], status, after, limit + 1)
-    more = len(rows) > limit
-    rows = rows[:limit]
-    nxt = _cursor_encode({"after": rows[-1]["id"]}) if more else None
     tb = principal(request).sees_tracebacks
-    items = [models.item_json(r, tracebacks=tb) for r in rows]
-    return _json({"items": items, "next_cursor": nxt})
+    items: list[str] = []
+    size = 0
+    for r in rows[:limit]:
+        text = json.dumps(models.item_json(r, tracebacks=tb))
+        if items and size + len(text) > MAX_PAGE_BYTES:
+            break
+        items.append(text)
+        size += len(text) + 1
+    more = len(rows) > len(items)
+    nxt = _cursor_encode({"after": rows[len(items) - 1]["id"]}) if more and items else None
+    body = '{"items": [' + ", ".join(items) + '], "next_cursor": ' + json.dumps(nxt) + "}"
+    return web.Response(text=body, content_type=JSON_CT)
 
 
 @routes.get("/v1/items/{id}")
