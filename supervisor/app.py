@@ -43,7 +43,7 @@ from supervisor import db as dbm
 from supervisor import metrics as metrics_mod
 from supervisor import outbox as outbox_mod
 from supervisor.api.auth import Authenticator
-from supervisor.api.context import ApiContext, StreamSlots
+from supervisor.api.context import ApiContext
 from supervisor.api.server import ApiServer
 from supervisor.config import Config
 from supervisor.errors import ConfigError, DatabaseUnavailable, SupervisorError
@@ -237,7 +237,6 @@ class Daemon:
             serving=lambda: self.state in ("running", "draining"),
             draining=lambda: self.state == "draining",
             health=health,
-            streams=StreamSlots(cfg.server.max_streams, cfg.server.max_streams_per_token),
         )
         self.api = ApiServer(ctx)
 

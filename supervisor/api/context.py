@@ -58,9 +58,13 @@ class ApiContext:
     serving: Callable[[], bool] = lambda: True  # False while the daemon is starting
     # Why the daemon cannot make progress by itself (/healthz 503); empty when healthy.
     health: Callable[[], list[str]] = lambda: []
-    streams: StreamSlots = dataclasses.field(default_factory=lambda: StreamSlots(256, 32))
     # Large request bodies are parsed one at a time (see routes.LARGE_BODY_BYTES).
     large_bodies: anyio.Semaphore = dataclasses.field(default_factory=lambda: anyio.Semaphore(1))
+    streams: StreamSlots = dataclasses.field(init=False)  # from cfg.server's stream caps
+
+    def __post_init__(self) -> None:
+        server = self.cfg.server
+        self.streams = StreamSlots(server.max_streams, server.max_streams_per_token)
 
 
 CTX: web.AppKey[ApiContext] = web.AppKey("ctx", ApiContext)

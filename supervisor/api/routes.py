@@ -214,10 +214,12 @@ async def _control_response(request: web.Request, outcome: str) -> web.Response:
     return _json(models.batch_json(row), headers={"ETag": f'"{row["version"]}"'})
 
 
-async def _control(request: web.Request, query: str, *args: Any) -> web.Response:
+async def _control(
+    request: web.Request, query: str, *args: Any, scope: str = "write"
+) -> web.Response:
     ctx = ctx_of(request)
     who = principal(request)
-    who.require("write")
+    who.require(scope)
     outcome = await batches.control(
         ctx.db, query, request.match_info["id"], who.tenant_filter, who.name, *args
     )
@@ -242,12 +244,7 @@ async def resume_batch(request: web.Request) -> web.Response:
 @routes.post("/v1/batches/{id}/callback/redeliver")
 async def redeliver_callback(request: web.Request) -> web.Response:
     """Admin: run a failed (or succeeded) completion callback again."""
-    principal(request).require("admin")
-    ctx = ctx_of(request)
-    outcome = await batches.control(
-        ctx.db, "redeliver_callback", request.match_info["id"], None, principal(request).name
-    )
-    return await _control_response(request, outcome)
+    return await _control(request, "redeliver_callback", scope="admin")
 
 
 @routes.post("/v1/batches/{id}/retry")
