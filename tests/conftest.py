@@ -77,17 +77,25 @@ def db_url(pg_server: pgharness.TestServer, migrated_template: str) -> Iterator[
 
 
 @pytest.fixture
-def daemons(tmp_path: pathlib.Path, db_url: str) -> Iterator[DaemonFactory]:
-    """Start real daemons on the test database; all stopped (SIGKILL if needed) at the end."""
+def started_daemons() -> Iterator[list[Daemon]]:
+    """Every daemon the test started; all killed (SIGKILL) at the end. Fixtures whose
+    cleanup must come after the daemons are gone (an embedded data directory a live
+    daemon would restart its server in) kill them first themselves."""
     started: list[Daemon] = []
-
-    def make(name: str = "d1", *, start: bool = True, **kw: Any) -> Daemon:
-        d = Daemon(tmp_path, db_url, name=name, **kw)
-        started.append(d)
-        return d.start() if start else d
-
     try:
-        yield make
+        yield started
     finally:
         for d in started:
             d.kill()
+
+
+@pytest.fixture
+def daemons(tmp_path: pathlib.Path, db_url: str, started_daemons: list[Daemon]) -> DaemonFactory:
+    """Start real daemons on the test database (see ``started_daemons``)."""
+
+    def make(name: str = "d1", *, start: bool = True, **kw: Any) -> Daemon:
+        d = Daemon(tmp_path, db_url, name=name, **kw)
+        started_daemons.append(d)
+        return d.start() if start else d
+
+    return make

@@ -13,18 +13,23 @@ from collections.abc import Iterator
 import pytest
 
 from supervisor import embedded
+from tests.daemon import Daemon
 from tests.pgharness import make_base_dir
 
 
 @pytest.fixture
-def data_dir() -> Iterator[pathlib.Path]:
+def data_dir(started_daemons: list[Daemon]) -> Iterator[pathlib.Path]:
     """An embedded data directory of the test's own (a short path: socket names)."""
     base = make_base_dir("bsv-shared-")
     path = base / "pgdata"
     try:
         yield path
     finally:
-        # Daemons killed by the fixture leave the (detached) server behind.
+        # The daemons go first: a live one would start its server again (its
+        # embedded watch) in the directory being removed.
+        for d in started_daemons:
+            d.kill()
+        # Killed daemons leave the (detached) server behind.
         with contextlib.suppress(embedded.EmbeddedPostgresError):
             embedded.EmbeddedPostgres(path).stop("immediate")
         shutil.rmtree(base, ignore_errors=True)
