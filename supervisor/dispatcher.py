@@ -85,11 +85,11 @@ class Dispatcher:
         self._worker = cfg.worker.name
         concurrency = cfg.worker.concurrency
         prefetch = cfg.worker.prefetch
-        self._base_window = concurrency + (concurrency if prefetch is None else prefetch)
-        self._starts = 0  # attempts started, for the prefetch window (see window())
-        self._start_rate = 0.0  # starts per second, smoothed
+        self._base_window = concurrency + (prefetch or 0)
+        self._finished = 0  # attempts finished, for the prefetch window (see window())
+        self._finish_rate = 0.0  # attempts finished per second, smoothed
         self._rate_at = time.monotonic()
-        self._rate_starts = 0
+        self._rate_finished = 0
         self._caps = {n: h.config.concurrency for n, h in handlers.items() if h.config.concurrency}
         # claimed, not started: one FIFO per handler, served round-robin
         self._ready: dict[str, collections.deque[Item]] = {n: collections.deque() for n in handlers}
@@ -181,21 +181,24 @@ class Dispatcher:
     def window(self) -> int:
         """Claimed and unfinished attempts this daemon may hold: ``concurrency``
         running plus the prefetch window. ``[worker] prefetch = "auto"`` (the
-        default) is ``concurrency`` items, grown for fast handlers to what the
-        workers start in PREFETCH_HORIZON_S (at most PREFETCH_MAX_FACTOR x
-        concurrency): a claimed item never waits long for a worker, and fast
-        handlers get claims big enough to amortise their transactions."""
+        default) holds only what the workers will start within PREFETCH_HORIZON_S
+        at the pace they finish attempts (at most PREFETCH_MAX_FACTOR x
+        concurrency): nothing for slow handlers, whose claimed items would sit
+        `running` in their batch's counts while no handler runs them, and claims
+        big enough to amortise their transactions for fast ones. The pace is that
+        of finished attempts, not of starts: a burst of starts (all workers taking
+        their first item) says nothing about when a worker will be free again."""
         concurrency = self._cfg.worker.concurrency
         if self._cfg.worker.prefetch is not None:
             return self._base_window
         now = time.monotonic()
         elapsed = now - self._rate_at
         if elapsed >= RATE_SAMPLE_S:
-            sampled = (self._starts - self._rate_starts) / elapsed
-            self._start_rate += (sampled - self._start_rate) * min(1.0, elapsed / RATE_SMOOTH_S)
-            self._rate_at, self._rate_starts = now, self._starts
-        grown = min(PREFETCH_MAX_FACTOR * concurrency, int(self._start_rate * PREFETCH_HORIZON_S))
-        return max(self._base_window, concurrency + grown)
+            sampled = (self._finished - self._rate_finished) / elapsed
+            self._finish_rate += (sampled - self._finish_rate) * min(1.0, elapsed / RATE_SMOOTH_S)
+            self._rate_at, self._rate_finished = now, self._finished
+        grown = min(PREFETCH_MAX_FACTOR * concurrency, int(self._finish_rate * PREFETCH_HORIZON_S))
+        return concurrency + grown
 
     def free_slots(self) -> int:
         """How many more items we may claim: the window minus what we hold. A claim
@@ -459,7 +462,6 @@ class Dispatcher:
         started = time.monotonic()
         result: executor.Attempt | None = None
         self.in_flight += 1
-        self._starts += 1
         self.per_handler[item.handler] += 1
         self._running[key] = Running(item.batch_id, scope, started + handler.config.timeout_s)
         try:
@@ -478,6 +480,7 @@ class Dispatcher:
             del self._running[key]
             self._reasons.pop(key, None)
             self.in_flight -= 1
+            self._finished += 1
             self.per_handler[item.handler] -= 1
             if result is not None:
                 self._finish(item, result, started)

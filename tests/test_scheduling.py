@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -116,3 +117,19 @@ def test_a_handler_concurrency_caps_what_each_daemon_claims(daemons: Any) -> Non
     wait_for(lambda: metrics_of(a)[key] == 2 and metrics_of(b)[key] == 2, 20, 0.05)
     counts = a.batch(batch["id"])["counts"]
     assert counts["running"] == 4 and counts["queued"] == 8, counts
+
+
+def test_running_means_a_handler_runs_it(daemons: Any) -> None:
+    """Uncapped slow handler, default ("auto") prefetch: what a batch counts as
+    running is what the workers run. The auto window used to hold another
+    ``concurrency`` claimed items that waited, counted as running, for a worker
+    (8 running on a daemon whose 4 workers were all busy)."""
+    d = daemons("a", worker={"concurrency": 4})
+    batch = d.submit("sleeper", [{"sleep": 3600, "n": i} for i in range(12)])
+    key = 'batch_supervisor_items_in_flight{handler="sleeper"}'
+    wait_for(lambda: metrics_of(d)[key] == 4, 20, 0.05)
+    for _ in range(10):  # and it stays so while the claim loop polls
+        counts = d.batch(batch["id"])["counts"]
+        assert counts["running"] == 4 and counts["queued"] == 8, counts
+        assert metrics_of(d)['batch_supervisor_items_claimed_waiting{handler="sleeper"}'] == 0
+        time.sleep(0.1)
