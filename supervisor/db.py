@@ -224,10 +224,17 @@ async def migrate(db: Database) -> list[int]:
         for mig in known:
             if mig.version in applied:
                 continue
-            await conn.execute(mig.sql)
+            if mig.has_statements:
+                await conn.execute(mig.sql)
             await conn.execute(db.queries["record_migration"], mig.version, mig.name)
             applied_now.append(mig.version)
             log.info("db.migrated version=%s name=%s", mig.version, mig.name)
+        # Every time, under the same lock: each function has one current definition
+        # (sqlfile), and an upgraded binary brings its bodies even when no table
+        # changed. Bodies only change with the schema version (sql/functions/DIGEST),
+        # so daemons of one version never overwrite each other's.
+        for fn in sqlfile.load_functions(db.schema):
+            await conn.execute(fn.sql)
     return applied_now
 
 

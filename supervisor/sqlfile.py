@@ -1,4 +1,12 @@
-"""Loads the SQL shipped in the package: named queries and numbered migrations.
+"""Loads the SQL shipped in the package: named queries, numbered migrations and
+the transition functions.
+
+Migrations (``sql/migrations/NNNN_name.sql``) change tables, indexes and data, and
+are applied once each. Functions (``sql/functions/<name>.sql``, one
+``CREATE OR REPLACE FUNCTION`` per file) have one current definition, which
+``migrate`` applies after the migrations every time: a fix is an edit of that
+file, not a copy in a new migration. See ``sql/functions/README.md`` for the
+rules (signature changes, the pinned digest).
 
 Schema names are configurable, so the files say ``@schema`` (replaced by the
 quoted identifier) and ``@sname`` (the bare, validated name, used in channel and
@@ -8,8 +16,10 @@ lock names). Nothing else is ever interpolated into SQL.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from importlib import resources
+from importlib.resources.abc import Traversable
 
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$")
 _MIGRATION = re.compile(r"^(\d{4})_(\w+)\.sql$")
@@ -55,6 +65,44 @@ class Migration:
     version: int
     name: str
     sql: str
+
+    @property
+    def has_statements(self) -> bool:
+        """False for a comment-only migration (a function body change is one:
+        the body itself lives in sql/functions/); PostgreSQL rejects an empty query."""
+        return any(
+            line.strip() and not line.lstrip().startswith("--") for line in self.sql.splitlines()
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Function:
+    name: str
+    sql: str
+
+
+def _functions_dir() -> Traversable:
+    return resources.files("supervisor").joinpath("sql", "functions")
+
+
+def load_functions(schema: str) -> list[Function]:
+    """Every transition function's current definition, in name order."""
+    out = [
+        Function(entry.name.removesuffix(".sql"), render(entry.read_text("utf-8"), schema))
+        for entry in _functions_dir().iterdir()
+        if entry.name.endswith(".sql")
+    ]
+    return sorted(out, key=lambda f: f.name)
+
+
+def functions_digest() -> str:
+    """SHA-256 over the function files as shipped (before rendering), pinned in
+    ``sql/functions/DIGEST`` with the migration version it belongs to."""
+    h = hashlib.sha256()
+    for entry in sorted(_functions_dir().iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".sql"):
+            h.update(entry.name.encode() + b"\0" + entry.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def load_migrations(schema: str) -> list[Migration]:

@@ -11,7 +11,6 @@ import sys
 
 import asyncpg
 
-from supervisor import sqlfile
 from tests.daemon import ROOT, render_toml
 
 
@@ -51,41 +50,6 @@ def test_concurrent_migrations_apply_once_then_nothing(
     assert sum("(applied 1, 2, 3, 4)" in o.stdout for o in outs) == 1, [o.stdout for o in outs]
     again = cli(["migrate"], fresh_db_url, cfg)
     assert again.returncode == 0 and "already current" in again.stdout
-
-
-def test_a_database_at_version_1_is_upgraded(fresh_db_url: str, tmp_path: pathlib.Path) -> None:
-    """0002 and 0003 redefine apply_outcomes; a database migrated by an older release gets them."""
-    cfg = config(tmp_path)
-    assert cli(["migrate"], fresh_db_url, cfg).returncode == 0
-    old = next(m for m in sqlfile.load_migrations("supervisor") if m.version == 1).sql
-    old_apply = old[old.index('CREATE FUNCTION "supervisor".apply_outcomes') :]
-    old_apply = old_apply[: old_apply.index("$$;") + 3].replace("CREATE", "CREATE OR REPLACE", 1)
-
-    async def downgrade() -> None:  # what a version-1 database looks like
-        conn = await asyncpg.connect(fresh_db_url)
-        try:
-            await conn.execute(old_apply)
-            await conn.execute("DELETE FROM supervisor.schema_migrations WHERE version IN (2, 3)")
-        finally:
-            await conn.close()
-
-    async def apply_definition() -> str:
-        conn = await asyncpg.connect(fresh_db_url)
-        try:
-            text: str = await conn.fetchval(
-                "SELECT pg_get_functiondef('supervisor.apply_outcomes'::regproc)"
-            )
-            return text
-        finally:
-            await conn.close()
-
-    asyncio.run(downgrade())
-    before = asyncio.run(apply_definition())
-    assert "ANY (p_ids)" not in before and "enable_nestloop" not in before
-    out = cli(["migrate"], fresh_db_url, cfg)
-    assert out.returncode == 0 and "(applied 2, 3)" in out.stdout, out.stdout
-    after = asyncio.run(apply_definition())
-    assert "ANY (p_ids)" in after and "enable_nestloop" in after
 
 
 def test_newer_schema_is_refused_with_a_clear_message(db_url: str, tmp_path: pathlib.Path) -> None:

@@ -53,3 +53,21 @@ def test_transition_table_matches_the_spec() -> None:
     assert t(S.QUEUED, S.RUNNING) and t(S.QUEUED, S.CANCELLED)
     assert t(S.RUNNING, S.QUEUED) and t(S.RUNNING, S.SUCCEEDED) and t(S.RUNNING, S.FAILED)
     assert not t(S.SUCCEEDED, S.QUEUED) and not t(S.QUEUED, S.SUCCEEDED)
+
+
+def test_function_bodies_change_only_with_the_schema_version() -> None:
+    """Daemons re-apply their function bodies at start, so one schema version must
+    mean one set of bodies (see supervisor/sql/functions/README.md)."""
+    latest = sqlfile.load_migrations("supervisor")[-1].version
+    pinned = (PKG / "sql" / "functions" / "DIGEST").read_text().strip()
+    expected = f"{latest} {sqlfile.functions_digest()}"
+    assert pinned == expected, (
+        "supervisor/sql/functions changed: add a migration for the change (a comment-only "
+        f"file is fine) and write this line to supervisor/sql/functions/DIGEST: {expected}"
+    )
+
+
+def test_every_function_file_defines_the_function_it_is_named_after() -> None:
+    for fn in sqlfile.load_functions("supervisor"):
+        heads = re.findall(r'^CREATE OR REPLACE FUNCTION "supervisor"\.(\w+)\(', fn.sql, re.M)
+        assert heads == [fn.name], (fn.name, heads)
