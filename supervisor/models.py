@@ -146,6 +146,7 @@ def item_json(row: Row, *, with_errors: bool = False, tracebacks: bool = True) -
         if not tracebacks and isinstance(errors, list):
             errors = [{**e, "traceback": None} if isinstance(e, dict) else e for e in errors]
         out["errors"] = errors
+        out["errors_dropped"] = row["errors_dropped"]  # older entries not kept (last 20 are)
     return out
 
 

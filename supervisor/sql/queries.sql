@@ -79,8 +79,8 @@ SELECT id, batch_id, key, status, payload, result, attempts, max_attempts,
 -- name: get_item
 -- One item with its whole error history, visible to the tenant.
 SELECT i.id, i.batch_id, i.key, i.status, i.payload, i.result, i.attempts, i.max_attempts,
-       i.errors -> -1 AS error, i.errors, i.run_after, i.worker, i.created_at, i.started_at,
-       i.finished_at
+       i.errors -> -1 AS error, i.errors, i.errors_dropped, i.run_after, i.worker,
+       i.created_at, i.started_at, i.finished_at
   FROM @schema.items i JOIN @schema.batches b ON b.id = i.batch_id
  WHERE i.id = $1 AND ($2::text IS NULL OR b.tenant = $2);
 

@@ -66,8 +66,18 @@ BEGIN
                 WHEN it.attempts >= it.max_attempts THEN 'failed'
                 ELSE 'queued' END,
             result = CASE WHEN u.outcome = 'succeeded' THEN u.result ELSE it.result END,
+            -- The last 20 entries are kept, and errors_dropped counts the older ones:
+            -- a handler that fails 1000 times must not grow its row by 6 MB.
             errors = CASE WHEN u.error IS NULL THEN it.errors
-                          ELSE it.errors || jsonb_build_array(u.error) END,
+                          WHEN jsonb_array_length(it.errors) < 20
+                          THEN it.errors || jsonb_build_array(u.error)
+                          ELSE (SELECT jsonb_agg(x.e ORDER BY x.o)
+                                  FROM jsonb_array_elements(it.errors) WITH ORDINALITY x (e, o)
+                                 WHERE x.o > jsonb_array_length(it.errors) - 19)
+                               || jsonb_build_array(u.error) END,
+            errors_dropped = it.errors_dropped
+                + CASE WHEN u.error IS NOT NULL AND jsonb_array_length(it.errors) >= 20
+                       THEN jsonb_array_length(it.errors) - 19 ELSE 0 END,
             max_attempts = it.max_attempts + (u.outcome = 'released')::integer,
             run_after = now() + make_interval(secs => coalesce(u.delay, 0)),
             lease = NULL,
