@@ -100,6 +100,12 @@ class ServerConfig:
     metrics_auth: bool = False  # /metrics needs a read token (when tokens are configured)
     max_streams: int = 256  # SSE streams open at once on this daemon (429 beyond)
     max_streams_per_token: int = 32
+    # Open client connections at once (beyond: answered 503 and closed), lowered at
+    # start to fit the open-file limit (see api.server.connection_cap).
+    max_connections: int = 1000
+    # How long a client has to send a request's head (a new or idle keep-alive
+    # connection) and, separately, its body: slow senders must not hold sockets.
+    read_timeout_s: float = 30.0
 
 
 def tls_context(server: ServerConfig) -> ssl.SSLContext:
@@ -353,6 +359,8 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
         metrics_auth=ck.get(t, "server", "metrics_auth", bool, False),
         max_streams=ck.positive_int(t, "server", "max_streams", 256) or 256,
         max_streams_per_token=ck.positive_int(t, "server", "max_streams_per_token", 32) or 32,
+        max_connections=ck.positive_int(t, "server", "max_connections", 1000) or 1000,
+        read_timeout_s=ck.duration(t, "server", "read_timeout", 30.0),
     )
     if bool(server.tls_cert) != bool(server.tls_key):
         missing = "tls_key" if server.tls_cert else "tls_cert"

@@ -75,11 +75,19 @@ async def _read_json(request: web.Request) -> Any:
             f"request body of {request.content_length} bytes exceeds the limit of "
             f"{limit} bytes ([server] max_body_bytes)",
         )
+    timeout = ctx.cfg.server.read_timeout_s
     try:
-        raw = await request.read()
+        with anyio.fail_after(timeout):  # a slow sender must not hold its socket forever
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise Problem(
             413, f"request body exceeds the limit of {limit} bytes ([server] max_body_bytes)"
+        ) from None
+    except TimeoutError:
+        raise Problem(
+            408,
+            f"request body not received within {timeout:g}s ([server] read_timeout)",
+            headers={"Connection": "close"},
         ) from None
     if not raw:
         return None

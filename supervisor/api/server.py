@@ -9,10 +9,14 @@ traceback).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import logging
 import re
+import resource
+import time
+import weakref
 from collections.abc import Awaitable, Callable
 from importlib import resources
 
@@ -28,6 +32,14 @@ from supervisor.api.problems import Problem, render
 from supervisor.errors import ConfigError, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
+# Open files the daemon needs besides client sockets and its pools: the listening
+# socket, logs, the embedded server's lock and socket files, python imports.
+FILES_HEADROOM = 64
+REFUSAL = (
+    b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 1\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 28\r\n\r\ntoo many connections; retry\n"
+)
+REFUSAL_LOG_EVERY_S = 10.0
 PUBLIC = ("/healthz", "/readyz", "/metrics", "/v1/openapi.json", "/", "/static/")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 GUARD = web.AppKey("guard", Guard)
@@ -123,6 +135,105 @@ def build_app(ctx: ApiContext) -> web.Application:
     return app
 
 
+def connection_cap(cfg: config.Config) -> tuple[int, int]:
+    """(connections the API accepts at once, the open-file limit it fits in).
+
+    Every client socket is a file. ~1,100 idle sockets under a 1024-file limit
+    stopped accept() for everyone and starved the database pools, so the
+    heartbeat stopped too. The soft limit is raised to the hard one, and the cap
+    is ``[server] max_connections`` lowered to leave room for the pools, the exec
+    handlers' pipes (three per attempt) and FILES_HEADROOM."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        wanted = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass  # keep the soft limit we have
+    if soft == resource.RLIM_INFINITY:
+        return cfg.server.max_connections, soft
+    db = cfg.database
+    needed = FILES_HEADROOM + db.pool_max + db.api_pool_max + 3 * cfg.worker.concurrency
+    return max(1, min(cfg.server.max_connections, soft - needed)), soft
+
+
+class _Refused(asyncio.Protocol):
+    """A connection beyond the cap: one 503 and closed, its file freed at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(REFUSAL)
+        transport.close()
+
+
+class _Tracked(asyncio.Protocol):
+    """aiohttp's request handler for one connection, counted by its
+    :class:`_ConnectionLimit` from the moment it is created."""
+
+    __slots__ = ("__weakref__", "_inner", "_limit", "_made")
+
+    def __init__(self, inner: asyncio.Protocol, limit: _ConnectionLimit) -> None:
+        self._inner = inner
+        self._limit = limit
+        self._made = False
+        limit.pending.add(self)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._limit.pending.discard(self)
+        self._limit.open += 1
+        self._made = True
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._made:
+            self._made = False
+            self._limit.open -= 1
+        self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+class _ConnectionLimit:
+    """The listening socket's protocol factory: aiohttp's request handler while
+    fewer than ``cap`` connections are open, a refusal beyond. A connection
+    counts from its creation: asyncio creates the protocols of a burst of
+    accepts before any of them is connected. One that never connects (a failed
+    TLS handshake) is dropped by asyncio and leaves ``pending`` with it."""
+
+    def __init__(self, server: web.Server, cap: int) -> None:
+        self._server = server
+        self._cap = cap
+        self.open = 0
+        self.pending: weakref.WeakSet[_Tracked] = weakref.WeakSet()
+        self._refused = 0
+        self._logged_at = 0.0
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        if self.open + len(self.pending) < self._cap:
+            return _Tracked(self._server(), self)
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._logged_at >= REFUSAL_LOG_EVERY_S:
+            log.warning(
+                "api.connections_full cap=%s refused=%s ([server] max_connections)",
+                self._cap,
+                self._refused,
+            )
+            self._logged_at, self._refused = now, 0
+        return _Refused()
+
+
 class ApiServer:
     def __init__(self, ctx: ApiContext) -> None:
         self._ctx = ctx
@@ -131,33 +242,46 @@ class ApiServer:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        runner = web.AppRunner(build_app(self._ctx), access_log=None, shutdown_timeout=2.0)
+        server_cfg = self._ctx.cfg.server
+        # keepalive_timeout bounds how long a connection may take to send a request
+        # head, new or idle (aiohttp closes one whose head is incomplete by then);
+        # bodies are bounded where they are read (routes._read_json).
+        runner = web.AppRunner(
+            build_app(self._ctx),
+            access_log=None,
+            shutdown_timeout=2.0,
+            keepalive_timeout=server_cfg.read_timeout_s,
+        )
         await runner.setup()
+        assert runner.server is not None  # set up above
+        listener: asyncio.Server | None = None
         try:
-            host, port = self._ctx.cfg.server.host, self._ctx.cfg.server.port
-            tls = (
-                config.tls_context(self._ctx.cfg.server) if self._ctx.cfg.server.tls_cert else None
-            )
-            site = web.TCPSite(runner, host, port, ssl_context=tls)
+            host, port = server_cfg.host, server_cfg.port
+            tls = config.tls_context(server_cfg) if server_cfg.tls_cert else None
+            cap, files = connection_cap(self._ctx.cfg)
             try:
-                await site.start()
+                listener = await asyncio.get_running_loop().create_server(
+                    _ConnectionLimit(runner.server, cap), host, port, ssl=tls, backlog=128
+                )
             except OSError as exc:
                 # Configuration can fix this (another daemon on the port, a host
                 # that is not ours): exit 78 with one line, not a traceback.
                 raise ConfigError(
                     [f"server.port: cannot listen on {host}:{port}: {exc.strerror or exc}"]
                 ) from None
-            server = getattr(site, "_server", None)
-            sockets = getattr(server, "sockets", None) or []
-            self.port = sockets[0].getsockname()[1] if sockets else self._ctx.cfg.server.port
+            self.port = listener.sockets[0].getsockname()[1] if listener.sockets else port
             log.info(
-                "api.listening host=%s port=%s tls=%s",
-                self._ctx.cfg.server.host,
+                "api.listening host=%s port=%s tls=%s max_connections=%s open_files=%s",
+                host,
                 self.port,
                 "on" if tls else "off",
+                cap,
+                files,
             )
             task_status.started()
             await anyio.sleep_forever()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                if listener is not None:
+                    listener.close()  # accept nothing more; cleanup closes the connections
                 await runner.cleanup()
