@@ -164,9 +164,14 @@ class Database:
             return await self.pool.execute(self.queries[name], *args)
 
     @contextlib.asynccontextmanager
-    async def transaction(self, op: str) -> AsyncIterator[Tx]:
-        """One transaction on one connection; transient errors wrapped as above."""
-        async with self._guard(op), self.pool.acquire() as conn, conn.transaction():
+    async def transaction(self, op: str, *, snapshot: bool = False) -> AsyncIterator[Tx]:
+        """One transaction on one connection; transient errors wrapped as above.
+        ``snapshot``: read-only, every query sees the same snapshot (REPEATABLE READ)."""
+        async with (
+            self._guard(op),
+            self.pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read" if snapshot else None, readonly=snapshot),
+        ):
             yield Tx(conn, self.queries)  # type: ignore[arg-type]  # pool proxy of a Connection
 
     async def listen_connection(self, dsn: str) -> asyncpg.Connection:

@@ -191,9 +191,12 @@ class QueueSampler:
         seen: set[str] = set()
         while True:
             try:
-                rows = await self._db.fetch("queue_stats")
-                running = await self._db.fetch("running_stats")
-                batches = await self._db.fetch("unfinished_batch_stats")
+                # One snapshot: read apart, an item claimed between the reads was
+                # counted as queued and as running at once.
+                async with self._db.transaction("metrics_sample", snapshot=True) as tx:
+                    rows = await tx.fetch("queue_stats")
+                    running = await tx.fetch("running_stats")
+                    batches = await tx.fetch("unfinished_batch_stats")
             except DatabaseUnavailable:
                 rows = None  # keep the last sample; the outage is reported elsewhere
             if rows is not None:
