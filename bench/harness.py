@@ -70,6 +70,7 @@ class BenchServer:
             listen_tcp=False,
             fsync=True,
             server_settings=PG_SETTINGS,
+            auth="trust",  # a throwaway server: databases are created as superuser
         )
         self._n = 0
 

@@ -96,7 +96,7 @@ class Soak:
         self.work = pathlib.Path(tempfile.mkdtemp(prefix="bsv-soak-"))
         self.pg_base = make_base_dir("bsv-soak-pg-")
         self.server = embedded.EmbeddedPostgres(
-            self.pg_base / "data", port=free_port(), listen_tcp=True, fsync=False
+            self.pg_base / "data", port=free_port(), listen_tcp=True, fsync=False, auth="trust"
         )
         self.runlog = self.work / "runs.jsonl"
         self.daemons: list[Daemon] = []

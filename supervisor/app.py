@@ -81,7 +81,10 @@ class Daemon:
             return url
         data_dir = self.cfg.embedded_data_dir
         self.pg = embedded.EmbeddedPostgres(
-            data_dir, port=self.cfg.embedded.port, bin_dir=self.cfg.embedded.bin_dir or None
+            data_dir,
+            port=self.cfg.embedded.port,
+            bin_dir=self.cfg.embedded.bin_dir or None,
+            schema=self.cfg.database.schema,
         )
         log.info("embedded.starting data_dir=%s", data_dir)
         pg = self.pg

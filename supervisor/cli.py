@@ -85,7 +85,10 @@ async def _database(cfg: config.Config) -> AsyncIterator[dbm.Database]:
     pg: embedded.EmbeddedPostgres | None = None
     if not url:
         pg = embedded.EmbeddedPostgres(
-            cfg.embedded_data_dir, port=cfg.embedded.port, bin_dir=cfg.embedded.bin_dir or None
+            cfg.embedded_data_dir,
+            port=cfg.embedded.port,
+            bin_dir=cfg.embedded.bin_dir or None,
+            schema=cfg.database.schema,
         )
         url = await asyncio.to_thread(pg.start)
     db = await dbm.Database.connect(cfg, url)

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
 
+from supervisor import embedded_auth
+
 logger = logging.getLogger(__name__)
 
 SERVER_ACCOUNT: Final = "batch-supervisor-pg"
@@ -547,6 +549,8 @@ class EmbeddedPostgres:
         bin_dir: str | None = None,
         fsync: bool = True,
         user: str = "postgres",
+        auth: str = "scram-sha-256",
+        schema: str = "supervisor",
         server_settings: Mapping[str, str] | None = None,
         start_timeout_s: float = 60.0,
         stop_timeout_s: float = 60.0,
@@ -557,7 +561,14 @@ class EmbeddedPostgres:
         self._listen_tcp = listen_tcp
         self._configured_bin_dir = bin_dir
         self._fsync = fsync
+        if auth not in ("scram-sha-256", "trust"):
+            raise ValueError(f"auth must be 'scram-sha-256' or 'trust', not {auth!r}")
         self._user = user
+        # "scram-sha-256" (the daemon): passwords required, and start() returns the
+        # DSN of a non-superuser role owning ``schema`` (see embedded_auth).
+        # "trust": the superuser without a password (the test suite's throwaway server).
+        self._auth = auth
+        self._schema = schema
         self._server_settings = dict(server_settings or {})
         self._start_timeout_s = start_timeout_s
         self._stop_timeout_s = stop_timeout_s
@@ -585,6 +596,10 @@ class EmbeddedPostgres:
     @property
     def lock_file(self) -> pathlib.Path:
         return self._data_dir.parent / f".{self._data_dir.name}.lock"
+
+    @property
+    def credentials_file(self) -> pathlib.Path:
+        return embedded_auth.credentials_path(self._data_dir)
 
     @property
     def users_file(self) -> pathlib.Path:
@@ -636,8 +651,9 @@ class EmbeddedPostgres:
         with _flock(self.lock_file):
             self._use()
             self._prepare_data_dir(account)
+            creds = self._credentials()
             if not (self._data_dir / "PG_VERSION").exists():
-                self._initdb(account, bin_dir)
+                self._initdb(account, bin_dir, creds)
             self._prepare_socket_dir(account)
             if self._live_postmaster() is not None:
                 self._adopt_port()
@@ -647,7 +663,11 @@ class EmbeddedPostgres:
                 self.adopted = False
                 self._clear_stale_pid_file()
                 self._pg_ctl_start(account, bin_dir)
-            self._dsn = self._build_dsn()
+            if creds is None:
+                self._dsn = self._build_dsn(self._user, None)
+            else:
+                self._provision(creds)
+                self._dsn = self._build_dsn(creds.role, creds.password)
         logger.info("embedded.start: server ready for %s", self._data_dir)
         return self._dsn
 
@@ -837,14 +857,54 @@ class EmbeddedPostgres:
             self._own_private_dir(account, fresh)
             self._socket_override = fresh
 
-    def _initdb(self, account: _Account, bin_dir: pathlib.Path) -> None:
+    def _credentials(self) -> embedded_auth.Credentials | None:
+        """The passwords of a scram cluster: read, or made for a new cluster (or one
+        an older release made with trust, converted by _provision)."""
+        if self._auth == "trust":
+            return None
+        path = self.credentials_file
+        try:
+            creds = embedded_auth.load(path)
+        except embedded_auth.CredentialsError as exc:
+            raise EmbeddedPostgresError(str(exc)) from None
+        if creds is not None:
+            return creds
+        cluster = (self._data_dir / "PG_VERSION").exists()
+        if cluster and not embedded_auth.hba_trusts(self._data_dir):
+            raise EmbeddedPostgresError(
+                f"the embedded cluster in {self._data_dir} requires passwords, and its "
+                f"credentials file {path} is missing: restore it, or remove the data "
+                "directory to start over"
+            )
+        logger.info("embedded.credentials: generated %s (mode 0600)", path)
+        return embedded_auth.create(path)
+
+    def _provision(self, creds: embedded_auth.Credentials) -> None:
+        """The daemon's role and schema (every start); a trust cluster converted."""
+        convert = embedded_auth.hba_trusts(self._data_dir)
+        superuser = self._build_dsn(self._user, creds.superuser_password)
+        embedded_auth.run_async(
+            lambda: embedded_auth.provision(superuser, creds, self._schema, convert=convert)
+        )
+        if convert:
+            embedded_auth.write_scram_hba(self._data_dir)
+            embedded_auth.run_async(lambda: embedded_auth.reload(superuser))
+            logger.info(
+                "embedded.secured: %s now requires passwords; the daemon connects as %s",
+                self._data_dir,
+                creds.role,
+            )
+
+    def _initdb(
+        self, account: _Account, bin_dir: pathlib.Path, creds: embedded_auth.Credentials | None
+    ) -> None:
         logger.info("embedded.initdb: creating cluster in %s", self._data_dir)
         args = [
             "-D",
             str(self._data_dir),
             "-U",
             self._user,
-            "--auth=trust",
+            f"--auth={self._auth}",
             "-E",
             "UTF8",
             "--locale=C",
@@ -852,12 +912,37 @@ class EmbeddedPostgres:
         ]
         if not self._fsync:
             args.append("--no-sync")
-        result = self._run(account, bin_dir, "initdb", args, timeout=300)
+        with self._password_file(account, creds) as pwfile:
+            if pwfile is not None:
+                args.append(f"--pwfile={pwfile}")
+            result = self._run(account, bin_dir, "initdb", args, timeout=300)
         if result.returncode != 0:
             raise EmbeddedPostgresError(
                 f"initdb failed for {self._data_dir} (exit {result.returncode}):\n"
                 f"{(result.stdout + result.stderr).strip()}"
             )
+
+    @contextlib.contextmanager
+    def _password_file(
+        self, account: _Account, creds: embedded_auth.Credentials | None
+    ) -> Iterator[pathlib.Path | None]:
+        """The superuser password in a file only the server account can read, for
+        ``initdb --pwfile``; removed right after."""
+        if creds is None:
+            yield None
+            return
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix="bsv-pw-"))
+        try:
+            path = tmp / "pw"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(creds.superuser_password + "\n")
+            if not account.is_current:
+                os.chown(tmp, account.uid, account.gid)
+                os.chown(path, account.uid, account.gid)
+            yield path
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _live_postmaster(self) -> int | None:
         pid = _postmaster_pid_in(self._data_dir / "postmaster.pid")
@@ -969,12 +1054,14 @@ class EmbeddedPostgres:
         except FileNotFoundError:
             pass  # first start: nothing to rotate
 
-    def _build_dsn(self) -> str:
-        user = urllib.parse.quote(self._user, safe="")
+    def _build_dsn(self, user: str, password: str | None) -> str:
+        who = urllib.parse.quote(user, safe="")
+        if password is not None:
+            who += ":" + urllib.parse.quote(password, safe="")
         if self._listen_tcp:
-            return f"postgresql://{user}@127.0.0.1:{self._port}/postgres"
+            return f"postgresql://{who}@127.0.0.1:{self._port}/postgres"
         host = urllib.parse.quote(str(self.socket_dir), safe="/")
-        return f"postgresql://{user}@/postgres?host={host}&port={self._port}"
+        return f"postgresql://{who}@/postgres?host={host}&port={self._port}"
 
     def _run(
         self,

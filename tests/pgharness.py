@@ -102,6 +102,7 @@ class TestServer:
             port=port if port is not None else free_port(),
             listen_tcp=True,
             fsync=False,
+            auth="trust",  # a throwaway server: the suite creates databases as superuser
         )
 
     @property

@@ -14,12 +14,13 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 
 import asyncpg
 import pytest
 
-from supervisor import embedded
+from supervisor import embedded, embedded_auth
 from tests import pgharness
 
 ROOT = os.geteuid() == 0
@@ -44,6 +45,15 @@ def _server(data_dir: pathlib.Path, **kwargs: object) -> embedded.EmbeddedPostgr
         fsync=False,
         **kwargs,  # type: ignore[arg-type]
     )
+
+
+def superuser_dsn(pg: embedded.EmbeddedPostgres, dsn: str) -> str:
+    """The server's superuser, with the password from its credentials file."""
+    creds = embedded_auth.load(pg.credentials_file)
+    assert creds is not None
+    role = f"{creds.role}:{urllib.parse.quote(creds.password, safe='')}@"
+    su = f"postgres:{urllib.parse.quote(creds.superuser_password, safe='')}@"
+    return dsn.replace(role, su)
 
 
 async def _fetchval(dsn: str, sql: str) -> object:
@@ -80,7 +90,9 @@ def test_start_serves_queries_on_private_socket_and_stop_leaves_no_process(
         if ROOT:
             owner = pwd.getpwuid(data_dir.stat().st_uid).pw_name
             assert owner == embedded.SERVER_ACCOUNT
-            assert fetchval(dsn, "select current_setting('data_directory')") == str(data_dir)
+        # the daemon's own role, not the superuser (which needs a password now)
+        assert fetchval(dsn, "select current_user") == "batch_supervisor"
+        assert fetchval(dsn, "select rolsuper from pg_roles where rolname = current_user") is False
         assert (data_dir.stat().st_mode & 0o777) == 0o700
     finally:
         pg.stop()
@@ -94,12 +106,17 @@ def test_restart_keeps_data_and_does_not_rerun_initdb(
 ) -> None:
     data_dir = base_dir / "data"
     with _server(data_dir) as pg:
-        asyncio.run(_execute(pg.dsn, "create table kept (x int); insert into kept values (42)"))
+        asyncio.run(
+            _execute(
+                pg.dsn,
+                "create table supervisor.kept (x int); insert into supervisor.kept values (42)",
+            )
+        )
     version_inode = (data_dir / "PG_VERSION").stat().st_ino
 
     caplog.set_level(logging.INFO, logger="supervisor.embedded")
     with _server(data_dir) as pg:
-        assert fetchval(pg.dsn, "select x from kept") == 42
+        assert fetchval(pg.dsn, "select x from supervisor.kept") == 42
     assert not [r for r in caplog.records if r.getMessage().startswith("embedded.initdb")]
     assert (data_dir / "PG_VERSION").stat().st_ino == version_inode
     assert pgharness.postgres_pids(data_dir) == []
@@ -145,9 +162,16 @@ def test_start_after_postmaster_sigkill_ignores_stale_pid_file(base_dir: pathlib
     pg = _server(data_dir)
     dsn = pg.start()
     try:
-        asyncio.run(_execute(dsn, "create table survived (x int); insert into survived values (7)"))
-        # Make the row durable even with fsync off: checkpoint writes it out.
-        asyncio.run(_execute(dsn, "checkpoint"))
+        asyncio.run(
+            _execute(
+                dsn,
+                "create table supervisor.survived (x int); "
+                "insert into supervisor.survived values (7)",
+            )
+        )
+        # Make the row durable even with fsync off: checkpoint writes it out (as the
+        # superuser: the daemon's role may not).
+        asyncio.run(_execute(superuser_dsn(pg, dsn), "checkpoint"))
         postmaster = int((data_dir / "postmaster.pid").read_text().split()[0])
         os.kill(postmaster, signal.SIGKILL)
         deadline = time.monotonic() + 10
@@ -158,7 +182,7 @@ def test_start_after_postmaster_sigkill_ignores_stale_pid_file(base_dir: pathlib
 
         dsn = pg.start()
         assert int((data_dir / "postmaster.pid").read_text().split()[0]) != postmaster
-        assert fetchval(dsn, "select x from survived") == 7
+        assert fetchval(dsn, "select x from supervisor.survived") == 7
     finally:
         pg.stop()
     assert wait_no_postgres(data_dir) == []
@@ -209,7 +233,8 @@ def test_long_data_dir_puts_socket_under_tmp(base_dir: pathlib.Path) -> None:
 
 def test_listen_tcp_serves_on_loopback(base_dir: pathlib.Path) -> None:
     with _server(base_dir / "data", listen_tcp=True) as pg:
-        assert pg.dsn.startswith("postgresql://postgres@127.0.0.1:")
+        assert pg.dsn.startswith("postgresql://batch_supervisor:")
+        assert "@127.0.0.1:" in pg.dsn
         assert fetchval(pg.dsn, "show fsync") == "off"
 
 
