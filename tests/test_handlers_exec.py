@@ -65,6 +65,11 @@ def script(tmp_path: pathlib.Path, name: str, body: str) -> list[str]:
     return [sys.executable, str(path)]
 
 
+# Run as root, commands would run as an unprivileged account that cannot reach the
+# scripts these tests write into their private tmp_path: say "root" explicitly.
+AS_ROOT: dict[str, str] = {"user": "root"} if os.geteuid() == 0 else {}
+
+
 def exec_handler(command: list[str], **over: Any) -> dict[str, Any]:
     return {
         "type": "exec",
@@ -72,6 +77,7 @@ def exec_handler(command: list[str], **over: Any) -> dict[str, Any]:
         "timeout": "10s",
         "max_attempts": 3,
         "retry_backoff": BACKOFF,
+        **AS_ROOT,
         **over,
     }
 

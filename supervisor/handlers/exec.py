@@ -7,6 +7,11 @@ Exit 0 succeeds (stdout as JSON, else text, is the result), exit 75
 The child runs in its own process group, and an attempt that is cancelled
 (timeout, batch cancel, drain deadline) kills the whole group and reaps it
 before returning, so no process outlives its attempt.
+
+A daemon started as root runs its commands as the unprivileged account
+RUN_ACCOUNT (created if missing), not as root: a command fed a hostile payload
+must not own the machine. ``user`` names another account, and ``user = "root"``
+is the explicit way back.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from supervisor import embedded
 from supervisor.config import HandlerConfig
 from supervisor.errors import HandlerLoadError, PermanentError
 from supervisor.models import Item
@@ -35,6 +41,7 @@ STDERR_TAIL = 64 * 1024  # kept from the end: the cause is usually last
 MESSAGE_TAIL = 1500  # stderr shown in the error message (the executor keeps 2000 chars)
 KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL of the process group
 REAP_TIMEOUT_S = 5.0  # a process stuck in the kernel after SIGKILL: give up waiting
+RUN_ACCOUNT = "batch-supervisor-run"  # what commands run as when the daemon is root
 
 
 class ExecTempFail(Exception):
@@ -154,18 +161,58 @@ def _tail(stderr: str) -> str:
     return stderr if len(stderr) <= MESSAGE_TAIL else "…" + stderr[-MESSAGE_TAIL:]
 
 
-def _home() -> str:
+def _home(uid: int) -> str:
     try:
-        return pwd.getpwuid(os.geteuid()).pw_dir
+        return pwd.getpwuid(uid).pw_dir
     except KeyError:
         return "/"
+
+
+def run_account(hcfg: HandlerConfig, executable: str) -> pwd.struct_passwd | None:
+    """The account ``hcfg``'s command runs as, or None for the daemon's own.
+    HandlerLoadError (naming the field) when it cannot be used."""
+    field = f"handlers.{hcfg.name}.user"
+    me = os.geteuid()
+    if not hcfg.user:
+        if me != 0:
+            return None
+        acct = embedded.ensure_server_account(RUN_ACCOUNT)
+        entry = pwd.getpwuid(acct.uid)
+    else:
+        try:
+            entry = pwd.getpwnam(hcfg.user)
+        except KeyError:
+            raise HandlerLoadError(f"{field}: no account named {hcfg.user!r}") from None
+        if entry.pw_uid == me:
+            return None
+        if me != 0:
+            raise HandlerLoadError(
+                f"{field}: {hcfg.user!r} is not this daemon's account, and only a daemon "
+                "started as root can run commands as another one"
+            )
+    blocked = embedded.blocked_for(entry.pw_uid, entry.pw_gid, executable, os.X_OK)
+    if blocked is not None:
+        raise HandlerLoadError(
+            f"handlers.{hcfg.name}.command: account {entry.pw_name} cannot execute "
+            f"{executable} ({blocked} is not accessible to it); move the command, or set "
+            f'{field} to an account that can ("root" to run it as root)'
+        )
+    return entry
 
 
 class ExecHandler:
     def __init__(self, hcfg: HandlerConfig) -> None:
         self.config = hcfg
-        _resolve(hcfg)
+        self._account = run_account(hcfg, _resolve(hcfg))
         self._argv = list(hcfg.command)
+        if self._account is None:
+            self._as: dict[str, Any] = {}
+            self._home = _home(os.geteuid())
+        else:
+            uid, gid = self._account.pw_uid, self._account.pw_gid
+            self._as = {"user": uid, "group": gid, "extra_groups": []}
+            self._home = self._account.pw_dir
+            log.info("exec.run_as handler=%s account=%s", hcfg.name, self._account.pw_name)
 
     def _env(self, item: Item) -> dict[str, str]:
         """A minimal environment, never the daemon's own (it may hold cloud keys,
@@ -175,7 +222,7 @@ class ExecHandler:
         base = {
             "PATH": os.environ.get("PATH") or os.defpath,
             "LANG": os.environ.get("LANG", "C.UTF-8"),
-            "HOME": _home(),
+            "HOME": self._home,
         }
         if "TZ" in os.environ:
             base["TZ"] = os.environ["TZ"]
@@ -201,6 +248,7 @@ class ExecHandler:
             stderr=subprocess.PIPE,
             env=self._env(item),
             start_new_session=True,  # its own process group, killed as a whole
+            **self._as,
         )
         out = _Capture(STDOUT_LIMIT, tail=False)
         err = _Capture(STDERR_TAIL, tail=True)

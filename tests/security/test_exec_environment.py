@@ -10,6 +10,7 @@ import textwrap
 from typing import Any
 
 from tests.daemon import DEFAULT_HANDLERS
+from tests.test_handlers_exec import AS_ROOT
 
 
 def test_exec_child_sees_only_the_minimal_and_named_environment(
@@ -32,6 +33,7 @@ def test_exec_child_sees_only_the_minimal_and_named_environment(
             "command": [sys.executable, str(script)],
             "env": {"APP_MODE": "batch"},
             "pass_env": ["BSV_TEST_PASSED"],
+            **AS_ROOT,
         }
     }
     d = daemons(handlers=handlers)
