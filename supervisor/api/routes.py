@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import uuid
 from datetime import UTC, datetime
@@ -31,9 +32,10 @@ def ctx_of(request: web.Request) -> ApiContext:
 # `limit` asks for, and continues from its next_cursor: a page of large payloads
 # must not become a 100 MB response.
 MAX_PAGE_BYTES = 8 * 1024 * 1024
-# Bodies above this are parsed in a worker thread, one at a time: parsing a big
-# body on the event loop stalled it for seconds, and several at once multiplied
-# the memory a body costs.
+# Bodies above this (or of unannounced size) are parsed in a worker thread, one at
+# a time: parsing a big body on the event loop stalled it for seconds, and several
+# at once multiplied the memory a body costs. A large submission holds the turn
+# from reading its body until its batch is committed.
 LARGE_BODY_BYTES = 1024 * 1024
 
 
@@ -66,7 +68,12 @@ async def _batch_or_404(request: web.Request) -> Any:
     return row
 
 
-async def _read_json(request: web.Request) -> Any:
+def _is_large(request: web.Request) -> bool:
+    """A body over LARGE_BODY_BYTES, or of a size not announced (chunked)."""
+    return request.content_length is None or request.content_length > LARGE_BODY_BYTES
+
+
+async def _read_body(request: web.Request) -> bytes:
     ctx = ctx_of(request)
     limit = ctx.cfg.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
@@ -78,7 +85,7 @@ async def _read_json(request: web.Request) -> Any:
     timeout = ctx.cfg.server.read_timeout_s
     try:
         with anyio.fail_after(timeout):  # a slow sender must not hold its socket forever
-            raw = await request.read()
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise Problem(
             413, f"request body exceeds the limit of {limit} bytes ([server] max_body_bytes)"
@@ -89,12 +96,17 @@ async def _read_json(request: web.Request) -> Any:
             f"request body not received within {timeout:g}s ([server] read_timeout)",
             headers={"Connection": "close"},
         ) from None
-    if not raw:
-        return None
-    if len(raw) <= LARGE_BODY_BYTES:
-        return schemas.parse_json(raw)
-    async with ctx.large_bodies:
-        return await anyio.to_thread.run_sync(schemas.parse_json, raw)
+
+
+async def _read_json(request: web.Request) -> Any:
+    """A small request's JSON body (None when empty); large ones are parsed in a
+    worker thread, one at a time."""
+    if not _is_large(request):
+        raw = await _read_body(request)
+        return schemas.parse_json(raw) if raw else None
+    async with ctx_of(request).large_bodies:
+        raw = await _read_body(request)
+        return await anyio.to_thread.run_sync(schemas.parse_json, raw) if raw else None
 
 
 @routes.post("/v1/batches")
@@ -102,30 +114,41 @@ async def create_batch(request: web.Request) -> web.Response:
     ctx = ctx_of(request)
     who = principal(request)
     who.require("write")
-    body = await _read_json(request)
-    if body is None:
-        raise Problem(400, "request body is empty: expected a JSON object")
-    nb = schemas.submission(
-        body,
-        header_key=request.headers.get("Idempotency-Key"),
-        handler_exists=lambda name: name in ctx.cfg.handlers,
-        max_items=ctx.cfg.server.max_items_per_batch,
-    )
-    hcfg = ctx.cfg.handlers[nb.handler]
-    who.may_use(nb.handler, "handler")
-    if nb.on_complete is not None:
-        who.may_use(nb.on_complete, "on_complete")
-    try:
-        result = await batches.submit(
-            ctx.db,
-            nb,
-            tenant=who.tenant,
-            actor=who.name,
-            attempt_budget=hcfg.max_attempts,
-            callback_handler=nb.on_complete or hcfg.on_complete,
+    header_key = request.headers.get("Idempotency-Key")
+
+    def validate(raw: bytes) -> batches.NewBatch:
+        if not raw:
+            raise Problem(400, "request body is empty: expected a JSON object")
+        return schemas.submission(
+            schemas.parse_json(raw),
+            header_key=header_key,
+            handler_exists=lambda name: name in ctx.cfg.handlers,
+            max_items=ctx.cfg.server.max_items_per_batch,
         )
-    except batches.IdempotencyConflict as exc:
-        raise Problem(409, str(exc)) from None
+
+    # A large submission holds several times its size while it is parsed, checked
+    # and copied into the database: one at a time from reading to commit, so that
+    # concurrent large ones do not multiply that (and off the event loop).
+    large = _is_large(request)
+    async with ctx.large_bodies if large else contextlib.nullcontext():
+        raw = await _read_body(request)
+        nb = await anyio.to_thread.run_sync(validate, raw) if large else validate(raw)
+        del raw
+        hcfg = ctx.cfg.handlers[nb.handler]
+        who.may_use(nb.handler, "handler")
+        if nb.on_complete is not None:
+            who.may_use(nb.on_complete, "on_complete")
+        try:
+            result = await batches.submit(
+                ctx.db,
+                nb,
+                tenant=who.tenant,
+                actor=who.name,
+                attempt_budget=hcfg.max_attempts,
+                callback_handler=nb.on_complete or hcfg.on_complete,
+            )
+        except batches.IdempotencyConflict as exc:
+            raise Problem(409, str(exc)) from None
     b = result.batch
     return _json(
         b,
