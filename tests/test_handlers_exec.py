@@ -121,6 +121,8 @@ def test_exec_stdout_json_or_text_is_the_result_with_bsv_env(
     assert by_key["k2"]["result"] == "hello there"
     result = by_key["k1"]["result"]
     assert result["payload"] == {"n": 1}
+    token = result["env"].pop("BSV_ATTEMPT_TOKEN")  # finds what the attempt leaves behind
+    assert len(token) == 32 and int(token, 16) >= 0
     assert result["env"] == {
         "BSV_ITEM_ID": by_key["k1"]["id"],
         "BSV_BATCH_ID": b["id"],

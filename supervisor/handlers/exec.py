@@ -6,7 +6,10 @@ Exit 0 succeeds (stdout as JSON, else text, is the result), exit 75
 (EX_TEMPFAIL) is retried, any other exit fails the item with the tail of stderr.
 The child runs in its own process group, and an attempt that is cancelled
 (timeout, batch cancel, drain deadline) kills the whole group and reaps it
-before returning, so no process outlives its attempt.
+before returning. A process that left the group (``setsid``, a double fork into
+a new session) is found by the attempt's token in its environment
+(BSV_ATTEMPT_TOKEN) and killed too, so no process outlives its attempt unless it
+also wiped its environment (systemd's cgroup still stops those with the service).
 
 A daemon started as root runs its commands as the unprivileged account
 RUN_ACCOUNT (created if missing), not as root: a command fed a hostile payload
@@ -20,6 +23,7 @@ import json
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import subprocess
@@ -27,6 +31,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 
 from supervisor import embedded
 from supervisor.config import HandlerConfig
@@ -137,6 +142,33 @@ async def _kill_group(process: anyio.abc.Process) -> None:
             log.warning("exec.unreaped pid=%s (did not exit after SIGKILL)", process.pid)
 
 
+def _kill_escaped(token: str, uid: int) -> int:
+    """SIGKILL every process of account ``uid`` whose environment carries this
+    attempt's token: what left the process group. Returns how many. Reads /proc
+    (a few milliseconds; run in a worker thread)."""
+    mark = f"\0BSV_ATTEMPT_TOKEN={token}\0".encode()
+    me = os.getpid()
+    killed = 0
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if not entry.name.isdigit() or int(entry.name) == me:
+                continue
+            try:
+                if entry.stat().st_uid != uid:
+                    continue
+                with open(f"/proc/{entry.name}/environ", "rb") as f:
+                    env = b"\0" + f.read()
+            except OSError:
+                continue  # gone meanwhile, or not ours to read
+            if mark in env:
+                try:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    killed += 1
+                except (ProcessLookupError, PermissionError):
+                    pass
+    return killed
+
+
 def _result(stdout: bytes) -> Any:
     text = stdout.decode("utf-8", errors="replace")
     if not text.strip():
@@ -214,11 +246,11 @@ class ExecHandler:
             self._home = self._account.pw_dir
             log.info("exec.run_as handler=%s account=%s", hcfg.name, self._account.pw_name)
 
-    def _env(self, item: Item) -> dict[str, str]:
+    def _env(self, item: Item, token: str) -> dict[str, str]:
         """A minimal environment, never the daemon's own (it may hold cloud keys,
         the database URL with its password, tokens): PATH, LANG, TZ, HOME of the
         run account, what the handler's ``pass_env`` names, its ``env``, and the
-        ``BSV_*`` variables of the attempt."""
+        ``BSV_*`` variables of the attempt (BSV_ATTEMPT_TOKEN finds what it leaves)."""
         base = {
             "PATH": os.environ.get("PATH") or os.defpath,
             "LANG": os.environ.get("LANG", "C.UTF-8"),
@@ -237,16 +269,18 @@ class ExecHandler:
             "BSV_MAX_ATTEMPTS": str(item.max_attempts),
             "BSV_ITEM_KEY": item.key or "",
             "BSV_HANDLER": item.handler,
+            "BSV_ATTEMPT_TOKEN": token,
         }
 
     async def run(self, item: Item) -> Any:
         stdin = json.dumps(item.payload, separators=(",", ":")).encode()
+        token = secrets.token_hex(16)
         process = await anyio.open_process(
             self._argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=self._env(item),
+            env=self._env(item, token),
             start_new_session=True,  # its own process group, killed as a whole
             **self._as,
         )
@@ -272,6 +306,16 @@ class ExecHandler:
         finally:
             with anyio.CancelScope(shield=True):
                 await process.aclose()
+                uid = self._account.pw_uid if self._account else os.geteuid()
+                escaped = await anyio.to_thread.run_sync(_kill_escaped, token, uid)
+            if escaped:
+                log.warning(
+                    "exec.escaped_killed handler=%s item=%s processes=%s (left the process "
+                    "group; killed with the attempt)",
+                    self.config.name,
+                    item.id,
+                    escaped,
+                )
         if code == 0:
             return _result(bytes(out.data))
         if code == EX_TEMPFAIL:
