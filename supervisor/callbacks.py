@@ -105,12 +105,12 @@ class Callbacks:
     async def _run_one(self, row: dbm.Record) -> None:
         attempt_no = row["callback_attempts"]
         handler = self._handlers.get(row["callback_handler"])
-        outcome: str = "pending"
+        outcome = states.CallbackState.PENDING
         error: dict[str, object] | None = None
         delay = 0.0
         try:
             if handler is None:
-                outcome = "failed"
+                outcome = states.CallbackState.FAILED
                 error = executor.error_entry(
                     attempt_no,
                     "HandlerNotConfigured",
@@ -136,24 +136,25 @@ class Callbacks:
                 result = await executor.invoke(handler, item, self._cfg.worker.name)
                 error = result.error
                 if result.outcome is states.Outcome.SUCCEEDED:
-                    outcome = "succeeded"
+                    outcome = states.CallbackState.SUCCEEDED
                 elif (
                     result.outcome is states.Outcome.RETRY
                     and attempt_no < handler.config.max_attempts
                 ):
-                    outcome = "pending"
+                    outcome = states.CallbackState.PENDING
                     delay = executor.clamp_delay(
                         result.delay_s
                         or handler.config.retry_backoff.delay(attempt_no, random.random())
                     )
                 else:
-                    outcome = "failed"
+                    outcome = states.CallbackState.FAILED
         except anyio.get_cancelled_exc_class():
-            outcome, error = "pending", None  # shutdown: release it to be run again
+            # shutdown: release it to be run again
+            outcome, error = states.CallbackState.PENDING, None
             raise
         except DatabaseUnavailable as exc:
             outcome, error = (
-                "pending",
+                states.CallbackState.PENDING,
                 executor.error_entry(
                     attempt_no, "DatabaseUnavailable", str(exc), None, self._cfg.worker.name
                 ),
@@ -170,7 +171,7 @@ class Callbacks:
         self,
         row: dbm.Record,
         attempt_no: int,
-        outcome: str,
+        outcome: states.CallbackState,
         error: dict[str, object] | None,
         delay: float,
     ) -> None:
@@ -192,6 +193,6 @@ class Callbacks:
             # Left running under our lease: the reaper (or our restart) sets it pending again.
             log.warning("callbacks.finish_failed batch=%s error=%s", row["id"], exc)
             return
-        label = "retried" if outcome == "pending" else outcome
+        label = "retried" if outcome is states.CallbackState.PENDING else str(outcome)
         self._metrics.callbacks.labels(label).inc()
         log.info("callbacks.%s batch=%s attempt=%s", label, row["id"], attempt_no)

@@ -46,7 +46,6 @@ class Heartbeat:
         self._wakeup = Wakeup()
         self._lock = anyio.Lock()  # a beat never races the final deregistration
         self._deregistered = False
-        self.ok = False
         self._last_ok: float | None = None  # anyio clock of the last successful beat
 
     def wake(self) -> None:
@@ -76,7 +75,6 @@ class Heartbeat:
                 result["pid"],
             )
             await anyio.sleep(min(w.heartbeat_interval_s, 1.0))
-        self.ok = True
         self._last_ok = anyio.current_time()
         log.info("heartbeat.registered name=%s lease=%s", w.name, self.lease)
 
@@ -149,10 +147,8 @@ class Heartbeat:
             await self._wakeup.wait(self._cfg.worker.heartbeat_interval_s)
             try:
                 await self.beat()
-                self.ok = True
                 self._last_ok = anyio.current_time()
             except DatabaseUnavailable as exc:
-                self.ok = False
                 log.warning("heartbeat.failed error=%s", exc)
 
     def stalled(self) -> str:

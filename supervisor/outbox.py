@@ -59,7 +59,6 @@ class Outbox:
         self._wakeup = anyio.Event()
         self._idle = anyio.Event()
         self._idle.set()
-        self.unavailable = False
 
     def put(self, rec: OutcomeRecord) -> None:
         self._pending.append(rec)
@@ -143,12 +142,7 @@ class Outbox:
         )
         async for attempt in dbm.retrying():
             with attempt:
-                try:
-                    rows = await self._db.fetch("apply_outcomes", *args)
-                except Exception:
-                    self.unavailable = True
-                    raise
-        self.unavailable = False
+                rows = await self._db.fetch("apply_outcomes", *args)
         fenced: set[int] = set()
         statuses: dict[int, str] = {}
         finished: list[tuple[str, str, float]] = []

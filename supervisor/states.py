@@ -49,7 +49,6 @@ class Outcome(enum.StrEnum):
     LOST = "lost"
 
 
-ITEM_TERMINAL = frozenset({ItemStatus.SUCCEEDED, ItemStatus.FAILED, ItemStatus.CANCELLED})
 BATCH_TERMINAL = frozenset(
     {
         BatchStatus.COMPLETED,
