@@ -42,6 +42,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from supervisor import embedded_auth
+from supervisor.errors import SupervisorError
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ _LOG_ROTATE_BYTES: Final = 10 * 1024 * 1024
 _LOG_TAIL_LINES: Final = 30
 
 
-class EmbeddedPostgresError(Exception):
+class EmbeddedPostgresError(SupervisorError):
     """The embedded PostgreSQL server could not be found, created, started or stopped."""
 
 
