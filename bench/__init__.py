@@ -1,4 +1,4 @@
-"""The benchmark suite (issue 5): ``python -m bench``.
+"""The benchmark suite: ``python -m bench``.
 
 Starts its own durable PostgreSQL (fsync and synchronous_commit on), runs the real
 daemon (``batch-supervisor run`` subprocesses talking HTTP) through each scenario a

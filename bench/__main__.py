@@ -17,7 +17,7 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 
-from bench import latency, memory, peers, status, submission, throughput
+from bench import latency, memory, peers, status, streams, submission, throughput
 from bench.context import Ctx
 from bench.harness import BenchServer, Results
 
@@ -26,12 +26,14 @@ SCENARIOS: dict[str, Callable[[Ctx, Results], Awaitable[None]]] = {
     "submission": submission.run,
     "latency": latency.run,
     "status": status.run,
+    "streams": streams.run,
     "memory": memory.run,
     "peers": peers.run,
 }
 
 # (label, numerator key, denominator key, target or None) -- ratios of medians.
 RATIOS: list[tuple[str, str, str, float | None]] = [
+    ("processing with SSE streams open / without", "streams.loaded", "streams.base", 0.8),
     ("ours / PgQueuer, end to end", "throughput.e2e", "pgqueuer.e2e", 3.0),
     ("ours / PgQueuer, processing", "throughput.proc", "pgqueuer.proc", None),
     ("ours / Procrastinate, end to end", "throughput.e2e", "procrastinate.e2e", None),
