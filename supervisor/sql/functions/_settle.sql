@@ -1,6 +1,6 @@
 -- _settle: the one place a batch row changes. Applies counter deltas, enforces
--- the failure budget, derives the status from the counters (terminal exactly
--- when nothing is queued or running), bumps the version once and notifies.
+-- the failure budget, derives the status from the counters (_batch_status),
+-- bumps the version once and notifies.
 -- Callers hold the batch row lock and have already moved the items.
 CREATE OR REPLACE FUNCTION @schema._settle(
     p_batch uuid, dq integer, dr integer, ds integer, df integer, dc integer,
@@ -61,13 +61,12 @@ BEGIN
 
     IF v_was_terminal THEN
         v_status := b.status;
-    ELSIF b.queued + b.running = 0 THEN
-        v_status := CASE
-            WHEN b.stop_reason = 'cancel' THEN 'cancelled'
-            WHEN b.stop_reason = 'max_failures' THEN 'failed'
-            WHEN b.failed = 0 AND b.cancelled = 0 THEN 'completed'
-            WHEN b.succeeded = 0 THEN 'failed'
-            ELSE 'completed_with_errors' END;
+    ELSE
+        v_status := @schema._batch_status(b.status, b.queued, b.running, b.succeeded,
+                                          b.failed, b.cancelled, b.stop_reason,
+                                          b.started_at IS NOT NULL);
+    END IF;
+    IF NOT v_was_terminal AND b.queued + b.running = 0 THEN
         b.finished_at := now();
         o_finished := v_status;
         o_seconds := extract(epoch FROM now() - b.created_at);
@@ -80,14 +79,6 @@ BEGIN
         VALUES (p_batch, 'finished', p_actor, jsonb_build_object(
             'status', v_status, 'succeeded', b.succeeded, 'failed', b.failed,
             'cancelled', b.cancelled));
-    ELSIF b.stop_reason IS NOT NULL THEN
-        v_status := 'cancelling';
-    ELSIF b.status = 'paused' THEN
-        v_status := 'paused';
-    ELSIF b.running + b.succeeded + b.failed + b.cancelled = 0 AND b.started_at IS NULL THEN
-        v_status := 'queued';
-    ELSE
-        v_status := 'running';
     END IF;
 
     IF b.started_at IS NULL AND (b.running > 0 OR b.succeeded + b.failed > 0) THEN

@@ -1,0 +1,5 @@
+-- 0006_batch_status_rule: the rule that derives a batch's status from its
+-- counters has one definition, _batch_status (supervisor/sql/functions/), used by
+-- _settle and repair_batch; repair_batch used to carry a copy of the terminal
+-- rule. A change of function bodies only: nothing to do here, the functions are
+-- applied after the migrations.
