@@ -79,3 +79,24 @@ def test_doctor_finds_names_and_repairs_drift(daemons: DaemonFactory, db_url: st
     ), b
     log = d.api("GET", f"/v1/batches/{item_failed}/log")[1]
     assert any(e["action"] == "repaired" for e in log["entries"]), log
+
+
+def test_repair_derives_a_status_by_the_same_rule_as_every_change(
+    daemons: DaemonFactory, db_url: str
+) -> None:
+    """A cancelled batch found with an item still running is `cancelling` (what
+    _settle would say), not `running`: repair_batch used to carry its own copy of
+    the rule, which turned every terminal batch with live items into `running`."""
+    d = daemons("doc")
+    bid = d.submit("sleeper", [{"sleep": 3600}])["id"]
+    d.wait_status(bid, "running")
+    d.kill()  # the item stays `running` under the dead daemon's lease
+    # Drift the CHECKs allow: the batch says cancelled and drained; its item runs.
+    query(
+        db_url,
+        "UPDATE supervisor.batches SET status = 'cancelled', stop_reason = 'cancel',"
+        " running = 0, cancelled = 1, finished_at = now() WHERE id = $1::uuid",
+        bid,
+    )
+    (row,) = query(db_url, "SELECT supervisor.repair_batch($1::uuid, 'test') AS s", bid)
+    assert row["s"] == "cancelling", row

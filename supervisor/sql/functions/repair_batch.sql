@@ -1,7 +1,8 @@
 -- repair_batch: doctor --repair. Recompute a batch's counters from its items
--- and re-derive its status in one guarded UPDATE (the CHECKs still hold). A
--- terminal status is re-derived too (stop_reason keeps cancelled/failed-by-budget):
--- keeping the old one could leave 'completed' over items that failed.
+-- and re-derive its status with _batch_status in one guarded UPDATE (the CHECKs
+-- still hold). A terminal status is re-derived too (stop_reason keeps
+-- cancelled/failed-by-budget): keeping the old one could leave 'completed' over
+-- items that failed.
 CREATE OR REPLACE FUNCTION @schema.repair_batch(p_batch uuid, p_actor text)
 RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
@@ -16,18 +17,10 @@ BEGIN
            count(*) FILTER (WHERE status = 'cancelled')
       INTO n, q, r, s, f, c FROM @schema.items WHERE batch_id = p_batch;
     IF n = 0 THEN RETURN 'empty'; END IF;
-    IF q + r = 0 THEN
-        v_status := CASE
-            WHEN b.stop_reason = 'cancel' THEN 'cancelled'
-            WHEN b.stop_reason = 'max_failures' THEN 'failed'
-            WHEN f = 0 AND c = 0 THEN 'completed'
-            WHEN s = 0 THEN 'failed'
-            ELSE 'completed_with_errors' END;
-    ELSE
-        v_status := CASE
-            WHEN b.status IN ('completed', 'completed_with_errors', 'failed', 'cancelled') THEN 'running'
-            ELSE b.status END;
-    END IF;
+    -- The same rule as _settle, from the recounted items; a batch wrongly terminal
+    -- over unfinished items is reopened by it (its old status is not kept).
+    v_status := @schema._batch_status(b.status, q, r, s, f, c, b.stop_reason,
+                                      b.started_at IS NOT NULL);
     UPDATE @schema.batches SET
         total = n, queued = q, running = r, succeeded = s, failed = f, cancelled = c,
         status = v_status, version = version + 1,
