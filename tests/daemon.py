@@ -23,14 +23,14 @@ T = TypeVar("T")
 
 
 def wait_for(
-    predicate: Callable[[], T],
+    predicate: Callable[[], T | None],
     timeout: float = 10.0,
     interval: float = 0.02,
     what: str = "condition",
 ) -> T:
     """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
     deadline = time.monotonic() + timeout
-    last: Any = None
+    last: T | None = None
     while True:
         last = predicate()
         if last:
@@ -239,8 +239,13 @@ class Daemon:
         self, batch_id: str, statuses: str | tuple[str, ...], timeout: float = 20.0
     ) -> dict[str, Any]:
         wanted = (statuses,) if isinstance(statuses, str) else statuses
+
+        def reached() -> dict[str, Any] | None:
+            b = self.batch(batch_id)
+            return b if b["status"] in wanted else None
+
         return wait_for(
-            lambda: (b := self.batch(batch_id))["status"] in wanted and b,
+            reached,
             timeout,
             0.05,
             f"batch {batch_id} in {wanted}",

@@ -137,7 +137,7 @@ def test_sse_client_mid_run_gets_terminal_snapshot_within_a_second(daemons: Any)
     assert kinds[0] == "snapshot" and kinds[-1] == "end"
     snaps = [e for e in events if e[0] == "snapshot"]
     assert len(snaps) >= 2, "progress snapshots while running"
-    assert [int(e[2]) for e in snaps] == sorted(int(e[2]) for e in snaps)  # id: = version
+    assert [int(str(e[2])) for e in snaps] == sorted(int(str(e[2])) for e in snaps)  # id: version
     terminal = snaps[-1]
     assert terminal[1]["status"] == "completed"
     # the batch finished at finished_at; the snapshot arrived within a second of that

@@ -97,7 +97,7 @@ def test_hung_plain_functions_leak_a_bounded_number_of_threads(daemons: Any) -> 
     done = d.wait_status(b["id"], "failed", timeout=60)
     assert done["counts"]["failed"] == n
     assert _threads(d.pid) <= baseline + ABANDONED_MAX + 4, (baseline, _threads(d.pid))
-    kinds = set()
+    kinds: set[str] = set()
     for item in d.items(b["id"]):
         code, full, _ = d.api("GET", f"/v1/items/{item['id']}")
         assert code == 200

@@ -66,7 +66,7 @@ def test_streams_are_capped_per_token_and_in_all(daemons: Any) -> None:
 
         def completed() -> bool:
             code, b, _ = d.api("GET", f"/v1/batches/{small['id']}", headers=headers)
-            return code == 200 and b["status"] == "completed"
+            return bool(code == 200 and b["status"] == "completed")
 
         wait_for(completed, 20, 0.05, "the small batch to complete")
     finally:

@@ -8,6 +8,7 @@ as WorkerLost. Submissions keep arriving here while SIGTERM lands, ten times.
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 
@@ -24,6 +25,10 @@ SELECT (SELECT count(*) FROM supervisor.items i WHERE i.status = 'running'
            AND NOT EXISTS (SELECT 1 FROM supervisor.workers w WHERE w.id = b.callback_lease))
          AS callbacks
 """
+
+
+def _at_least(accepted: list[int], n: int) -> bool:
+    return len(accepted) >= n
 
 
 def _submit_until(d: Daemon, stop: threading.Event, accepted: list[int]) -> None:
@@ -53,7 +58,7 @@ def test_sigterm_under_continuous_submissions_leaves_no_claim_behind(
         for t in submitters:
             t.start()
         try:
-            wait_for(lambda a=accepted: len(a) >= 10, 20, 0.01, "submissions under way")
+            wait_for(functools.partial(_at_least, accepted, 10), 20, 0.01, "submissions under way")
             d.signal(signal.SIGTERM)
             assert d.wait_exit(30) == 0, d.log()
         finally:

@@ -12,17 +12,18 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
+from typing import Any
 
 import asyncpg
 
 from tests.conftest import DaemonFactory
-from tests.daemon import wait_for
+from tests.daemon import Daemon, wait_for
 from tests.system.test_operations import all_running_on, item_detail, workers
 
 N = 3
 
 
-def _lost(d, batch_id: str) -> list[dict]:  # type: ignore[no-untyped-def]
+def _lost(d: Daemon, batch_id: str) -> list[dict[str, Any]]:
     return [
         e
         for it in d.items(batch_id)

@@ -4,6 +4,7 @@ and what counts against it (supervisor.dispatcher.Dispatcher.window/free_slots).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -25,7 +26,7 @@ def make(worker: dict[str, Any]) -> tuple[dispatcher.Dispatcher, FakeOutbox]:
 def run_at(monkeypatch: pytest.MonkeyPatch, d: dispatcher.Dispatcher, rate: float) -> int:
     """Feed ``rate`` finished attempts per second for two seconds of fake time; the window then."""
     clock = [1000.0]
-    monkeypatch.setattr(dispatcher.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])  # the dispatcher's clock
     d._rate_at = clock[0]
     window = d.window()
     for _ in range(100):
