@@ -887,14 +887,11 @@ class EmbeddedPostgres:
 
     def _provision(self, creds: embedded_auth.Credentials) -> None:
         """The daemon's role and schema (every start); a trust cluster converted."""
-        convert = embedded_auth.hba_trusts(self._data_dir)
         superuser = self._build_dsn(self._user, creds.superuser_password)
-        embedded_auth.run_async(
-            lambda: embedded_auth.provision(superuser, creds, self._schema, convert=convert)
+        converted = embedded_auth.run_async(
+            lambda: embedded_auth.provision(superuser, creds, self._schema, self._data_dir)
         )
-        if convert:
-            embedded_auth.write_scram_hba(self._data_dir)
-            embedded_auth.run_async(lambda: embedded_auth.reload(superuser))
+        if converted:
             logger.info(
                 "embedded.secured: %s now requires passwords; the daemon connects as %s",
                 self._data_dir,

@@ -20,9 +20,9 @@ import os
 import pathlib
 import secrets
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -107,10 +107,14 @@ def write_scram_hba(data_dir: pathlib.Path) -> None:
         f.write(SCRAM_HBA)
 
 
-async def provision(superuser_dsn: str, creds: Credentials, schema: str, *, convert: bool) -> None:
+async def provision(
+    superuser_dsn: str, creds: Credentials, schema: str, data_dir: pathlib.Path
+) -> bool:
     """Make the daemon's role and schema what they must be; idempotent, run at
-    every start. ``convert``: the cluster still trusts everyone, so the superuser
-    gets its password here, before ``pg_hba.conf`` is rewritten."""
+    every start. A cluster that still trusts everyone is converted: the superuser
+    gets its password first, then ``pg_hba.conf`` is rewritten and reloaded.
+    Returns whether it was converted."""
+    convert = hba_trusts(data_dir)
     conn = await asyncpg.connect(superuser_dsn)
     try:
 
@@ -140,8 +144,12 @@ async def provision(superuser_dsn: str, creds: Credentials, schema: str, *, conv
                 await run("CREATE SCHEMA %I AUTHORIZATION %I", schema, creds.role)
             else:
                 await _hand_over(conn, schema, creds.role)
+        if convert:
+            write_scram_hba(data_dir)
+            await conn.execute("SELECT pg_reload_conf()")
     finally:
         await conn.close()
+    return convert
 
 
 async def _hand_over(conn: asyncpg.Connection, schema: str, role: str) -> None:
@@ -167,15 +175,7 @@ async def _hand_over(conn: asyncpg.Connection, schema: str, role: str) -> None:
             await conn.execute(stmt)
 
 
-async def reload(superuser_dsn: str) -> None:
-    conn = await asyncpg.connect(superuser_dsn)
-    try:
-        await conn.execute("SELECT pg_reload_conf()")
-    finally:
-        await conn.close()
-
-
-def run_async(fn: Callable[[], Awaitable[T]]) -> T:
+def run_async(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine to completion from synchronous code, in a thread of its own
     (the caller may itself be running in an event loop's worker thread or not)."""
     out: list[T] = []
@@ -183,7 +183,7 @@ def run_async(fn: Callable[[], Awaitable[T]]) -> T:
 
     def target() -> None:
         try:
-            out.append(asyncio.run(_wrap(fn)))
+            out.append(asyncio.run(fn()))
         except BaseException as exc:  # handed to the caller
             err.append(exc)
 
@@ -193,7 +193,3 @@ def run_async(fn: Callable[[], Awaitable[T]]) -> T:
     if err:
         raise err[0]
     return out[0]
-
-
-async def _wrap(fn: Callable[[], Awaitable[T]]) -> T:
-    return await fn()

@@ -81,27 +81,26 @@ class Function:
     sql: str
 
 
-def _functions_dir() -> Traversable:
-    return resources.files("supervisor").joinpath("sql", "functions")
+def _function_files() -> list[Traversable]:
+    """The files of sql/functions/, one function each, in name order."""
+    folder = resources.files("supervisor").joinpath("sql", "functions")
+    return sorted((e for e in folder.iterdir() if e.name.endswith(".sql")), key=lambda e: e.name)
 
 
 def load_functions(schema: str) -> list[Function]:
     """Every transition function's current definition, in name order."""
-    out = [
+    return [
         Function(entry.name.removesuffix(".sql"), render(entry.read_text("utf-8"), schema))
-        for entry in _functions_dir().iterdir()
-        if entry.name.endswith(".sql")
+        for entry in _function_files()
     ]
-    return sorted(out, key=lambda f: f.name)
 
 
 def functions_digest() -> str:
     """SHA-256 over the function files as shipped (before rendering), pinned in
     ``sql/functions/DIGEST`` with the migration version it belongs to."""
     h = hashlib.sha256()
-    for entry in sorted(_functions_dir().iterdir(), key=lambda e: e.name):
-        if entry.name.endswith(".sql"):
-            h.update(entry.name.encode() + b"\0" + entry.read_bytes() + b"\0")
+    for entry in _function_files():
+        h.update(entry.name.encode() + b"\0" + entry.read_bytes() + b"\0")
     return h.hexdigest()
 
 

@@ -245,7 +245,7 @@ class ApiServer:
         server_cfg = self._ctx.cfg.server
         # keepalive_timeout bounds how long a connection may take to send a request
         # head, new or idle (aiohttp closes one whose head is incomplete by then);
-        # bodies are bounded where they are read (routes._read_json).
+        # bodies are bounded where they are read (routes._read_body).
         runner = web.AppRunner(
             build_app(self._ctx),
             access_log=None,

@@ -235,16 +235,16 @@ def run_account(hcfg: HandlerConfig, executable: str) -> pwd.struct_passwd | Non
 class ExecHandler:
     def __init__(self, hcfg: HandlerConfig) -> None:
         self.config = hcfg
-        self._account = run_account(hcfg, _resolve(hcfg))
         self._argv = list(hcfg.command)
-        if self._account is None:
-            self._as: dict[str, Any] = {}
-            self._home = _home(os.geteuid())
+        account = run_account(hcfg, _resolve(hcfg))
+        self._as: dict[str, Any] = {}  # open_process's account switch, if any
+        if account is None:
+            self._uid = os.geteuid()
+            self._home = _home(self._uid)
         else:
-            uid, gid = self._account.pw_uid, self._account.pw_gid
-            self._as = {"user": uid, "group": gid, "extra_groups": []}
-            self._home = self._account.pw_dir
-            log.info("exec.run_as handler=%s account=%s", hcfg.name, self._account.pw_name)
+            self._uid, self._home = account.pw_uid, account.pw_dir
+            self._as = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+            log.info("exec.run_as handler=%s account=%s", hcfg.name, account.pw_name)
 
     def _env(self, item: Item, token: str) -> dict[str, str]:
         """A minimal environment, never the daemon's own (it may hold cloud keys,
@@ -306,8 +306,7 @@ class ExecHandler:
         finally:
             with anyio.CancelScope(shield=True):
                 await process.aclose()
-                uid = self._account.pw_uid if self._account else os.geteuid()
-                escaped = await anyio.to_thread.run_sync(_kill_escaped, token, uid)
+                escaped = await anyio.to_thread.run_sync(_kill_escaped, token, self._uid)
             if escaped:
                 log.warning(
                     "exec.escaped_killed handler=%s item=%s processes=%s (left the process "
