@@ -7,7 +7,6 @@ superuser connection succeeded."""
 
 from __future__ import annotations
 
-import asyncio
 import pathlib
 import stat
 import urllib.parse
@@ -19,6 +18,7 @@ from supervisor import embedded, embedded_auth
 from tests.conftest import DaemonFactory
 from tests.pgharness import free_port
 from tests.system.embedded_daemons import completes_a_batch, start_embedded
+from tests.test_embedded import fetchval
 
 
 def socket_dsn(pgdata: pathlib.Path, who: str) -> str:
@@ -27,30 +27,19 @@ def socket_dsn(pgdata: pathlib.Path, who: str) -> str:
     return f"postgresql://{who}@/postgres?host={host}&port={port}"
 
 
-async def fetchval(dsn: str, sql: str) -> object:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetchval(sql)
-    finally:
-        await conn.close()
-
-
 def assert_locked(data_dir: pathlib.Path) -> None:
     """No password, no connection; the daemon's role is no superuser."""
     with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError)) as exc:
-        asyncio.run(fetchval(socket_dsn(data_dir, "postgres"), "SELECT 1"))
+        fetchval(socket_dsn(data_dir, "postgres"), "SELECT 1")
     assert "password" in str(exc.value).lower(), exc.value
     creds = embedded_auth.load(embedded_auth.credentials_path(data_dir))
     assert creds is not None and creds.role == "batch_supervisor"
     path = embedded_auth.credentials_path(data_dir)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     role = socket_dsn(data_dir, f"{creds.role}:{urllib.parse.quote(creds.password, safe='')}")
-    assert (
-        asyncio.run(fetchval(role, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"))
-        is False
-    )
+    assert fetchval(role, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user") is False
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
-        asyncio.run(fetchval(role, "COPY (SELECT 1) TO PROGRAM 'true'"))
+        fetchval(role, "COPY (SELECT 1) TO PROGRAM 'true'")
     assert not embedded_auth.hba_trusts(data_dir)
 
 
