@@ -193,7 +193,9 @@ class HandlerConfig:
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     pass_env: tuple[str, ...] = ()  # names copied from the daemon's environment
     # exec: the account the command runs as ("": the daemon's own, or
-    # batch-supervisor-run when the daemon is root; "root" must be said explicitly)
+    # batch-supervisor-run when the daemon is root; "root" must be said explicitly).
+    # python: runs in the daemon, so only the daemon's own account; a daemon started
+    # as root refuses a handler of the operator's own unless "root" is said explicitly.
     user: str = ""
 
 
@@ -579,8 +581,8 @@ def _handlers(ck: _Checker, raw: Mapping[str, Any]) -> dict[str, HandlerConfig]:
         if (env or pass_env) and htype != "exec":
             ck.problems.append(f"{p}: env and pass_env apply to exec handlers only")
         user = ck.get(t, p, "user", str, "")
-        if user and htype != "exec":
-            ck.problems.append(f"{p}.user: applies to exec handlers only")
+        if user and htype not in ("exec", "python"):
+            ck.problems.append(f"{p}.user: applies to exec and python handlers only")
         headers = ck.get(t, p, "headers", dict, {})
         for hk, hv in headers.items():
             if not isinstance(hv, str):

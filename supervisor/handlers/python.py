@@ -10,6 +10,12 @@ with ``ThreadsExhausted`` (retried with backoff) until one returns. The count
 is the ``batch_supervisor_handler_threads_abandoned`` gauge.
 
 The target is imported and its signature checked when the handler is built.
+
+A python handler runs inside the daemon, with the daemon's account. Started as
+root, the daemon refuses a handler of the operator's own (anything outside the
+``supervisor`` package) unless ``user = "root"`` says that is intended: its
+payloads come from whoever can submit, and a root daemon would run the
+function's bugs as root. Exec handlers switch accounts instead.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import os
+import pwd
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -64,9 +72,40 @@ def _load_target(hcfg: HandlerConfig) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
+def _account_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def check_account(hcfg: HandlerConfig, euid: int) -> None:
+    """Refuse what would run as an account other than the operator intends (see
+    the module docstring); HandlerLoadError names the field and the ways out."""
+    field = f"handlers.{hcfg.name}.user"
+    me = _account_name(euid)
+    if hcfg.user:
+        if hcfg.user != me:
+            raise HandlerLoadError(
+                f"{field}: a python handler runs inside the daemon, as the daemon's own "
+                f"account ({me}), so it cannot run as {hcfg.user!r}; an exec handler can"
+            )
+        return
+    module = hcfg.target.partition(":")[0]
+    if euid == 0 and module != "supervisor" and not module.startswith("supervisor."):
+        raise HandlerLoadError(
+            f"handler {hcfg.name!r}: this daemon runs as root, and a python handler runs "
+            "inside it, so its function would run as root on whatever payloads are "
+            "submitted. Run the daemon as an unprivileged account (the systemd unit "
+            "does), make it an exec handler (run as batch-supervisor-run), or set "
+            f'{field} = "root" to accept that'
+        )
+
+
 class PythonHandler:
     def __init__(self, hcfg: HandlerConfig) -> None:
         self.config = hcfg
+        check_account(hcfg, os.geteuid())
         self._fn = _load_target(hcfg)
         self._is_async = inspect.iscoroutinefunction(self._fn) or inspect.iscoroutinefunction(
             getattr(self._fn, "__call__", None)  # noqa: B004 - async callable objects count too
