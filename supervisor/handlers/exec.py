@@ -6,10 +6,13 @@ Exit 0 succeeds (stdout as JSON, else text, is the result), exit 75
 (EX_TEMPFAIL) is retried, any other exit fails the item with the tail of stderr.
 The child runs in its own process group, and an attempt that is cancelled
 (timeout, batch cancel, drain deadline) kills the whole group and reaps it
-before returning. A process that left the group (``setsid``, a double fork into
-a new session) is found by the attempt's token in its environment
-(BSV_ATTEMPT_TOKEN) and killed too, so no process outlives its attempt unless it
-also wiped its environment (systemd's cgroup still stops those with the service).
+before returning. Where the daemon may make cgroups (see
+:mod:`supervisor.handlers.cgroups`), each attempt runs in a cgroup of its own,
+killed and removed when it ends, so nothing it started outlives it whatever it
+did. Elsewhere a process that left the group (``setsid``, a double fork into a
+new session) is found by the attempt's token in its environment
+(BSV_ATTEMPT_TOKEN) and killed, unless it also wiped its environment (systemd's
+cgroup still stops those with the service).
 
 A daemon started as root runs its commands as the unprivileged account
 RUN_ACCOUNT (created if missing), not as root: a command fed a hostile payload
@@ -36,6 +39,7 @@ import anyio.to_thread
 from supervisor import embedded
 from supervisor.config import HandlerConfig
 from supervisor.errors import HandlerLoadError, PermanentError
+from supervisor.handlers import cgroups
 from supervisor.models import Item
 
 log = logging.getLogger(__name__)
@@ -238,13 +242,24 @@ class ExecHandler:
         self._argv = list(hcfg.command)
         account = run_account(hcfg, _resolve(hcfg))
         self._as: dict[str, Any] = {}  # open_process's account switch, if any
+        self._account: tuple[int, int] | None = None  # (uid, gid) to switch to, if any
         if account is None:
             self._uid = os.geteuid()
             self._home = _home(self._uid)
         else:
             self._uid, self._home = account.pw_uid, account.pw_dir
+            self._account = (account.pw_uid, account.pw_gid)
             self._as = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
             log.info("exec.run_as handler=%s account=%s", hcfg.name, account.pw_name)
+        self._cgroups = cgroups.detect()
+        if self._cgroups is not None and account is not None and self._cgroups.setpriv is None:
+            log.warning(
+                "exec.no_cgroup handler=%s (setpriv, from util-linux, is needed to join a "
+                "cgroup and then switch accounts; descendants are stopped by process "
+                "group and attempt token)",
+                hcfg.name,
+            )
+            self._cgroups = None
 
     def _env(self, item: Item, token: str) -> dict[str, str]:
         """A minimal environment, never the daemon's own (it may hold cloud keys,
@@ -275,15 +290,26 @@ class ExecHandler:
     async def run(self, item: Item) -> Any:
         stdin = json.dumps(item.payload, separators=(",", ":")).encode()
         token = secrets.token_hex(16)
-        process = await anyio.open_process(
-            self._argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=self._env(item, token),
-            start_new_session=True,  # its own process group, killed as a whole
-            **self._as,
-        )
+        env = self._env(item, token)
+        cg = self._cgroups.create(token) if self._cgroups is not None else None
+        argv, switch = self._argv, self._as
+        if cg is not None:
+            argv = cg.wrap(self._argv, self._account, env)
+            switch = {}  # setpriv switches, after the command joined its cgroup
+        try:
+            process = await anyio.open_process(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                start_new_session=True,  # its own process group, killed as a whole
+                **switch,
+            )
+        except BaseException:
+            if cg is not None:
+                cg.discard()
+            raise
         out = _Capture(STDOUT_LIMIT, tail=False)
         err = _Capture(STDERR_TAIL, tail=True)
         try:
@@ -306,7 +332,10 @@ class ExecHandler:
         finally:
             with anyio.CancelScope(shield=True):
                 await process.aclose()
-                escaped = await anyio.to_thread.run_sync(_kill_escaped, token, self._uid)
+                if cg is not None:
+                    escaped = await anyio.to_thread.run_sync(cg.end, process.pid)
+                else:
+                    escaped = await anyio.to_thread.run_sync(_kill_escaped, token, self._uid)
             if escaped:
                 log.warning(
                     "exec.escaped_killed handler=%s item=%s processes=%s (left the process "
