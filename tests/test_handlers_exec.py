@@ -186,29 +186,6 @@ def test_exec_timeout_kills_the_process_group(daemons: Any, tmp_path: pathlib.Pa
 
 
 # Leaves a background child (stdout closed, so the attempt can end) and exits 0.
-LEAVES_A_CHILD = """
-import json, subprocess, sys
-child = subprocess.Popen(
-    [sys.executable, "-c", "import time; time.sleep(120)"],
-    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-)
-print(json.dumps({"child": child.pid}))
-"""
-
-
-def test_exec_success_leaves_no_child_behind(daemons: Any, tmp_path: pathlib.Path) -> None:
-    """A successful command's background child used to outlive the attempt."""
-    d = daemons(handlers={"run": exec_handler(script(tmp_path, "leaves", LEAVES_A_CHILD))})
-    b = d.submit("run", [1])
-    assert d.wait_status(b["id"], TERMINAL)["status"] == "completed"
-    (item,) = d.items(b["id"])
-    child = int(item["result"]["child"])
-    try:
-        wait_for(lambda: not alive(child), 10, what="the child to be gone with its attempt")
-    finally:
-        kill_leftovers([child])
-
-
 def test_exec_batch_cancel_kills_the_process_group(daemons: Any, tmp_path: pathlib.Path) -> None:
     cmd = script(tmp_path, "sleeper", SLEEPER)
     d = daemons(handlers={"run": exec_handler(cmd, timeout="1h")})
