@@ -21,7 +21,6 @@ import logging
 import signal
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import anyio
 import anyio.abc
@@ -37,6 +36,7 @@ from supervisor import (
     reaper,
     retention,
     states,
+    store,
     systemd,
 )
 from supervisor import db as dbm
@@ -180,11 +180,14 @@ class Daemon:
         cfg = self.cfg
         actor = cfg.worker.name
 
-        def applied(chunk: Sequence[OutcomeRecord], result: outbox_mod.Applied) -> None:
+        def applied(chunk: Sequence[OutcomeRecord], result: store.Transitions) -> None:
             self.metrics.applied(chunk, result)
             disp.written({rec.handler for rec in chunk})  # persisted outcomes free their slots
             for rec in chunk:
-                if rec.outcome is states.Outcome.RETRY and result.status_of(rec) == "queued":
+                if (
+                    rec.outcome is states.Outcome.RETRY
+                    and result.status_of(rec.item_id) == "queued"
+                ):
                     disp.retry_due_in(rec.delay_s)
 
         ob = outbox_mod.Outbox(db, actor, applied)
@@ -212,13 +215,12 @@ class Daemon:
 
         bus.on_pause = on_pause
 
-        def reclaimed(rows: list[Any]) -> None:
+        def reclaimed(done: store.Transitions) -> None:
             counts: dict[str, int] = {}
-            for r in rows:
-                if r["kind"] == "item":
-                    counts[r["handler"]] = counts.get(r["handler"], 0) + 1
-                else:
-                    self.metrics.finished(r["status"], float(r["seconds"] or 0))
+            for handler in done.handlers.values():
+                counts[handler] = counts.get(handler, 0) + 1
+            for batch in done.finished:
+                self.metrics.finished(batch.status, batch.seconds)
             self.metrics.reclaimed(counts)
 
         hb = heartbeat.Heartbeat(

@@ -14,10 +14,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
-
 from supervisor import db as dbm
-from supervisor import models, states
+from supervisor import models, states, store
 
 ITEM_COLUMNS = ("batch_id", "seq", "key", "handler", "payload", "max_attempts")
 
@@ -83,30 +81,34 @@ async def submit(
     digest = nb.request_hash() if nb.idempotency_key is not None else None
     total = len(nb.items)
     async with db.transaction("submit") as tx:
-        inserted = await tx.fetchval(
-            "insert_batch",
-            batch_id,
-            tenant,
-            nb.handler,
-            nb.priority,
-            nb.max_concurrency,
-            nb.max_attempts,
-            attempt_budget,
-            json.dumps(nb.max_failures) if nb.max_failures is not None else None,
-            failure_limit(nb.max_failures, total),
-            json.dumps(nb.metadata),
-            nb.idempotency_key,
-            digest,
-            total,
-            actor,
-            callback_handler,
+        q = store.Queries(tx)
+        inserted = await q.insert_batch(
+            store.NewBatchRow(
+                id=batch_id,
+                tenant=tenant,
+                handler=nb.handler,
+                priority=nb.priority,
+                max_concurrency=nb.max_concurrency,
+                max_attempts=nb.max_attempts,
+                attempt_budget=attempt_budget,
+                max_failures=json.dumps(nb.max_failures) if nb.max_failures is not None else None,
+                max_failures_limit=failure_limit(nb.max_failures, total),
+                metadata=json.dumps(nb.metadata),
+                idempotency_key=nb.idempotency_key,
+                request_hash=digest,
+                total=total,
+                created_by=actor,
+                callback_handler=callback_handler,
+            )
         )
-        if inserted is None:
-            row = await tx.fetchrow("find_idempotent_batch", tenant, nb.idempotency_key)
-            assert row is not None  # the conflicting row is committed and visible now
-            if row["request_hash"] != digest:
-                raise IdempotencyConflict(str(row["id"]))
-            existing = await tx.fetchrow("get_batch", row["id"], tenant)
+        if not inserted:
+            assert nb.idempotency_key is not None  # only a key can make the insert a no-op
+            found = await q.find_idempotent_batch(tenant=tenant, idempotency_key=nb.idempotency_key)
+            assert found is not None  # the conflicting row is committed and visible now
+            existing_id, existing_hash = found
+            if existing_hash != digest:
+                raise IdempotencyConflict(str(existing_id))
+            existing = await q.get_batch(existing_id, tenant=tenant)
             assert existing is not None
             return Submitted(models.batch_json(existing), created=False)
         budget = nb.max_attempts or attempt_budget
@@ -118,62 +120,53 @@ async def submit(
                 for i, (key, payload) in enumerate(nb.items)
             ],
         )
-        await tx.execute(
-            "log_event",
-            batch_id,
-            "created",
-            actor,
-            json.dumps({"items": total, "handler": nb.handler}),
+        await q.log_event(
+            batch_id=batch_id,
+            action="created",
+            actor=actor,
+            detail=json.dumps({"items": total, "handler": nb.handler}),
         )
-        await tx.execute("notify_wake", nb.handler)
-        await tx.execute("notify_batch", f"{batch_id}:1:queued")
-        row = await tx.fetchrow("get_batch", batch_id, tenant)
+        await q.notify_wake(nb.handler)
+        await q.notify_batch(batch_id=batch_id, version=1, status=states.BatchStatus.QUEUED)
+        row = await q.get_batch(batch_id, tenant=tenant)
         assert row is not None
     return Submitted(models.batch_json(row), created=True)
 
 
-async def get(db: dbm.Database, batch_id: str, tenant: str | None) -> asyncpg.Record | None:
+def parse_id(batch_id: str) -> uuid.UUID | None:
+    """A batch id from a URL or a command line; None when it cannot name one."""
     try:
-        bid = uuid.UUID(batch_id)
+        return uuid.UUID(batch_id)
     except ValueError:
         return None
-    return await db.fetchrow("get_batch", bid, tenant)
 
 
-async def summary(db: dbm.Database, row: asyncpg.Record) -> dict[str, Any]:
-    stats = await db.fetchrow("item_stats", row["id"])
-    started, finished = row["started_at"], row["finished_at"]
+async def get(db: dbm.Database, batch_id: str, tenant: str | None) -> store.BatchRow | None:
+    bid = parse_id(batch_id)
+    return None if bid is None else await store.Queries(db).get_batch(bid, tenant=tenant)
+
+
+async def summary(db: dbm.Database, b: store.BatchRow) -> dict[str, Any]:
+    stats = await store.Queries(db).item_stats(b.id)
     duration = None
-    if started is not None:
-        duration = round(((finished or datetime.now(UTC)) - started).total_seconds(), 3)
-    batch = models.batch_json(row)
+    if b.started_at is not None:
+        duration = round(((b.finished_at or datetime.now(UTC)) - b.started_at).total_seconds(), 3)
+    batch = models.batch_json(b)
 
-    def num(v: Any) -> float | None:
+    def num(v: float | None) -> float | None:
         return round(float(v), 4) if v is not None else None
 
     return {
         "batch_id": batch["id"],
-        "final": states.is_batch_terminal(row["status"]),
-        "status": row["status"],
+        "final": states.is_batch_terminal(b.status),
+        "status": b.status,
         "counts": batch["counts"],
         "duration_seconds": duration,
         "item_seconds": {
-            "p50": num(stats["p50"]) if stats else None,
-            "p95": num(stats["p95"]) if stats else None,
-            "max": num(stats["max"]) if stats else None,
+            "p50": num(stats.p50) if stats else None,
+            "p95": num(stats.p95) if stats else None,
+            "max": num(stats.max) if stats else None,
         },
-        "errors_by_type": models.loads(stats["errors_by_type"]) if stats else {},
+        "errors_by_type": models.loads(stats.errors_by_type) if stats else {},
         "callback": batch["callback"],
     }
-
-
-async def control(
-    db: dbm.Database, query: str, batch_id: str, tenant: str | None, actor: str, *args: Any
-) -> str:
-    """Run one control function; returns 'ok', 'not_found' or 'conflict:<reason>'."""
-    try:
-        bid = uuid.UUID(batch_id)
-    except ValueError:
-        return "not_found"
-    outcome: str = await db.fetchval(query, bid, tenant, actor, *args)
-    return outcome

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import anyio
 import anyio.abc
 
-from supervisor import batches, executor, models, states
+from supervisor import batches, executor, models, states, store
 from supervisor import db as dbm
 from supervisor.config import Config
 from supervisor.errors import DatabaseUnavailable
@@ -43,6 +43,7 @@ class Callbacks:
     ) -> None:
         self._cfg = cfg
         self._db = db
+        self._q = store.Queries(db)
         self._handlers = handlers
         self._lease = lease
         self._metrics = metrics
@@ -66,33 +67,30 @@ class Callbacks:
                 lost_reply = False
                 while True:
                     free = MAX_PARALLEL - self._running
-                    rows = []
+                    rows: list[store.BatchRow] = []
                     try:
                         if lost_reply:
                             # A claim may have committed while its reply was lost:
                             # hand back what runs under our lease but not here.
-                            await self._db.fetch(
-                                "release_orphan_callbacks",
-                                uuid.UUID(self._lease),
-                                list(self._active),
+                            await self._q.release_orphan_callbacks(
+                                lease=uuid.UUID(self._lease), running=list(self._active)
                             )
                             lost_reply = False
                         if free > 0:
                             # Shielded, as the dispatcher's claims: a claim cancelled
                             # as it committed would strand its callbacks `running`.
                             with anyio.CancelScope(shield=True):
-                                rows = await self._db.fetch(
-                                    "claim_callbacks",
-                                    free,
-                                    uuid.UUID(self._lease),
-                                    self._cfg.worker.name,
+                                rows = await self._q.claim_callbacks(
+                                    limit=free,
+                                    lease=uuid.UUID(self._lease),
+                                    worker=self._cfg.worker.name,
                                 )
                     except DatabaseUnavailable:
                         rows = []  # the dispatcher reports outages; poll again later
                         lost_reply = True
                     for row in rows:
                         self._running += 1
-                        self._active.add(row["id"])
+                        self._active.add(row.id)
                         tg.start_soon(self._run_one, row)
                     if not rows:
                         await self._wakeup.wait(self._cfg.worker.poll_interval_s * 2)
@@ -102,9 +100,9 @@ class Callbacks:
                     await self._wakeup.wait(0.1)
             tg.cancel_scope.cancel()
 
-    async def _run_one(self, row: dbm.Record) -> None:
-        attempt_no = row["callback_attempts"]
-        handler = self._handlers.get(row["callback_handler"])
+    async def _run_one(self, row: store.BatchRow) -> None:
+        attempt_no = row.callback_attempts
+        handler = self._handlers.get(row.callback_handler or "")
         outcome = states.CallbackState.PENDING
         error: dict[str, object] | None = None
         delay = 0.0
@@ -114,7 +112,7 @@ class Callbacks:
                 error = executor.error_entry(
                     attempt_no,
                     "HandlerNotConfigured",
-                    f"no handler {row['callback_handler']!r} in this daemon's configuration",
+                    f"no handler {row.callback_handler!r} in this daemon's configuration",
                     None,
                     self._cfg.worker.name,
                 )
@@ -124,14 +122,14 @@ class Callbacks:
                     "summary": await batches.summary(self._db, row),
                 }
                 item = models.Item(
-                    id=f"callback:{row['id']}",
-                    batch_id=str(row["id"]),
+                    id=f"callback:{row.id}",
+                    batch_id=str(row.id),
                     key=None,
                     payload=payload,
                     attempt=attempt_no,
                     max_attempts=handler.config.max_attempts,
                     handler=handler.config.name,
-                    batch_metadata=models.loads(row["metadata"]),
+                    batch_metadata=models.loads(row.metadata),
                 )
                 result = await executor.invoke(handler, item, self._cfg.worker.name)
                 error = result.error
@@ -164,12 +162,12 @@ class Callbacks:
             with anyio.CancelScope(shield=True):
                 await self._finish(row, attempt_no, outcome, error, delay)
             self._running -= 1
-            self._active.discard(row["id"])
+            self._active.discard(row.id)
             self._wakeup.set()
 
     async def _finish(
         self,
-        row: dbm.Record,
+        row: store.BatchRow,
         attempt_no: int,
         outcome: states.CallbackState,
         error: dict[str, object] | None,
@@ -177,22 +175,21 @@ class Callbacks:
     ) -> None:
         try:
             await dbm.with_retry(
-                lambda: self._db.execute(
-                    "finish_callback",
-                    row["id"],
-                    uuid.UUID(self._lease),
-                    attempt_no,
-                    outcome,
-                    json.dumps(error) if error is not None else None,
-                    delay,
-                    self._cfg.worker.name,
+                lambda: self._q.finish_callback(
+                    row.id,
+                    lease=uuid.UUID(self._lease),
+                    attempt=attempt_no,
+                    state=outcome,
+                    error=json.dumps(error) if error is not None else None,
+                    delay_s=delay,
+                    actor=self._cfg.worker.name,
                 ),
                 stop_after_s=30,
             )
         except DatabaseUnavailable as exc:
             # Left running under our lease: the reaper (or our restart) sets it pending again.
-            log.warning("callbacks.finish_failed batch=%s error=%s", row["id"], exc)
+            log.warning("callbacks.finish_failed batch=%s error=%s", row.id, exc)
             return
         label = "retried" if outcome is states.CallbackState.PENDING else str(outcome)
         self._metrics.callbacks.labels(label).inc()
-        log.info("callbacks.%s batch=%s attempt=%s", label, row["id"], attempt_no)
+        log.info("callbacks.%s batch=%s attempt=%s", label, row.id, attempt_no)

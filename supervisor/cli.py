@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from supervisor import __version__, config, embedded, handlers, logs
+from supervisor import __version__, config, embedded, handlers, logs, store
 from supervisor import db as dbm
 from supervisor.errors import ConfigError, HandlerLoadError, SchemaTooNew, SupervisorError
 
@@ -137,33 +137,38 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     async def go() -> int:
         async with _database(cfg) as db:
-            drift = await db.fetch("doctor_drift")
-            orphans = await db.fetchval("doctor_orphans")
+            q = store.Queries(db)
+            drift = await q.doctor_drift()
+            orphans = await q.doctor_orphans()
             for r in drift:
-                counted = {
-                    k: r[k[0]] for k in ("queued", "running", "succeeded", "failed", "cancelled")
+                counted = {"queued": r.q, "running": r.r, "succeeded": r.s, "failed": r.f}
+                counted["cancelled"] = r.c
+                stored = {
+                    "queued": r.queued,
+                    "running": r.running,
+                    "succeeded": r.succeeded,
+                    "failed": r.failed,
+                    "cancelled": r.cancelled,
                 }
-                stored = {k: r[k] for k in counted}
                 print(
-                    f"drift: batch {r['id']} status={r['status']} total={r['total']} "
-                    f"(items: {r['n']}) stored={stored} counted={counted}"
+                    f"drift: batch {r.id} status={r.status} total={r.total} "
+                    f"(items: {r.n}) stored={stored} counted={counted}"
                 )
                 if args.repair:
-                    status = await db.fetchval("doctor_repair", r["id"], "doctor")
-                    print(f"  repaired: batch {r['id']} -> {status}")
+                    status = await q.doctor_repair(r.id, actor="doctor")
+                    print(f"  repaired: batch {r.id} -> {status}")
             if orphans:
                 print(
                     f"note: {orphans} item(s) running under a lease no live worker holds; "
                     "a running daemon's reaper reclaims them"
                 )
-            stray = await db.fetch("doctor_stray_items")
-            for r in stray:
-                print(f"drift: {r['n']} item(s) of batch {r['batch_id']}, which does not exist")
+            stray = await q.doctor_stray_items()
+            for st in stray:
+                print(f"drift: {st.n} item(s) of batch {st.batch_id}, which does not exist")
                 if args.repair:
-                    await db.execute("doctor_delete_stray_items", r["batch_id"])
-                    print(f"  repaired: deleted the stray items of {r['batch_id']}")
-            drift = [*drift, *stray]
-            if not drift:
+                    await q.doctor_delete_stray_items(st.batch_id)
+                    print(f"  repaired: deleted the stray items of {st.batch_id}")
+            if not drift and not stray:
                 print("no drift: every batch's counters and status match its items")
                 return 0
             return 0 if args.repair else 1

@@ -29,6 +29,7 @@ import json
 import logging
 import random
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ import anyio
 import anyio.abc
 
 from supervisor import db as dbm
-from supervisor import executor, states
+from supervisor import executor, states, store
 from supervisor.config import Config
 from supervisor.errors import DatabaseUnavailable
 from supervisor.events import Wakeup
@@ -79,9 +80,11 @@ class Dispatcher:
     ) -> None:
         self._cfg = cfg
         self._db = db
+        self._q = store.Queries(db)
         self._handlers = handlers
         self._outbox = outbox
         self._lease = lease
+        self._lease_id = uuid.UUID(lease)
         self._worker = cfg.worker.name
         concurrency = cfg.worker.concurrency
         prefetch = cfg.worker.prefetch
@@ -289,15 +292,14 @@ class Dispatcher:
                     # would leave its items running under our lease with no one on
                     # them. What it returns is enqueued; the stop releases it.
                     with anyio.CancelScope(shield=True):
-                        rows = await self._db.fetch(
-                            "claim_items",
-                            name,
-                            n,
-                            self._worker,
-                            self._lease,
-                            hcfg.global_concurrency,
-                            hcfg.rate_per_s,
-                            max(1.0, (hcfg.rate_per_s or 0.0) * RATE_BURST_S),
+                        rows = await self._q.claim_items(
+                            handler=name,
+                            limit=n,
+                            worker=self._worker,
+                            lease=self._lease_id,
+                            global_cap=hcfg.global_concurrency,
+                            rate=hcfg.rate_per_s,
+                            burst=max(1.0, (hcfg.rate_per_s or 0.0) * RATE_BURST_S),
                         )
                     for row in rows:
                         self._enqueue(name, row)
@@ -349,20 +351,20 @@ class Dispatcher:
         runs and no reaper would ever reclaim. No other claim of ours is in flight
         here (the claim loop is the only claimer), so whatever we do not hold is
         such an orphan: release it (queued again, the attempt not counted)."""
-        rows = await self._db.fetch("running_items_of_lease", self._lease)
+        rows = await self._q.running_items_of_lease(self._lease_id)
         known = set(self._running) | self._outbox.pending_ids()
         for queue in self._ready.values():
             known.update(int(item.id) for item in queue)
-        orphans = [r for r in rows if int(r["id"]) not in known]
+        orphans = [r for r in rows if r.id not in known]
         for r in orphans:
             item = Item(
-                id=str(r["id"]),
-                batch_id=str(r["batch_id"]),
+                id=str(r.id),
+                batch_id=str(r.batch_id),
                 key=None,
                 payload=None,
-                attempt=r["attempts"],
+                attempt=r.attempts,
                 max_attempts=0,
-                handler=r["handler"],
+                handler=r.handler,
                 batch_metadata={},
             )
             released = executor.cancelled_attempt(item, StopReason.SHUTDOWN, self._worker)
@@ -377,8 +379,8 @@ class Dispatcher:
 
     # -- the prefetch window ------------------------------------------------------
 
-    def _enqueue(self, handler: str, row: Any) -> None:
-        meta_text = row["batch_metadata"]
+    def _enqueue(self, handler: str, row: store.ClaimedItem) -> None:
+        meta_text = row.batch_metadata
         meta = self._meta_cache.get(meta_text)
         if meta is None:
             meta = json.loads(meta_text) if meta_text else {}
@@ -386,12 +388,12 @@ class Dispatcher:
                 self._meta_cache.clear()
             self._meta_cache[meta_text] = meta
         item = Item(
-            id=str(row["id"]),
-            batch_id=str(row["batch_id"]),
-            key=row["key"],
-            payload=json.loads(row["payload"]),
-            attempt=row["attempts"],
-            max_attempts=row["max_attempts"],
+            id=str(row.id),
+            batch_id=str(row.batch_id),
+            key=row.key,
+            payload=json.loads(row.payload),
+            attempt=row.attempts,
+            max_attempts=row.max_attempts,
             handler=handler,
             batch_metadata=meta,
         )
@@ -523,14 +525,14 @@ class Dispatcher:
             if not self.owned:
                 continue
             try:
-                rows = await self._db.fetch("stopping_batches_of_lease", self._lease)
+                rows = await self._q.stopping_batches_of_lease(self._lease_id)
             except DatabaseUnavailable:
                 continue  # the claim loop reports the outage; try again next round
             for r in rows:
-                if r["status"] == states.BatchStatus.PAUSED:
-                    self.release_waiting(str(r["batch_id"]))
+                if r.status == states.BatchStatus.PAUSED:
+                    self.release_waiting(str(r.batch_id))
                 else:
-                    self.cancel_batch(str(r["batch_id"]))
+                    self.cancel_batch(str(r.batch_id))
 
 
 def status_line(d: Dispatcher) -> str:

@@ -22,6 +22,7 @@ import anyio
 import asyncpg
 
 from supervisor import db as dbm
+from supervisor import store
 
 log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 2.0
@@ -176,7 +177,7 @@ class Bus:
         self._probe = f"probe:{uuid.uuid4()}"
         self._probe_seen = anyio.Event()
         try:
-            await self._db.execute("notify_wake", self._probe)
+            await store.Queries(self._db).notify_wake(self._probe)
             with anyio.move_on_after(PROBE_TIMEOUT_S):
                 await self._probe_seen.wait()
             return self._probe_seen.is_set()

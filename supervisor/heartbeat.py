@@ -20,6 +20,7 @@ import anyio
 import anyio.abc
 
 from supervisor import db as dbm
+from supervisor import store
 from supervisor.config import Config
 from supervisor.errors import ConfigError, DatabaseUnavailable
 from supervisor.events import Wakeup
@@ -35,10 +36,11 @@ class Heartbeat:
         lease: str,
         state: Callable[[], str],
         in_flight: Callable[[], int],
-        on_reclaimed: Callable[[list[dbm.Record]], None],
+        on_reclaimed: Callable[[store.Transitions], None],
     ) -> None:
         self._cfg = cfg
         self._db = db
+        self._q = store.Queries(db)
         self.lease = lease
         self._state = state
         self._in_flight = in_flight
@@ -71,44 +73,45 @@ class Heartbeat:
                 "heartbeat.name_wait name=%s host=%s pid=%s: another registration holds "
                 "this name; waiting up to worker.dead_after for it to go stale",
                 w.name,
-                result["host"],
-                result["pid"],
+                result.host,
+                result.pid,
             )
             await anyio.sleep(min(w.heartbeat_interval_s, 1.0))
         self._last_ok = anyio.current_time()
         log.info("heartbeat.registered name=%s lease=%s", w.name, self.lease)
 
-    async def _try_register(self, seen: dict[uuid.UUID, object]) -> dbm.Record | None:
+    async def _try_register(self, seen: dict[uuid.UUID, object]) -> store.WorkerRegistration | None:
         """One attempt under the name's lock: register and reclaim, or return the
         registration that is not yet provably gone (the caller waits and asks again)."""
         w = self._cfg.worker
         me = uuid.UUID(self.lease)
         async with self._db.transaction("register") as tx:
-            await tx.execute("lock_worker_name", w.name)
+            q = store.Queries(tx)
+            await q.lock_worker_name(w.name)
             gone: list[uuid.UUID] = []
-            pending: dbm.Record | None = None
-            for r in await tx.fetch("workers_named", w.name, me):
-                verdict = _predecessor(
-                    r, w.dead_after_s, seen.setdefault(r["id"], r["heartbeat_at"])
-                )
+            pending: store.WorkerRegistration | None = None
+            for r in await q.workers_named(w.name, besides=me):
+                verdict = _predecessor(r, w.dead_after_s, seen.setdefault(r.id, r.heartbeat_at))
                 if verdict == "live":
                     raise _name_in_use(w.name, r, "it is still heartbeating")
                 if verdict == "gone":
-                    gone.append(r["id"])
+                    gone.append(r.id)
                 else:
                     pending = r
             if pending is not None:
                 return pending
-            gone += [r["id"] for r in await tx.fetch("orphan_leases_of_name", w.name, me)]
-            await self._insert_row(tx)
-            rows = await tx.fetch("reclaim_leases", gone, w.name) if gone else []
+            gone += await q.orphan_leases_of_name(w.name, besides=me)
+            await self._insert_row(q)
             if gone:
-                await tx.execute("delete_workers", gone)
+                done = await q.reclaim_leases(gone, actor=w.name)
+                await q.delete_workers(gone)
         if gone:
-            self._on_reclaimed(rows)
-            n = sum(1 for r in rows if r["kind"] == "item")
+            self._on_reclaimed(done)
             log.info(
-                "heartbeat.reclaimed_previous name=%s leases=%s items=%s", w.name, len(gone), n
+                "heartbeat.reclaimed_previous name=%s leases=%s items=%s",
+                w.name,
+                len(gone),
+                len(done.statuses),
             )
         return None
 
@@ -118,25 +121,24 @@ class Heartbeat:
                 await self._beat()
 
     async def _beat(self) -> None:
-        row = await self._db.fetchrow(
-            "heartbeat", uuid.UUID(self.lease), self._state(), self._in_flight()
+        alive = await self._q.heartbeat(
+            lease=uuid.UUID(self.lease), state=self._state(), in_flight=self._in_flight()
         )
-        if row is None:
+        if not alive:
             log.warning(
                 "heartbeat.reregister: our worker row was reaped (stalled past "
                 "dead_after?); registering again"
             )
-            await self._insert_row(self._db)
+            await self._insert_row(self._q)
 
-    async def _insert_row(self, db: dbm.Database | dbm.Tx) -> None:
+    async def _insert_row(self, q: store.Queries) -> None:
         w = self._cfg.worker
-        await db.execute(
-            "register_worker",
-            uuid.UUID(self.lease),
-            w.name,
-            socket.gethostname(),
-            os.getpid(),
-            w.concurrency,
+        await q.register_worker(
+            lease=uuid.UUID(self.lease),
+            name=w.name,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            concurrency=w.concurrency,
         )
 
     async def run(
@@ -169,7 +171,7 @@ class Heartbeat:
     async def _deregister(self) -> None:
         try:
             await dbm.with_retry(
-                lambda: self._db.execute("deregister_worker", uuid.UUID(self.lease)),
+                lambda: self._q.deregister_worker(uuid.UUID(self.lease)),
                 stop_after_s=5,
             )
             log.info("heartbeat.deregistered lease=%s", self.lease)
@@ -178,17 +180,17 @@ class Heartbeat:
             log.warning("heartbeat.deregister_failed error=%s", exc)
 
 
-def _predecessor(r: dbm.Record, dead_after_s: float, first_heartbeat: object) -> str:
+def _predecessor(r: store.WorkerRegistration, dead_after_s: float, first_heartbeat: object) -> str:
     """Classify another registration under our name: "gone" (provably: stale
     heartbeat, or its process on this host no longer exists or is ourselves),
     "live" (a daemon process on this host, or a heartbeat that moved since we
     first looked) or "unknown" (another host, fresh heartbeat: wait and see)."""
-    if r["age_s"] > dead_after_s:
+    if r.age_s > dead_after_s:
         return "gone"
-    if r["heartbeat_at"] != first_heartbeat:
+    if r.heartbeat_at != first_heartbeat:
         return "live"
-    if r["host"] == socket.gethostname():
-        pid = r["pid"]
+    if r.host == socket.gethostname():
+        pid = r.pid
         if pid == os.getpid():
             return "gone"  # one pid is one process: an earlier life of ours (container restart)
         cmdline = _cmdline(pid)
@@ -217,11 +219,11 @@ def _is_daemon(args: list[bytes]) -> bool:
     )
 
 
-def _name_in_use(name: str, r: dbm.Record, why: str) -> ConfigError:
+def _name_in_use(name: str, r: store.WorkerRegistration, why: str) -> ConfigError:
     return ConfigError(
         [
-            f"worker.name: {name!r} is held by a live daemon (host {r['host']}, pid {r['pid']}, "
-            f"heartbeat {r['age_s']:.1f}s ago; {why}); give each daemon its own [worker] name "
+            f"worker.name: {name!r} is held by a live daemon (host {r.host}, pid {r.pid}, "
+            f"heartbeat {r.age_s:.1f}s ago; {why}); give each daemon its own [worker] name "
             "or leave it unset"
         ]
     )

@@ -17,11 +17,12 @@ import anyio
 import anyio.abc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from supervisor import __version__, states
+from supervisor import __version__, states, store
 from supervisor import db as dbm
 from supervisor.errors import DatabaseUnavailable
 from supervisor.executor import OutcomeRecord
-from supervisor.outbox import Applied, metric_outcome
+from supervisor.outbox import metric_outcome
+from supervisor.store import Transitions
 
 log = logging.getLogger(__name__)
 PREFIX = "batch_supervisor_"
@@ -146,11 +147,11 @@ class Metrics:
     def db_error(self, operation: str) -> None:
         self.db_errors.labels(operation).inc()
 
-    def applied(self, chunk: Sequence[OutcomeRecord], applied: Applied) -> None:
+    def applied(self, chunk: Sequence[OutcomeRecord], applied: Transitions) -> None:
         # Label lookups are the expensive part: resolve each (handler, outcome) once.
         counts: dict[tuple[str, str], int] = {}
         for rec in chunk:
-            status = applied.status_of(rec)
+            status = applied.status_of(rec.item_id)
             if status is None:
                 continue  # fenced: counted by the outbox log, not as an outcome
             key = (rec.handler, metric_outcome(rec, status))
@@ -161,8 +162,8 @@ class Metrics:
             hist.observe(rec.duration_s)
         for key, n in counts.items():
             self.items.labels(*key).inc(n)
-        for _bid, status, seconds in applied.finished:
-            self.finished(status, seconds)
+        for done in applied.finished:
+            self.finished(done.status, done.seconds)
 
     def finished(self, status: str, seconds: float) -> None:
         self.batches_finished.labels(status).inc()
@@ -194,23 +195,24 @@ class QueueSampler:
                 # One snapshot: read apart, an item claimed between the reads was
                 # counted as queued and as running at once.
                 async with self._db.transaction("metrics_sample", snapshot=True) as tx:
-                    rows = await tx.fetch("queue_stats")
-                    running = await tx.fetch("running_stats")
-                    batches = await tx.fetch("unfinished_batch_stats")
+                    q = store.Queries(tx)
+                    rows: list[store.QueueStats] | None = await q.queue_stats()
+                    running = await q.running_stats()
+                    batches = await q.unfinished_batch_stats()
             except DatabaseUnavailable:
                 rows = None  # keep the last sample; the outage is reported elsewhere
             if rows is not None:
                 m = self._metrics
-                oldest = {r["handler"]: float(r["oldest"] or 0) for r in running}
-                now = {r["handler"] for r in rows} | set(oldest)
-                by_handler = {r["handler"]: r for r in rows}
+                oldest = {r.handler: float(r.oldest or 0) for r in running}
+                now = {r.handler for r in rows} | set(oldest)
+                by_handler = {r.handler: r for r in rows}
                 for h in now | seen:
                     r = by_handler.get(h)
-                    m.queued.labels(h).set((r["queued"] or 0) if r else 0)
-                    m.paused.labels(h).set((r["paused"] or 0) if r else 0)
-                    m.queue_lag.labels(h).set(float(r["lag"] or 0) if r else 0.0)
+                    m.queued.labels(h).set((r.queued or 0) if r else 0)
+                    m.paused.labels(h).set((r.paused or 0) if r else 0)
+                    m.queue_lag.labels(h).set(float(r.lag or 0) if r else 0.0)
                     m.oldest_running.labels(h).set(oldest.get(h, 0.0))
-                ages = {r["status"]: float(r["oldest"] or 0) for r in batches}
+                ages = {b.status: float(b.oldest or 0) for b in batches}
                 for status in UNFINISHED_BATCH_STATES:
                     m.oldest_batch.labels(status).set(ages.get(status, 0.0))
                 seen |= now

@@ -7,9 +7,10 @@ import json
 import json.encoder as json_encoder
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 from supervisor import states
+from supervisor.store import BatchRow, ItemDetail, ItemRow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,12 +28,6 @@ class Item:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"batch_metadata": dict(self.batch_metadata)}
-
-
-class Row(Protocol):
-    """A database row (asyncpg.Record) or any mapping with the same keys."""
-
-    def __getitem__(self, key: str, /) -> Any: ...
 
 
 def rfc3339(value: datetime | None) -> str | None:
@@ -77,37 +72,42 @@ def loads(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
-def counts(row: Row) -> dict[str, int]:
+def counts(b: BatchRow) -> dict[str, int]:
     return {
-        k: int(row[k]) for k in ("total", "queued", "running", "succeeded", "failed", "cancelled")
+        "total": b.total,
+        "queued": b.queued,
+        "running": b.running,
+        "succeeded": b.succeeded,
+        "failed": b.failed,
+        "cancelled": b.cancelled,
     }
 
 
-def batch_json(row: Row) -> dict[str, Any]:
-    c = counts(row)
+def batch_json(b: BatchRow) -> dict[str, Any]:
+    c = counts(b)
     done = c["succeeded"] + c["failed"] + c["cancelled"]
     return {
-        "id": str(row["id"]),
-        "handler": row["handler"],
-        "tenant": row["tenant"],
-        "status": row["status"],
+        "id": str(b.id),
+        "handler": b.handler,
+        "tenant": b.tenant,
+        "status": b.status,
         "counts": c,
         "progress": round(done / c["total"], 4) if c["total"] else 1.0,
-        "priority": row["priority"],
-        "max_concurrency": row["max_concurrency"],
-        "max_failures": loads(row["max_failures"]),
-        "max_attempts": row["max_attempts"],
-        "metadata": loads(row["metadata"]),
-        "idempotency_key": row["idempotency_key"],
-        "version": row["version"],
-        "created_at": rfc3339(row["created_at"]),
-        "started_at": rfc3339(row["started_at"]),
-        "finished_at": rfc3339(row["finished_at"]),
+        "priority": b.priority,
+        "max_concurrency": b.max_concurrency,
+        "max_failures": loads(b.max_failures),
+        "max_attempts": b.max_attempts,
+        "metadata": loads(b.metadata),
+        "idempotency_key": b.idempotency_key,
+        "version": b.version,
+        "created_at": rfc3339(b.created_at),
+        "started_at": rfc3339(b.started_at),
+        "finished_at": rfc3339(b.finished_at),
         "callback": {
-            "handler": row["callback_handler"],
-            "state": row["callback_state"],
-            "attempts": row["callback_attempts"],
-            "error": loads(row["callback_error"]),
+            "handler": b.callback_handler,
+            "state": b.callback_state,
+            "attempts": b.callback_attempts,
+            "error": loads(b.callback_error),
         },
     }
 
@@ -122,33 +122,33 @@ def error_json(text: str | None, *, tracebacks: bool) -> Any:
     return entry
 
 
-def item_json(row: Row, *, with_errors: bool = False, tracebacks: bool = True) -> dict[str, Any]:
+def item_json(
+    it: ItemRow | ItemDetail, *, with_errors: bool = False, tracebacks: bool = True
+) -> dict[str, Any]:
     out = {
-        "id": str(row["id"]),
-        "batch_id": str(row["batch_id"]),
-        "key": row["key"],
-        "status": row["status"],
-        "payload": loads(row["payload"]),
-        "result": loads(row["result"]),
-        "attempts": row["attempts"],
-        "max_attempts": row["max_attempts"],
-        "error": error_json(row["error"], tracebacks=tracebacks),
-        "run_after": rfc3339(row["run_after"])
-        if row["status"] == states.ItemStatus.QUEUED
-        else None,
-        "worker": row["worker"],
-        "created_at": rfc3339(row["created_at"]),
-        "started_at": rfc3339(row["started_at"]),
-        "finished_at": rfc3339(row["finished_at"]),
+        "id": str(it.id),
+        "batch_id": str(it.batch_id),
+        "key": it.key,
+        "status": it.status,
+        "payload": loads(it.payload),
+        "result": loads(it.result),
+        "attempts": it.attempts,
+        "max_attempts": it.max_attempts,
+        "error": error_json(it.error, tracebacks=tracebacks),
+        "run_after": rfc3339(it.run_after) if it.status == states.ItemStatus.QUEUED else None,
+        "worker": it.worker,
+        "created_at": rfc3339(it.created_at),
+        "started_at": rfc3339(it.started_at),
+        "finished_at": rfc3339(it.finished_at),
     }
-    if with_errors:
-        errors = loads(row["errors"])
+    if with_errors and isinstance(it, ItemDetail):
+        errors = loads(it.errors)
         if not tracebacks and isinstance(errors, list):
             errors = [{**e, "traceback": None} if isinstance(e, dict) else e for e in errors]
         out["errors"] = errors
-        out["errors_dropped"] = row["errors_dropped"]  # older entries not kept (last 20 are)
+        out["errors_dropped"] = it.errors_dropped  # older entries not kept (last 20 are)
     return out
 
 
-def is_terminal(row: Row) -> bool:
-    return states.is_batch_terminal(row["status"])
+def is_terminal(b: BatchRow) -> bool:
+    return states.is_batch_terminal(b.status)

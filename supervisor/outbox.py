@@ -15,12 +15,11 @@ import logging
 import math
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import anyio
 
 from supervisor import db as dbm
-from supervisor import executor, states
+from supervisor import executor, states, store
 from supervisor.errors import DatabaseUnavailable
 from supervisor.executor import OutcomeRecord
 
@@ -28,31 +27,15 @@ log = logging.getLogger(__name__)
 MAX_PER_WRITE = 2000
 
 
-@dataclass(frozen=True, slots=True)
-class Applied:
-    """What one write changed. The database reports only the exceptions: stale
-    (fenced) writes, the new status of items whose outcome was not a success,
-    and batches that finished; everything else succeeded as written."""
-
-    fenced: frozenset[int]
-    statuses: dict[int, str]
-    finished: list[tuple[str, str, float]]  # (batch_id, status, seconds)
-
-    def status_of(self, rec: OutcomeRecord) -> str | None:
-        """The item's status after this write; None when the write was fenced."""
-        if rec.item_id in self.fenced:
-            return None
-        return self.statuses.get(rec.item_id, states.ItemStatus.SUCCEEDED)
-
-
 class Outbox:
     def __init__(
         self,
         db: dbm.Database,
         actor: str,
-        on_applied: Callable[[Sequence[OutcomeRecord], Applied], None],
+        on_applied: Callable[[Sequence[OutcomeRecord], store.Transitions], None],
     ) -> None:
         self._db = db
+        self._q = store.Queries(db)
         self._actor = actor
         self._on_applied = on_applied
         self._pending: list[OutcomeRecord] = []
@@ -94,7 +77,7 @@ class Outbox:
             del self._pending[: len(chunk)]
             self._on_applied(chunk, applied)
 
-    async def _write_isolating(self, chunk: list[OutcomeRecord]) -> Applied:
+    async def _write_isolating(self, chunk: list[OutcomeRecord]) -> store.Transitions:
         """Write ``chunk``; if PostgreSQL rejects it for good (not an outage: those
         are retried inside :meth:`_write`), find the rejected outcome by halving, so
         the others land as written and only that one item's attempt is spent."""
@@ -109,11 +92,7 @@ class Outbox:
                 half = len(chunk) // 2
                 first = await self._write_isolating(chunk[:half])
                 second = await self._write_isolating(chunk[half:])
-                return Applied(
-                    first.fenced | second.fenced,
-                    first.statuses | second.statuses,
-                    first.finished + second.finished,
-                )
+                return first | second
             (rec,) = chunk
             log.error(
                 "outcome.rejected item=%s attempt=%s outcome=%s error=%s: %s; recorded "
@@ -126,35 +105,25 @@ class Outbox:
             )
             return await self._write([executor.rejected(rec, exc, self._actor)])
 
-    async def _write(self, chunk: list[OutcomeRecord]) -> Applied:
+    async def _write(self, chunk: list[OutcomeRecord]) -> store.Transitions:
         lease = chunk[0].lease
         assert all(r.lease == lease for r in chunk)  # one process, one lease
-        args = (
-            uuid.UUID(lease),
-            list({r.batch_id for r in chunk}),
-            [r.item_id for r in chunk],
-            [r.attempt for r in chunk],
-            [r.outcome.value for r in chunk],
-            [r.result_json for r in chunk],
-            [r.error_json for r in chunk],
-            [r.delay_s if math.isfinite(r.delay_s) else 0.0 for r in chunk],
-            self._actor,
+        outcomes = store.Outcomes(
+            lease=uuid.UUID(lease),
+            batches=[uuid.UUID(b) for b in {r.batch_id for r in chunk}],
+            ids=[r.item_id for r in chunk],
+            attempts=[r.attempt for r in chunk],
+            outcomes=[r.outcome.value for r in chunk],
+            results=[r.result_json for r in chunk],
+            errors=[r.error_json for r in chunk],
+            delays=[r.delay_s if math.isfinite(r.delay_s) else 0.0 for r in chunk],
+            actor=self._actor,
         )
         async for attempt in dbm.retrying():
             with attempt:
-                rows = await self._db.fetch("apply_outcomes", *args)
-        fenced: set[int] = set()
-        statuses: dict[int, str] = {}
-        finished: list[tuple[str, str, float]] = []
-        for r in rows:
-            if r["kind"] == "fenced":
-                fenced.add(int(r["id"]))
-            elif r["kind"] == "item":
-                statuses[int(r["id"])] = r["status"]
-            else:
-                finished.append((r["id"], r["status"], float(r["seconds"] or 0.0)))
+                applied = await self._q.apply_outcomes(outcomes)
         for rec in chunk:
-            if rec.item_id in fenced:
+            if rec.item_id in applied.fenced:
                 log.warning(
                     "outcome.fenced item=%s attempt=%s outcome=%s: the attempt no longer "
                     "holds the item (reclaimed, released or cancelled); write ignored",
@@ -162,7 +131,7 @@ class Outbox:
                     rec.attempt,
                     rec.outcome.value,
                 )
-        return Applied(frozenset(fenced), statuses, finished)
+        return applied
 
 
 def metric_outcome(rec: OutcomeRecord, status: str) -> str:

@@ -18,6 +18,7 @@ import anyio
 import anyio.abc
 
 from supervisor import db as dbm
+from supervisor import store
 from supervisor.config import Config
 from supervisor.errors import DatabaseUnavailable
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 class Reaper:
     def __init__(
-        self, cfg: Config, db: dbm.Database, on_reclaimed: Callable[[list[dbm.Record]], None]
+        self, cfg: Config, db: dbm.Database, on_reclaimed: Callable[[store.Transitions], None]
     ) -> None:
         self._cfg = cfg
         self._db = db
@@ -36,20 +37,17 @@ class Reaper:
         """One pass; returns the number of items reclaimed. ``reclaim=False`` only
         checks that the database answers (see :meth:`run`)."""
         async with self._db.transaction("reap") as tx:
-            await tx.execute("bound_idle_transaction")
-            if not await tx.fetchval("try_reaper_lock") or not reclaim:
+            q = store.Queries(tx)
+            await q.bound_idle_transaction()
+            if not await q.try_reaper_lock() or not reclaim:
                 return 0
-            dead = [
-                r["id"]
-                for r in await tx.fetch("dead_leases", self._cfg.worker.dead_after_s)
-                if r["id"] is not None
-            ]
+            dead = await q.dead_leases(dead_after_s=self._cfg.worker.dead_after_s)
             if not dead:
                 return 0
-            rows = await tx.fetch("reclaim_leases", dead, f"reaper:{self._cfg.worker.name}")
-            await tx.execute("delete_workers", dead)
-        self._on_reclaimed(rows)
-        n = sum(1 for r in rows if r["kind"] == "item")
+            done = await q.reclaim_leases(dead, actor=f"reaper:{self._cfg.worker.name}")
+            await q.delete_workers(dead)
+        self._on_reclaimed(done)
+        n = len(done.statuses)
         log.info("reaper.reclaimed dead_leases=%s items=%s", len(dead), n)
         return n
 

@@ -9,6 +9,7 @@ import anyio
 import anyio.abc
 
 from supervisor import db as dbm
+from supervisor import store
 from supervisor.config import Config
 from supervisor.errors import DatabaseUnavailable
 
@@ -20,16 +21,17 @@ class Retention:
     def __init__(self, cfg: Config, db: dbm.Database) -> None:
         self._cfg = cfg
         self._db = db
+        self._q = store.Queries(db)
 
     async def sweep(self) -> int:
         """Delete everything due, chunk by chunk; returns the number of batches deleted."""
         total = 0
         while True:
-            rows = await self._db.fetch(
-                "retention_delete", self._cfg.retention.finished_after_s, CHUNK
+            deleted = await self._q.retention_delete(
+                finished_before_s=self._cfg.retention.finished_after_s, limit=CHUNK
             )
-            total += len(rows)
-            if len(rows) < CHUNK:
+            total += deleted
+            if deleted < CHUNK:
                 break
         if total:
             log.info("retention.deleted batches=%s", total)

@@ -11,6 +11,7 @@ import anyio
 from aiohttp import web
 
 from supervisor import db as dbm
+from supervisor import store
 from supervisor.api.auth import Authenticator, Principal
 from supervisor.api.problems import Problem
 from supervisor.config import Config
@@ -62,9 +63,12 @@ class ApiContext:
     large_bodies: anyio.Semaphore = dataclasses.field(default_factory=lambda: anyio.Semaphore(1))
     streams: StreamSlots = dataclasses.field(init=False)  # from cfg.server's stream caps
 
+    q: store.Queries = dataclasses.field(init=False)  # the typed queries, on db's pool
+
     def __post_init__(self) -> None:
         server = self.cfg.server
         self.streams = StreamSlots(server.max_streams, server.max_streams_per_token)
+        self.q = store.Queries(self.db)
 
 
 CTX: web.AppKey[ApiContext] = web.AppKey("ctx", ApiContext)

@@ -8,6 +8,7 @@ import binascii
 import contextlib
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,8 +16,9 @@ import anyio
 import anyio.to_thread
 from aiohttp import web
 
-from supervisor import batches, models, states
+from supervisor import batches, models, states, store
 from supervisor.api import schemas, sse
+from supervisor.api.auth import Principal
 from supervisor.api.context import CTX, ApiContext, principal
 from supervisor.api.problems import Problem, ValidationFailed
 
@@ -59,7 +61,7 @@ def _cursor_decode(text: str) -> dict[str, Any]:
         ) from None
 
 
-async def _batch_or_404(request: web.Request) -> Any:
+async def _batch_or_404(request: web.Request) -> store.BatchRow:
     ctx = ctx_of(request)
     who = principal(request)
     row = await batches.get(ctx.db, request.match_info["id"], who.tenant_filter)
@@ -179,11 +181,17 @@ async def list_batches(request: web.Request) -> web.Response:
             ) from None
     status = schemas.status_param(q.get("status"), states.BatchStatus)
     handler = schemas.text_param("handler", q.get("handler"))
-    rows = await ctx.db.fetch("list_batches", who.tenant_filter, status, handler, t, cid, limit + 1)
+    rows = await ctx.q.list_batches(
+        tenant=who.tenant_filter,
+        status=status,
+        handler=handler,
+        before=(t, cid) if t is not None and cid is not None else None,
+        limit=limit + 1,
+    )
     more = len(rows) > limit
     rows = rows[:limit]
     nxt = (
-        _cursor_encode({"t": rows[-1]["created_at"].isoformat(), "id": str(rows[-1]["id"])})
+        _cursor_encode({"t": rows[-1].created_at.isoformat(), "id": str(rows[-1].id)})
         if more
         else None
     )
@@ -194,7 +202,7 @@ async def list_batches(request: web.Request) -> web.Response:
 async def get_batch(request: web.Request) -> web.StreamResponse:
     principal(request).require("read")
     row = await _batch_or_404(request)
-    etag = f'"{row["version"]}"'
+    etag = f'"{row.version}"'
     inm = request.headers.get("If-None-Match")
     if inm and etag in [t.strip() for t in inm.split(",")]:
         return web.Response(status=304, headers={"ETag": etag})
@@ -209,17 +217,15 @@ async def patch_batch(request: web.Request) -> web.Response:
     fields = schemas.patch(await _read_json(request))
     row = await _batch_or_404(request)
     mf = fields.get("max_failures")
-    outcome = await batches.control(
-        ctx.db,
-        "patch_batch",
-        request.match_info["id"],
-        who.tenant_filter,
-        who.name,
-        json.dumps(fields),
-        fields.get("priority"),
-        fields.get("max_concurrency"),
-        json.dumps(mf) if mf is not None else None,
-        batches.failure_limit(mf, row["total"]),
+    outcome = await ctx.q.patch_batch(
+        row.id,
+        tenant=who.tenant_filter,
+        actor=who.name,
+        fields=json.dumps(fields),
+        priority=fields.get("priority"),
+        max_concurrency=fields.get("max_concurrency"),
+        max_failures=json.dumps(mf) if mf is not None else None,
+        max_failures_limit=batches.failure_limit(mf, row.total),
     )
     return await _control_response(request, outcome)
 
@@ -230,52 +236,63 @@ async def delete_batch(request: web.Request) -> web.Response:
     who = principal(request)
     who.require("write")
     row = await _batch_or_404(request)
-    deleted = await ctx.db.fetchval("delete_batch", row["id"], who.tenant_filter)
-    if deleted is None:
-        raise Problem(409, f"batch is {row['status']}: only a terminal batch can be deleted")
+    if not await ctx.q.delete_batch(row.id, tenant=who.tenant_filter):
+        raise Problem(409, f"batch is {row.status}: only a terminal batch can be deleted")
     return web.Response(status=204)
 
 
-async def _control_response(request: web.Request, outcome: str) -> web.Response:
-    if outcome == "not_found":
+async def _control_response(request: web.Request, outcome: store.ControlResult) -> web.Response:
+    if outcome.kind is store.ControlKind.NOT_FOUND:
         raise Problem(404, f"no batch {request.match_info['id']!r}")
-    if outcome.startswith("conflict:"):
-        raise Problem(409, outcome.partition(":")[2])
+    if outcome.kind is store.ControlKind.CONFLICT:
+        raise Problem(409, outcome.reason)
     row = await _batch_or_404(request)
-    return _json(models.batch_json(row), headers={"ETag": f'"{row["version"]}"'})
+    return _json(models.batch_json(row), headers={"ETag": f'"{row.version}"'})
 
 
-async def _control(
-    request: web.Request, query: str, *args: Any, scope: str = "write"
-) -> web.Response:
-    ctx = ctx_of(request)
+Control = Callable[[store.Queries, uuid.UUID, Principal], Awaitable[store.ControlResult]]
+
+
+async def _control(request: web.Request, run: Control, *, scope: str = "write") -> web.Response:
+    """Run one batch control for the caller: 404 for an id that names no batch."""
     who = principal(request)
     who.require(scope)
-    outcome = await batches.control(
-        ctx.db, query, request.match_info["id"], who.tenant_filter, who.name, *args
-    )
+    bid = batches.parse_id(request.match_info["id"])
+    outcome = store.NOT_FOUND if bid is None else await run(ctx_of(request).q, bid, who)
     return await _control_response(request, outcome)
 
 
 @routes.post("/v1/batches/{id}/cancel")
 async def cancel_batch(request: web.Request) -> web.Response:
-    return await _control(request, "cancel_batch")
+    return await _control(
+        request, lambda q, bid, who: q.cancel_batch(bid, tenant=who.tenant_filter, actor=who.name)
+    )
+
+
+def _pausing(pause: bool) -> Control:
+    return lambda q, bid, who: q.pause_batch(
+        bid, tenant=who.tenant_filter, actor=who.name, pause=pause
+    )
 
 
 @routes.post("/v1/batches/{id}/pause")
 async def pause_batch(request: web.Request) -> web.Response:
-    return await _control(request, "pause_batch", True)
+    return await _control(request, _pausing(True))
 
 
 @routes.post("/v1/batches/{id}/resume")
 async def resume_batch(request: web.Request) -> web.Response:
-    return await _control(request, "pause_batch", False)
+    return await _control(request, _pausing(False))
 
 
 @routes.post("/v1/batches/{id}/callback/redeliver")
 async def redeliver_callback(request: web.Request) -> web.Response:
     """Admin: run a failed (or succeeded) completion callback again."""
-    return await _control(request, "redeliver_callback", scope="admin")
+    return await _control(
+        request,
+        lambda q, bid, who: q.redeliver_callback(bid, tenant=who.tenant_filter, actor=who.name),
+        scope="admin",
+    )
 
 
 @routes.post("/v1/batches/{id}/retry")
@@ -291,7 +308,12 @@ async def retry_batch(request: web.Request) -> web.Response:
         include = body.get("include_cancelled", False)
         if not isinstance(include, bool):
             raise ValidationFailed([{"path": "/include_cancelled", "message": "must be a boolean"}])
-    return await _control(request, "retry_batch", include)
+    return await _control(
+        request,
+        lambda q, bid, who: q.retry_batch(
+            bid, tenant=who.tenant_filter, actor=who.name, include_cancelled=include
+        ),
+    )
 
 
 @routes.get("/v1/batches/{id}/items")
@@ -311,7 +333,7 @@ async def list_items(request: web.Request) -> web.Response:
                 [{"path": "cursor", "message": "not a cursor returned by this API"}], 400
             )
     status = schemas.status_param(q.get("status"), states.ItemStatus)
-    rows = await ctx.db.fetch("list_items", row["id"], status, after, limit + 1)
+    rows = await ctx.q.list_items(batch_id=row.id, status=status, after=after, limit=limit + 1)
     tb = principal(request).sees_tracebacks
     items: list[str] = []
     size = 0
@@ -322,7 +344,7 @@ async def list_items(request: web.Request) -> web.Response:
         items.append(text)
         size += len(text) + 1
     more = len(rows) > len(items)
-    nxt = _cursor_encode({"after": rows[len(items) - 1]["id"]}) if more and items else None
+    nxt = _cursor_encode({"after": rows[len(items) - 1].id}) if more and items else None
     body = '{"items": [' + ", ".join(items) + '], "next_cursor": ' + json.dumps(nxt) + "}"
     return web.Response(text=body, content_type=JSON_CT)
 
@@ -335,7 +357,7 @@ async def get_item(request: web.Request) -> web.Response:
     raw = request.match_info["id"]
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise Problem(404, f"no item {raw!r}")
-    row = await ctx.db.fetchrow("get_item", int(raw), who.tenant_filter)
+    row = await ctx.q.get_item(int(raw), tenant=who.tenant_filter)
     if row is None:
         raise Problem(404, f"no item {raw!r}")
     return _json(models.item_json(row, with_errors=True, tracebacks=who.sees_tracebacks))
@@ -352,16 +374,16 @@ async def get_summary(request: web.Request) -> web.Response:
 async def get_log(request: web.Request) -> web.Response:
     principal(request).require("read")
     row = await _batch_or_404(request)
-    rows = await ctx_of(request).db.fetch("batch_log", row["id"])
+    rows = await ctx_of(request).q.batch_log(row.id)
     return _json(
         {
-            "batch_id": str(row["id"]),
+            "batch_id": str(row.id),
             "entries": [
                 {
-                    "at": models.rfc3339(r["at"]),
-                    "action": r["action"],
-                    "actor": r["actor"],
-                    "detail": models.loads(r["detail"]),
+                    "at": models.rfc3339(r.at),
+                    "action": r.action,
+                    "actor": r.actor,
+                    "detail": models.loads(r.detail),
                 }
                 for r in rows
             ],
@@ -383,19 +405,19 @@ async def events(request: web.Request) -> web.StreamResponse:
 async def workers(request: web.Request) -> web.Response:
     # Hosts and pids of the whole fleet, across tenants: operators only.
     principal(request).require("admin")
-    rows = await ctx_of(request).db.fetch("list_workers")
+    rows = await ctx_of(request).q.list_workers()
     return _json(
         {
             "workers": [
                 {
-                    "name": r["name"],
-                    "host": r["host"],
-                    "pid": r["pid"],
-                    "state": r["state"],
-                    "started_at": models.rfc3339(r["started_at"]),
-                    "heartbeat_at": models.rfc3339(r["heartbeat_at"]),
-                    "in_flight": r["in_flight"],
-                    "concurrency": r["concurrency"],
+                    "name": r.name,
+                    "host": r.host,
+                    "pid": r.pid,
+                    "state": r.state,
+                    "started_at": models.rfc3339(r.started_at),
+                    "heartbeat_at": models.rfc3339(r.heartbeat_at),
+                    "in_flight": r.in_flight,
+                    "concurrency": r.concurrency,
                 }
                 for r in rows
             ]

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 from aiohttp import web
 
-from supervisor import models
+from supervisor import models, store
 from supervisor.api.context import ApiContext, principal
 from supervisor.errors import DatabaseUnavailable
 
@@ -36,17 +36,17 @@ def _frame(event: str, data: Any, event_id: int | None = None) -> bytes:
     return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-async def stream(request: web.Request, ctx: ApiContext, row: Any) -> web.StreamResponse:
+async def stream(request: web.Request, ctx: ApiContext, row: store.BatchRow) -> web.StreamResponse:
     try:
         return await _stream(request, ctx, row)
     except ConnectionResetError:
         # The client went away (a closed dashboard tab): normal for a stream, not
         # an error of ours.
-        log.debug("sse.client_gone batch=%s", row["id"])
+        log.debug("sse.client_gone batch=%s", row.id)
         return web.Response()
 
 
-async def _stream(request: web.Request, ctx: ApiContext, row: Any) -> web.StreamResponse:
+async def _stream(request: web.Request, ctx: ApiContext, row: store.BatchRow) -> web.StreamResponse:
     resp = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -56,20 +56,23 @@ async def _stream(request: web.Request, ctx: ApiContext, row: Any) -> web.Stream
     )
     await resp.prepare(request)
     tracebacks = principal(request).sees_tracebacks
-    batch_id = row["id"]
+    batch_id = row.id
     resume = request.headers.get("Last-Event-ID", "")
     valid = resume.isascii() and resume.isdigit() and len(resume) <= 18  # fits a bigint
-    cursor = int(resume) if valid else row["version"]
+    cursor = int(resume) if valid else row.version
     sent_version = -1
     last_snapshot = 0.0
     last_write = time.monotonic()
     with ctx.bus.subscribe(str(batch_id)) as changed:
         while True:
             try:
-                row = await ctx.db.fetchrow("get_batch", batch_id, None)
-                if row is None:
+                fresh = await ctx.q.get_batch(batch_id, tenant=None)
+                if fresh is None:
                     break  # deleted meanwhile
-                items = await ctx.db.fetch("items_finished_since", batch_id, cursor, ITEMS_PER_TICK)
+                row = fresh
+                items = await ctx.q.items_finished_since(
+                    batch_id=batch_id, version=cursor, limit=ITEMS_PER_TICK
+                )
             except DatabaseUnavailable:
                 await changed.wait(1.0)
                 continue
@@ -78,27 +81,25 @@ async def _stream(request: web.Request, ctx: ApiContext, row: Any) -> web.Stream
                     _frame(
                         "item",
                         {
-                            "id": str(it["id"]),
-                            "key": it["key"],
-                            "status": it["status"],
-                            "error": models.error_json(it["error"], tracebacks=tracebacks),
+                            "id": str(it.id),
+                            "key": it.key,
+                            "status": it.status,
+                            "error": models.error_json(it.error, tracebacks=tracebacks),
                         },
                     )
                 )
-                cursor = max(cursor, it["finished_version"])
+                cursor = max(cursor, it.finished_version)
             if len(items) == ITEMS_PER_TICK:
                 continue  # more finished items to send before the snapshot
-            if row["version"] != sent_version:
-                await resp.write(_frame("snapshot", models.batch_json(row), row["version"]))
-                sent_version = row["version"]
-                cursor = max(cursor, row["version"])
+            if row.version != sent_version:
+                await resp.write(_frame("snapshot", models.batch_json(row), row.version))
+                sent_version = row.version
+                cursor = max(cursor, row.version)
                 last_snapshot = time.monotonic()
                 last_write = last_snapshot
             if models.is_terminal(row):
                 await resp.write(
-                    _frame(
-                        "end", {"batch_id": str(batch_id), "status": row["status"]}, row["version"]
-                    )
+                    _frame("end", {"batch_id": str(batch_id), "status": row.status}, row.version)
                 )
                 break
             if ctx.bus.closing:

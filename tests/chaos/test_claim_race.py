@@ -24,7 +24,7 @@ import uuid
 
 import asyncpg
 
-from supervisor import batches, config
+from supervisor import batches, config, store
 from supervisor import db as dbm
 
 
@@ -55,7 +55,9 @@ async def scenario(db_url: str) -> None:
 
         c_id = await new_batch()
         b_id = await new_batch()
-        assert await batches.control(db, "pause_batch", b_id, None, "test", True) == "ok"
+        q = store.Queries(db)
+        ok = store.ControlResult(store.ControlKind.OK)
+        assert await q.pause_batch(uuid.UUID(b_id), tenant=None, actor="test", pause=True) == ok
 
         holder, claimer, pauser, watch = [await asyncpg.connect(db_url) for _ in range(4)]
         conns += [holder, claimer, pauser, watch]
@@ -70,7 +72,7 @@ async def scenario(db_url: str) -> None:
         )
         await wait_blocked(watch, claimer.get_server_pid())
         # 2. B becomes claimable after the claim chose (and began locking) its candidates.
-        assert await batches.control(db, "pause_batch", b_id, None, "test", False) == "ok"
+        assert await q.pause_batch(uuid.UUID(b_id), tenant=None, actor="test", pause=False) == ok
         # 3. B is paused again by a transaction that holds B's row until later.
         pause = pauser.transaction()
         await pause.start()

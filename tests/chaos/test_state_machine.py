@@ -21,7 +21,7 @@ import dataclasses
 import json
 import uuid
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar, TypeVar
 
 from hypothesis import HealthCheck, settings
@@ -35,7 +35,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from supervisor import batches, config, states
+from supervisor import batches, config, states, store
 from supervisor import db as dbm
 
 T = TypeVar("T")
@@ -254,13 +254,17 @@ class BatchMachine(RuleBasedStateMachine):
         if lost:
             self.settle()
 
-    def control(self, query: str, *args: Any) -> str:
-        out: str = self.run(batches.control(self.db, query, self.batch_id, None, "test", *args))
-        return out
+    def control(
+        self, run: Callable[[store.Queries, uuid.UUID], Coroutine[Any, Any, store.ControlResult]]
+    ) -> str:
+        """A batch control's answer as the SQL spells it ('ok', 'conflict:…')."""
+        out: store.ControlResult = self.run(run(store.Queries(self.db), uuid.UUID(self.batch_id)))
+        conflict = out.kind is store.ControlKind.CONFLICT
+        return f"conflict:{out.reason}" if conflict else str(out.kind)
 
     @rule()
     def cancel(self) -> None:
-        out = self.control("cancel_batch")
+        out = self.control(lambda q, b: q.cancel_batch(b, tenant=None, actor="test"))
         self.changed = False
         if self.status in ("cancelled", "cancelling"):
             assert out == "ok", out
@@ -276,7 +280,7 @@ class BatchMachine(RuleBasedStateMachine):
 
     @rule(pause=st.booleans())
     def pause_or_resume(self, pause: bool) -> None:
-        out = self.control("pause_batch", pause)
+        out = self.control(lambda q, b: q.pause_batch(b, tenant=None, actor="test", pause=pause))
         self.changed = False
         if self.status in TERMINAL or self.status == "cancelling":
             assert out.startswith("conflict:"), out
@@ -289,7 +293,11 @@ class BatchMachine(RuleBasedStateMachine):
 
     @rule(include_cancelled=st.booleans())
     def retry_batch(self, include_cancelled: bool) -> None:
-        out = self.control("retry_batch", include_cancelled)
+        out = self.control(
+            lambda q, b: q.retry_batch(
+                b, tenant=None, actor="test", include_cancelled=include_cancelled
+            )
+        )
         self.changed = False
         again = [
             it

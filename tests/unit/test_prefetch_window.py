@@ -5,6 +5,7 @@ and what counts against it (supervisor.dispatcher.Dispatcher.window/free_slots).
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ class FakeOutbox:
 def make(worker: dict[str, Any]) -> tuple[dispatcher.Dispatcher, FakeOutbox]:
     cfg = config.from_mapping({"worker": worker})
     outbox = FakeOutbox()
-    d = dispatcher.Dispatcher(cfg, None, {}, outbox, "lease")  # type: ignore[arg-type]
+    d = dispatcher.Dispatcher(cfg, None, {}, outbox, str(uuid.uuid4()))  # type: ignore[arg-type]
     return d, outbox
 
 

@@ -17,6 +17,21 @@ def test_every_named_query_is_used_by_the_code() -> None:
     assert not unused, f"named queries nobody runs: {unused}"
 
 
+def test_named_queries_are_run_only_by_the_typed_layer() -> None:
+    """supervisor/store.py is the one caller of the named queries (db.py runs the
+    migration ledger's own): everything else goes through its typed methods."""
+    names = set(sqlfile.parse_queries((PKG / "sql" / "queries.sql").read_text()))
+    call = re.compile(r"\.(?:fetch|fetchrow|fetchval|execute)\(\s*\"(\w+)\"")
+    offenders = [
+        f"{path.relative_to(PKG)}: {name}"
+        for path in PKG.rglob("*.py")
+        if path.name not in ("store.py", "db.py")
+        for name in call.findall(path.read_text())
+        if name in names
+    ]
+    assert not offenders, offenders
+
+
 def test_no_sql_strings_outside_the_sql_directory() -> None:
     pattern = re.compile(r"\b(SELECT|INSERT INTO|UPDATE|DELETE FROM)\b\s+[\w*]", re.I)
     offenders = []

@@ -6,12 +6,13 @@ the outcomes are read where the dispatcher hands them over (the outbox)."""
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import anyio
 import pytest
 
-from supervisor import config, dispatcher, states
+from supervisor import config, dispatcher, states, store
 from supervisor.executor import OutcomeRecord
 from supervisor.models import Item
 
@@ -47,6 +48,10 @@ class Handler:
         return item.payload
 
 
+def batch_id(name: str) -> uuid.UUID:
+    return uuid.uuid5(uuid.NAMESPACE_URL, name)
+
+
 async def run_items(payloads: list[tuple[str, str]], stop_batch: str | None = None) -> Outbox:
     """Run (batch, payload) items on one worker; returns the outbox once all ended."""
     cfg = config.from_mapping(
@@ -61,11 +66,19 @@ async def run_items(payloads: list[tuple[str, str]], stop_batch: str | None = No
         None,  # type: ignore[arg-type]  # workers never touch the database
         {"h": Handler(cfg.handlers["h"])},  # type: ignore[dict-item]
         outbox,  # type: ignore[arg-type]
-        "lease",
+        str(uuid.uuid4()),
     )
     for n, (batch, payload) in enumerate(payloads):
-        row = {"id": n + 1, "batch_id": batch, "key": None, "payload": json.dumps(payload)}
-        d._enqueue("h", row | {"attempts": 1, "max_attempts": 3, "batch_metadata": None})
+        claimed = store.ClaimedItem(
+            id=n + 1,
+            batch_id=batch_id(batch),
+            key=None,
+            payload=json.dumps(payload),
+            attempts=1,
+            max_attempts=3,
+            batch_metadata="{}",
+        )
+        d._enqueue("h", claimed)
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             tg.start_soon(d._work)
@@ -73,7 +86,7 @@ async def run_items(payloads: list[tuple[str, str]], stop_batch: str | None = No
             if stop_batch is not None:
                 while not d._running:
                     await anyio.sleep(0.01)
-                assert d.cancel_batch(stop_batch) == 1
+                assert d.cancel_batch(str(batch_id(stop_batch))) == 1
             while len(outbox.records) < len(payloads):
                 await anyio.sleep(0.01)
             tg.cancel_scope.cancel()

@@ -1,0 +1,658 @@
+"""The typed boundary between the engine and its SQL: one method per named query.
+
+Every query in ``sql/queries.sql`` is called here and nowhere else, with named
+keyword arguments, and its rows come back as the frozen records below, so mypy
+checks the database boundary like the rest of the code. A caller never spells a
+query name, a positional parameter list or a column name; a route never knows a
+PL/pgSQL signature. :class:`Queries` runs on the pool (:class:`~supervisor.db.Database`)
+or inside one transaction (:class:`~supervisor.db.Tx`), whichever it is given.
+
+Records keep the database's own types (``uuid.UUID`` ids of batches, ``int`` ids
+of items, jsonb as its text); turning them into API JSON is ``models``' job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Protocol, Self
+
+from supervisor import states
+from supervisor.db import Record
+
+
+class Executor(Protocol):
+    """What runs a named query: the pool or one transaction."""
+
+    async def fetch(self, name: str, *args: Any) -> list[Record]: ...
+    async def fetchrow(self, name: str, *args: Any) -> Record | None: ...
+    async def fetchval(self, name: str, *args: Any) -> Any: ...
+    async def execute(self, name: str, *args: Any) -> str: ...
+
+
+def _fields(cls: type[Any]) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+class _FromRecord:
+    """Built from a row by column name: a renamed or missing column fails loudly
+    here, at the boundary, instead of as a KeyError deep in a caller."""
+
+    @classmethod
+    def of(cls, r: Record) -> Self:
+        return cls(*(r[name] for name in _fields(cls)))
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchRow(_FromRecord):
+    """One row of ``batches`` (see migrations/0001_initial.sql for each column)."""
+
+    id: uuid.UUID
+    tenant: str
+    handler: str
+    status: str
+    priority: int
+    max_concurrency: int | None
+    max_attempts: int | None
+    attempt_budget: int
+    max_failures: str | None  # jsonb text
+    max_failures_limit: int | None
+    stop_reason: str | None
+    metadata: str  # jsonb text
+    idempotency_key: str | None
+    request_hash: str | None
+    total: int
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    version: int
+    created_by: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    callback_handler: str | None
+    callback_state: str
+    callback_attempts: int
+    callback_error: str | None  # jsonb text
+    callback_run_after: datetime | None
+    callback_lease: uuid.UUID | None
+    callback_worker: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ItemRow(_FromRecord):
+    """An item as listed (``error`` is the last entry of its error history)."""
+
+    id: int
+    batch_id: uuid.UUID
+    key: str | None
+    status: str
+    payload: str  # jsonb text
+    result: str | None  # jsonb text
+    attempts: int
+    max_attempts: int
+    error: str | None  # jsonb text
+    run_after: datetime
+    worker: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ItemDetail(_FromRecord):
+    """One item with its kept error history."""
+
+    id: int
+    batch_id: uuid.UUID
+    key: str | None
+    status: str
+    payload: str
+    result: str | None
+    attempts: int
+    max_attempts: int
+    error: str | None
+    run_after: datetime
+    worker: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    errors: str  # jsonb text: the last entries
+    errors_dropped: int  # older entries not kept
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FinishedItem(_FromRecord):
+    """An item that reached a terminal state after a batch version (SSE)."""
+
+    id: int
+    key: str | None
+    status: str
+    error: str | None
+    finished_version: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchEvent(_FromRecord):
+    at: datetime
+    action: str
+    actor: str | None
+    detail: str  # jsonb text
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ItemStats(_FromRecord):
+    """Inputs of a batch summary: item durations (seconds) and errors by type."""
+
+    p50: float | None
+    p95: float | None
+    max: float | None
+    errors_by_type: str  # jsonb text
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClaimedItem(_FromRecord):
+    """An item a claim marked running under this daemon's lease."""
+
+    id: int
+    batch_id: uuid.UUID
+    key: str | None
+    payload: str
+    attempts: int
+    max_attempts: int
+    batch_metadata: str  # jsonb text (batches.metadata is NOT NULL)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LeasedItem(_FromRecord):
+    """An item the database says a lease is running."""
+
+    id: int
+    batch_id: uuid.UUID
+    attempts: int
+    handler: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StoppingBatch(_FromRecord):
+    batch_id: uuid.UUID
+    status: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerRegistration(_FromRecord):
+    """Another registration under this daemon's worker name."""
+
+    id: uuid.UUID
+    host: str
+    pid: int
+    heartbeat_at: datetime
+    age_s: float  # by the database clock
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerRow(_FromRecord):
+    name: str
+    host: str
+    pid: int
+    state: str
+    started_at: datetime
+    heartbeat_at: datetime
+    in_flight: int
+    concurrency: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueueStats(_FromRecord):
+    handler: str
+    queued: int
+    paused: int
+    lag: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunningStats(_FromRecord):
+    handler: str
+    oldest: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UnfinishedStats(_FromRecord):
+    status: str
+    oldest: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Drift(_FromRecord):
+    """A batch whose counters or status disagree with its items (``n``..``c``:
+    the counts its items give)."""
+
+    id: uuid.UUID
+    status: str
+    total: int
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    n: int
+    q: int
+    r: int
+    s: int
+    f: int
+    c: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StrayItems(_FromRecord):
+    batch_id: uuid.UUID
+    n: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FinishedBatch:
+    batch_id: str
+    status: str
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Transitions:
+    """What one outcome write or reclaim changed. The transition functions report
+    only the exceptions: stale (fenced) writes, the status of items whose outcome
+    was not a success (with their handler, for a reclaim), and finished batches;
+    everything else succeeded as written."""
+
+    fenced: frozenset[int] = frozenset()
+    statuses: dict[int, str] = dataclasses.field(default_factory=dict)
+    handlers: dict[int, str] = dataclasses.field(default_factory=dict)
+    finished: list[FinishedBatch] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def parse(cls, rows: Sequence[Record]) -> Transitions:
+        """The one reader of the rows ``apply_outcomes`` and ``reclaim_leases`` return."""
+        fenced: set[int] = set()
+        out = cls()
+        for r in rows:
+            if r["kind"] == "fenced":
+                fenced.add(int(r["id"]))
+            elif r["kind"] == "item":
+                out.statuses[int(r["id"])] = r["status"]
+                if r["handler"] is not None:
+                    out.handlers[int(r["id"])] = r["handler"]
+            else:
+                out.finished.append(FinishedBatch(r["id"], r["status"], float(r["seconds"] or 0)))
+        return dataclasses.replace(out, fenced=frozenset(fenced))
+
+    def status_of(self, item_id: int) -> str | None:
+        """An outcome's item status after the write; None when it was fenced."""
+        if item_id in self.fenced:
+            return None
+        return self.statuses.get(item_id, states.ItemStatus.SUCCEEDED)
+
+    def __or__(self, other: Transitions) -> Transitions:
+        return Transitions(
+            self.fenced | other.fenced,
+            self.statuses | other.statuses,
+            self.handlers | other.handlers,
+            self.finished + other.finished,
+        )
+
+
+class ControlKind(enum.StrEnum):
+    OK = "ok"
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ControlResult:
+    """The answer of a batch control function (``'ok'``, ``'not_found'`` or
+    ``'conflict:<reason>'`` on the SQL side)."""
+
+    kind: ControlKind
+    reason: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> ControlResult:
+        head, _, reason = text.partition(":")
+        return cls(ControlKind(head), reason)
+
+
+NOT_FOUND = ControlResult(ControlKind.NOT_FOUND)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NewBatchRow:
+    """The parameters of ``insert_batch``."""
+
+    id: uuid.UUID
+    tenant: str
+    handler: str
+    priority: int
+    max_concurrency: int | None
+    max_attempts: int | None
+    attempt_budget: int
+    max_failures: str | None  # JSON text
+    max_failures_limit: int | None
+    metadata: str  # JSON text
+    idempotency_key: str | None
+    request_hash: str | None
+    total: int
+    created_by: str
+    callback_handler: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcomes:
+    """The parameters of ``apply_outcomes``: parallel arrays, one entry per item."""
+
+    lease: uuid.UUID
+    batches: list[uuid.UUID]
+    ids: list[int]
+    attempts: list[int]
+    outcomes: list[str]
+    results: list[str | None]  # JSON text
+    errors: list[str | None]  # JSON text
+    delays: list[float]
+    actor: str
+
+
+# --------------------------------------------------------------------------- queries
+
+
+class Queries:
+    """Every named query, typed. See ``sql/queries.sql`` for what each one does."""
+
+    def __init__(self, ex: Executor) -> None:
+        self._ex = ex
+
+    # -- submission and reads ------------------------------------------------------
+
+    async def insert_batch(self, b: NewBatchRow) -> bool:
+        """False when the idempotency key is taken (the row was not inserted)."""
+        inserted = await self._ex.fetchval(
+            "insert_batch",
+            b.id,
+            b.tenant,
+            b.handler,
+            b.priority,
+            b.max_concurrency,
+            b.max_attempts,
+            b.attempt_budget,
+            b.max_failures,
+            b.max_failures_limit,
+            b.metadata,
+            b.idempotency_key,
+            b.request_hash,
+            b.total,
+            b.created_by,
+            b.callback_handler,
+        )
+        return inserted is not None
+
+    async def find_idempotent_batch(
+        self, *, tenant: str, idempotency_key: str
+    ) -> tuple[uuid.UUID, str | None] | None:
+        """(batch id, request hash) of the batch the key names."""
+        r = await self._ex.fetchrow("find_idempotent_batch", tenant, idempotency_key)
+        return None if r is None else (r["id"], r["request_hash"])
+
+    async def log_event(self, *, batch_id: uuid.UUID, action: str, actor: str, detail: str) -> None:
+        await self._ex.execute("log_event", batch_id, action, actor, detail)
+
+    async def notify_wake(self, channel_payload: str) -> None:
+        """Wake idle daemons: a handler name, ``callback`` or a probe."""
+        await self._ex.execute("notify_wake", channel_payload)
+
+    async def notify_batch(self, *, batch_id: uuid.UUID, version: int, status: str) -> None:
+        await self._ex.execute("notify_batch", f"{batch_id}:{version}:{status}")
+
+    async def get_batch(self, batch_id: uuid.UUID, *, tenant: str | None) -> BatchRow | None:
+        """The batch, if ``tenant`` may see it (None: any tenant)."""
+        r = await self._ex.fetchrow("get_batch", batch_id, tenant)
+        return None if r is None else BatchRow.of(r)
+
+    async def list_batches(
+        self,
+        *,
+        tenant: str | None,
+        status: str | None,
+        handler: str | None,
+        before: tuple[datetime, uuid.UUID] | None,
+        limit: int,
+    ) -> list[BatchRow]:
+        """Newest first, after the keyset cursor ``before`` (created_at, id)."""
+        at, bid = before if before is not None else (None, None)
+        rows = await self._ex.fetch("list_batches", tenant, status, handler, at, bid, limit)
+        return [BatchRow.of(r) for r in rows]
+
+    async def list_items(
+        self, *, batch_id: uuid.UUID, status: str | None, after: int, limit: int
+    ) -> list[ItemRow]:
+        rows = await self._ex.fetch("list_items", batch_id, status, after, limit)
+        return [ItemRow.of(r) for r in rows]
+
+    async def get_item(self, item_id: int, *, tenant: str | None) -> ItemDetail | None:
+        r = await self._ex.fetchrow("get_item", item_id, tenant)
+        return None if r is None else ItemDetail.of(r)
+
+    async def items_finished_since(
+        self, *, batch_id: uuid.UUID, version: int, limit: int
+    ) -> list[FinishedItem]:
+        rows = await self._ex.fetch("items_finished_since", batch_id, version, limit)
+        return [FinishedItem.of(r) for r in rows]
+
+    async def batch_log(self, batch_id: uuid.UUID) -> list[BatchEvent]:
+        return [BatchEvent.of(r) for r in await self._ex.fetch("batch_log", batch_id)]
+
+    async def item_stats(self, batch_id: uuid.UUID) -> ItemStats | None:
+        r = await self._ex.fetchrow("item_stats", batch_id)
+        return None if r is None else ItemStats.of(r)
+
+    # -- batch controls ------------------------------------------------------------
+
+    async def cancel_batch(
+        self, batch_id: uuid.UUID, *, tenant: str | None, actor: str
+    ) -> ControlResult:
+        return ControlResult.parse(await self._ex.fetchval("cancel_batch", batch_id, tenant, actor))
+
+    async def pause_batch(
+        self, batch_id: uuid.UUID, *, tenant: str | None, actor: str, pause: bool
+    ) -> ControlResult:
+        """Pause (``pause``) or resume claiming of the batch's items."""
+        text = await self._ex.fetchval("pause_batch", batch_id, tenant, actor, pause)
+        return ControlResult.parse(text)
+
+    async def retry_batch(
+        self, batch_id: uuid.UUID, *, tenant: str | None, actor: str, include_cancelled: bool
+    ) -> ControlResult:
+        text = await self._ex.fetchval("retry_batch", batch_id, tenant, actor, include_cancelled)
+        return ControlResult.parse(text)
+
+    async def patch_batch(
+        self,
+        batch_id: uuid.UUID,
+        *,
+        tenant: str | None,
+        actor: str,
+        fields: str,  # JSON text: the names of the fields the request sets
+        priority: int | None,
+        max_concurrency: int | None,
+        max_failures: str | None,  # JSON text
+        max_failures_limit: int | None,
+    ) -> ControlResult:
+        text = await self._ex.fetchval(
+            "patch_batch",
+            batch_id,
+            tenant,
+            actor,
+            fields,
+            priority,
+            max_concurrency,
+            max_failures,
+            max_failures_limit,
+        )
+        return ControlResult.parse(text)
+
+    async def delete_batch(self, batch_id: uuid.UUID, *, tenant: str | None) -> bool:
+        """Whether a terminal batch was deleted (with its items and log)."""
+        return await self._ex.fetchval("delete_batch", batch_id, tenant) is not None
+
+    async def redeliver_callback(
+        self, batch_id: uuid.UUID, *, tenant: str | None, actor: str
+    ) -> ControlResult:
+        text = await self._ex.fetchval("redeliver_callback", batch_id, tenant, actor)
+        return ControlResult.parse(text)
+
+    # -- claims and outcomes -------------------------------------------------------
+
+    async def claim_items(
+        self,
+        *,
+        handler: str,
+        limit: int,
+        worker: str,
+        lease: uuid.UUID,
+        global_cap: int | None,
+        rate: float | None,
+        burst: float,
+    ) -> list[ClaimedItem]:
+        rows = await self._ex.fetch(
+            "claim_items", handler, limit, worker, lease, global_cap, rate, burst
+        )
+        return [ClaimedItem.of(r) for r in rows]
+
+    async def apply_outcomes(self, o: Outcomes) -> Transitions:
+        rows = await self._ex.fetch(
+            "apply_outcomes",
+            o.lease,
+            o.batches,
+            o.ids,
+            o.attempts,
+            o.outcomes,
+            o.results,
+            o.errors,
+            o.delays,
+            o.actor,
+        )
+        return Transitions.parse(rows)
+
+    async def reclaim_leases(self, leases: list[uuid.UUID], *, actor: str) -> Transitions:
+        return Transitions.parse(await self._ex.fetch("reclaim_leases", leases, actor))
+
+    async def running_items_of_lease(self, lease: uuid.UUID) -> list[LeasedItem]:
+        return [LeasedItem.of(r) for r in await self._ex.fetch("running_items_of_lease", lease)]
+
+    async def stopping_batches_of_lease(self, lease: uuid.UUID) -> list[StoppingBatch]:
+        rows = await self._ex.fetch("stopping_batches_of_lease", lease)
+        return [StoppingBatch.of(r) for r in rows]
+
+    # -- completion callbacks ------------------------------------------------------
+
+    async def claim_callbacks(self, *, limit: int, lease: uuid.UUID, worker: str) -> list[BatchRow]:
+        rows = await self._ex.fetch("claim_callbacks", limit, lease, worker)
+        return [BatchRow.of(r) for r in rows]
+
+    async def release_orphan_callbacks(
+        self, *, lease: uuid.UUID, running: list[uuid.UUID]
+    ) -> list[uuid.UUID]:
+        """Hand back callbacks under ``lease`` that are not in ``running``."""
+        rows = await self._ex.fetch("release_orphan_callbacks", lease, running)
+        return [r["id"] for r in rows]
+
+    async def finish_callback(
+        self,
+        batch_id: uuid.UUID,
+        *,
+        lease: uuid.UUID,
+        attempt: int,
+        state: str,
+        error: str | None,  # JSON text
+        delay_s: float,
+        actor: str,
+    ) -> None:
+        """Fenced: nothing happens unless the lease still holds this attempt."""
+        await self._ex.execute(
+            "finish_callback", batch_id, lease, attempt, state, error, delay_s, actor
+        )
+
+    # -- the worker registry -------------------------------------------------------
+
+    async def register_worker(
+        self, *, lease: uuid.UUID, name: str, host: str, pid: int, concurrency: int
+    ) -> None:
+        await self._ex.execute("register_worker", lease, name, host, pid, concurrency)
+
+    async def heartbeat(self, *, lease: uuid.UUID, state: str, in_flight: int) -> bool:
+        """False when this daemon's row is gone (reaped)."""
+        return await self._ex.fetchrow("heartbeat", lease, state, in_flight) is not None
+
+    async def deregister_worker(self, lease: uuid.UUID) -> None:
+        await self._ex.execute("deregister_worker", lease)
+
+    async def lock_worker_name(self, name: str) -> None:
+        await self._ex.execute("lock_worker_name", name)
+
+    async def workers_named(self, name: str, *, besides: uuid.UUID) -> list[WorkerRegistration]:
+        rows = await self._ex.fetch("workers_named", name, besides)
+        return [WorkerRegistration.of(r) for r in rows]
+
+    async def orphan_leases_of_name(self, name: str, *, besides: uuid.UUID) -> list[uuid.UUID]:
+        return [r["id"] for r in await self._ex.fetch("orphan_leases_of_name", name, besides)]
+
+    async def delete_workers(self, leases: list[uuid.UUID]) -> None:
+        await self._ex.execute("delete_workers", leases)
+
+    async def bound_idle_transaction(self) -> None:
+        await self._ex.execute("bound_idle_transaction")
+
+    async def try_reaper_lock(self) -> bool:
+        return bool(await self._ex.fetchval("try_reaper_lock"))
+
+    async def dead_leases(self, *, dead_after_s: float) -> list[uuid.UUID]:
+        rows = await self._ex.fetch("dead_leases", dead_after_s)
+        return [r["id"] for r in rows if r["id"] is not None]
+
+    async def list_workers(self) -> list[WorkerRow]:
+        return [WorkerRow.of(r) for r in await self._ex.fetch("list_workers")]
+
+    # -- operations ----------------------------------------------------------------
+
+    async def queue_stats(self) -> list[QueueStats]:
+        return [QueueStats.of(r) for r in await self._ex.fetch("queue_stats")]
+
+    async def running_stats(self) -> list[RunningStats]:
+        return [RunningStats.of(r) for r in await self._ex.fetch("running_stats")]
+
+    async def unfinished_batch_stats(self) -> list[UnfinishedStats]:
+        return [UnfinishedStats.of(r) for r in await self._ex.fetch("unfinished_batch_stats")]
+
+    async def retention_delete(self, *, finished_before_s: float, limit: int) -> int:
+        """Delete up to ``limit`` due terminal batches; how many were deleted."""
+        return len(await self._ex.fetch("retention_delete", finished_before_s, limit))
+
+    async def doctor_drift(self) -> list[Drift]:
+        return [Drift.of(r) for r in await self._ex.fetch("doctor_drift")]
+
+    async def doctor_orphans(self) -> int:
+        return int(await self._ex.fetchval("doctor_orphans"))
+
+    async def doctor_stray_items(self) -> list[StrayItems]:
+        return [StrayItems.of(r) for r in await self._ex.fetch("doctor_stray_items")]
+
+    async def doctor_delete_stray_items(self, batch_id: uuid.UUID) -> None:
+        await self._ex.execute("doctor_delete_stray_items", batch_id)
+
+    async def doctor_repair(self, batch_id: uuid.UUID, *, actor: str) -> str:
+        """Recompute the batch's counters and status; its status after."""
+        status: str = await self._ex.fetchval("doctor_repair", batch_id, actor)
+        return status
