@@ -1,8 +1,9 @@
 """The database: pool lifecycle, the only executor of SQL, and the policy for
 transient errors.
 
-Queries are named (``sql/queries.sql``) and run through :class:`Database`;
-errors that mean "the database is away for now" are wrapped once, here, into
+Queries are named (``sql/queries.sql``) and run through :class:`Database` (or a
+:class:`Tx`) by :mod:`supervisor.store`, their one typed caller; errors that mean
+"the database is away for now" are wrapped once, here, into
 :class:`~supervisor.errors.DatabaseUnavailable`, and retried with the single
 tenacity policy defined below by the callers that must not give up (outcome
 writes, heartbeats, start-up).

@@ -1,7 +1,9 @@
 -- Every runtime query of batch-supervisor, by name. Parsed once by
--- supervisor/sqlfile.py; executed only by supervisor/db.py. The state
--- transitions themselves are PL/pgSQL functions in migrations/ (one lock order,
--- one statement per round trip); these queries call them.
+-- supervisor/sqlfile.py; each has one typed method in supervisor/store.py, the only
+-- caller. The state transitions themselves are PL/pgSQL functions in functions/ (one
+-- lock order, one statement per round trip); these queries call them with named
+-- arguments, so a reordered or renamed parameter fails loudly instead of binding
+-- a value to the wrong one.
 
 -- name: schema_exists
 -- Whether the configured schema has a migrations table yet.
@@ -110,16 +112,20 @@ SELECT
  WHERE batch_id = $1 AND finished_at IS NOT NULL AND started_at IS NOT NULL;
 
 -- name: claim_items
--- Claim up to $2 runnable items of handler $1 for this lease (see 0001 claim_items).
-SELECT * FROM @schema.claim_items($1, $2, $3, $4, $5, $6, $7);
+-- Claim up to p_limit runnable items of a handler for this lease (functions/claim_items.sql).
+SELECT * FROM @schema.claim_items(
+    p_handler => $1, p_limit => $2, p_worker => $3, p_lease => $4,
+    p_global_cap => $5, p_rate => $6, p_burst => $7);
 
 -- name: apply_outcomes
 -- Fenced outcome write for many items at once; returns applied items and finished batches.
-SELECT * FROM @schema.apply_outcomes($1, $2, $3, $4, $5, $6, $7, $8, $9);
+SELECT * FROM @schema.apply_outcomes(
+    p_lease => $1, p_batches => $2, p_ids => $3, p_attempts => $4, p_outcomes => $5,
+    p_results => $6, p_errors => $7, p_delays => $8, p_actor => $9);
 
 -- name: reclaim_leases
 -- Reclaim the running items of leases that are gone (WorkerLost).
-SELECT * FROM @schema.reclaim_leases($1, $2);
+SELECT * FROM @schema.reclaim_leases(p_leases => $1, p_actor => $2);
 
 -- name: running_items_of_lease
 -- Items the database says this lease is running (to find claims whose reply was lost).
@@ -139,19 +145,23 @@ SELECT DISTINCT i.batch_id, b.status FROM @schema.items i JOIN @schema.batches b
 
 -- name: cancel_batch
 -- Cancel: queued items at once, running ones are stopped by their daemon.
-SELECT @schema.cancel_batch($1, $2, $3) AS outcome;
+SELECT @schema.cancel_batch(p_batch => $1, p_tenant => $2, p_actor => $3) AS outcome;
 
 -- name: pause_batch
 -- Pause ($4 true) or resume ($4 false) claiming of a batch's items.
-SELECT @schema.pause_batch($1, $2, $3, $4) AS outcome;
+SELECT @schema.pause_batch(p_batch => $1, p_tenant => $2, p_actor => $3, p_pause => $4)
+    AS outcome;
 
 -- name: retry_batch
 -- Failed (and optionally cancelled) items back to queued with a fresh attempt budget.
-SELECT @schema.retry_batch($1, $2, $3, $4) AS outcome;
+SELECT @schema.retry_batch(
+    p_batch => $1, p_tenant => $2, p_actor => $3, p_include_cancelled => $4) AS outcome;
 
 -- name: patch_batch
 -- Change priority, max_concurrency or max_failures of a live batch.
-SELECT @schema.patch_batch($1, $2, $3, $4, $5, $6, $7, $8) AS outcome;
+SELECT @schema.patch_batch(
+    p_batch => $1, p_tenant => $2, p_actor => $3, p_fields => $4, p_priority => $5,
+    p_max_concurrency => $6, p_max_failures => $7, p_max_failures_limit => $8) AS outcome;
 
 -- name: delete_batch
 -- Delete a terminal batch with its items (its log goes by cascade).
@@ -356,4 +366,4 @@ DELETE FROM @schema.items i
 
 -- name: doctor_repair
 -- Recompute one batch's counters from its items and re-derive its status.
-SELECT @schema.repair_batch($1, $2) AS status;
+SELECT @schema.repair_batch(p_batch => $1, p_actor => $2) AS status;
