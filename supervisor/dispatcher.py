@@ -39,7 +39,7 @@ import anyio
 import anyio.abc
 
 from supervisor import db as dbm
-from supervisor import executor, states, store
+from supervisor import executor, prefetch, states, store
 from supervisor.config import Config
 from supervisor.errors import DatabaseUnavailable
 from supervisor.events import Wakeup
@@ -52,11 +52,6 @@ log = logging.getLogger(__name__)
 CONTROL_CHECK_S = 2.0
 THROTTLED_POLL_S = 0.05
 RATE_BURST_S = 0.1  # a rate limit's bucket holds this many seconds' worth of starts
-PREFETCH_HORIZON_S = 0.05  # "auto" prefetch: hold about this much work of fast handlers
-PREFETCH_MAX_FACTOR = 8  # ... and at most this many times concurrency (12 x made
-# Python steps long enough to push the status p99 past 20 ms under load)
-RATE_SAMPLE_S = 0.02  # the start rate is sampled at most this often
-RATE_SMOOTH_S = 0.2  # and smoothed over about this long
 TIMEOUT_TICK_S = 0.02  # an attempt past its timeout is stopped within this long
 
 
@@ -86,13 +81,7 @@ class Dispatcher:
         self._lease = lease
         self._lease_id = uuid.UUID(lease)
         self._worker = cfg.worker.name
-        concurrency = cfg.worker.concurrency
-        prefetch = cfg.worker.prefetch
-        self._base_window = concurrency + (prefetch or 0)
-        self._finished = 0  # attempts finished, for the prefetch window (see window())
-        self._finish_rate = 0.0  # attempts finished per second, smoothed
-        self._rate_at = time.monotonic()
-        self._rate_finished = 0
+        self._window = prefetch.Window(cfg.worker.concurrency, cfg.worker.prefetch)
         self._caps = {n: h.config.concurrency for n, h in handlers.items() if h.config.concurrency}
         # claimed, not started: one FIFO per handler, served round-robin
         self._ready: dict[str, collections.deque[Item]] = {n: collections.deque() for n in handlers}
@@ -181,38 +170,18 @@ class Dispatcher:
         """Items of ``handler`` claimed by us that wait for a worker (not started)."""
         return len(self._ready[handler])
 
-    def window(self) -> int:
-        """Claimed and unfinished attempts this daemon may hold: ``concurrency``
-        running plus the prefetch window. ``[worker] prefetch = "auto"`` (the
-        default) holds only what the workers will start within PREFETCH_HORIZON_S
-        at the pace they finish attempts (at most PREFETCH_MAX_FACTOR x
-        concurrency): nothing for slow handlers, whose claimed items would sit
-        `running` in their batch's counts while no handler runs them, and claims
-        big enough to amortise their transactions for fast ones. The pace is that
-        of finished attempts, not of starts: a burst of starts (all workers taking
-        their first item) says nothing about when a worker will be free again."""
-        concurrency = self._cfg.worker.concurrency
-        if self._cfg.worker.prefetch is not None:
-            return self._base_window
-        now = time.monotonic()
-        elapsed = now - self._rate_at
-        if elapsed >= RATE_SAMPLE_S:
-            sampled = (self._finished - self._rate_finished) / elapsed
-            self._finish_rate += (sampled - self._finish_rate) * min(1.0, elapsed / RATE_SMOOTH_S)
-            self._rate_at, self._rate_finished = now, self._finished
-        grown = min(PREFETCH_MAX_FACTOR * concurrency, int(self._finish_rate * PREFETCH_HORIZON_S))
-        return concurrency + grown
-
     def free_slots(self) -> int:
-        """How many more items we may claim: the window minus what we hold. A claim
-        stays ours until its outcome is persisted, so the attempts this daemon has
-        `running` in the database never exceed the window (plus, while an "auto"
-        window is grown, that growth again: outcomes being written)."""
-        window = self.window()
+        """How many more items we may claim: the prefetch window (see
+        :mod:`supervisor.prefetch`) minus what we hold. A claim stays ours until
+        its outcome is persisted, so the attempts this daemon has `running` in the
+        database never exceed the window (plus, while an "auto" window is grown,
+        that growth again: outcomes being written)."""
+        self._window.sample()
+        window = self._window.size()
         # Outcomes waiting for their write count too, except that a window grown for
         # fast handlers lets its growth's worth of them be written while the next
         # claim runs (claims and writes overlap instead of taking turns).
-        growth = window - self._base_window
+        growth = window - self._window.base
         return window - self.owned - max(0, self._outbox.pending - growth)
 
     # -- the component ----------------------------------------------------------
@@ -339,7 +308,7 @@ class Dispatcher:
                 self._nothing_until.clear()  # the poll: look at every handler again
             # Woken by finished items: let a few more finish so claims stay batched.
             deadline = time.monotonic() + 0.005
-            refill = max(1, min(batch_size, self.window() // 4))
+            refill = max(1, min(batch_size, self._window.size() // 4))
             while self.free_slots() < refill and time.monotonic() < deadline:
                 await self._wakeup.wait(max(0.0, deadline - time.monotonic()))
 
@@ -377,7 +346,7 @@ class Dispatcher:
             )
         self._orphan_check = False
 
-    # -- the prefetch window ------------------------------------------------------
+    # -- claimed items waiting for a worker ---------------------------------------
 
     def _enqueue(self, handler: str, row: store.ClaimedItem) -> None:
         meta_text = row.batch_metadata
@@ -482,7 +451,7 @@ class Dispatcher:
             del self._running[key]
             self._reasons.pop(key, None)
             self.in_flight -= 1
-            self._finished += 1
+            self._window.finished()
             self.per_handler[item.handler] -= 1
             if result is not None:
                 self._finish(item, result, started)
