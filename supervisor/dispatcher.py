@@ -18,7 +18,7 @@ enforced by the claim itself. A claim stays ours until its outcome is persisted
 Stop: :meth:`stop_claiming` is the soft stop (no new claims; what waits in the
 prefetch window is released at once); running attempts get
 ``[worker] drain_timeout`` to finish (:meth:`skip_drain` ends the wait early),
-then they are cancelled with reason SHUTDOWN and *released*: back to queued
+then they are cancelled with reason RELEASED: back to queued
 without spending the attempt.
 """
 
@@ -140,7 +140,7 @@ class Dispatcher:
         window at once (it never started). Harmless before start or twice."""
         self._stopping = True
         self._claim_scope.cancel()
-        self._drop_ready(lambda item: True, StopReason.SHUTDOWN)
+        self._drop_ready(lambda item: True, StopReason.RELEASED)
         self._wake_workers(len(self._idle_workers))
 
     def skip_drain(self) -> None:
@@ -161,7 +161,7 @@ class Dispatcher:
     def release_waiting(self, batch_id: str) -> int:
         """A batch was paused: hand back its claimed items that have not started
         (released: queued again, the attempt not counted); running ones finish."""
-        n = self._drop_ready(lambda item: item.batch_id == batch_id, StopReason.SHUTDOWN)
+        n = self._drop_ready(lambda item: item.batch_id == batch_id, StopReason.RELEASED)
         if n:
             log.info("dispatcher.released_paused batch=%s items=%s", batch_id, n)
         return n
@@ -212,7 +212,7 @@ class Dispatcher:
                     await self._idle.wait()
             self.released = self.in_flight
             for item_id, run in list(self._running.items()):
-                self._stop(item_id, run, StopReason.SHUTDOWN)
+                self._stop(item_id, run, StopReason.RELEASED)
             work.cancel_scope.cancel()
         if self.released:
             log.info(
@@ -326,18 +326,11 @@ class Dispatcher:
             known.update(int(item.id) for item in queue)
         orphans = [r for r in rows if r.id not in known]
         for r in orphans:
-            item = Item(
-                id=str(r.id),
-                batch_id=str(r.batch_id),
-                key=None,
-                payload=None,
-                attempt=r.attempts,
-                max_attempts=0,
-                handler=r.handler,
-                batch_metadata={},
+            self._outbox.put(
+                executor.unstarted_release(
+                    r.id, str(r.batch_id), r.attempts, r.handler, self._lease
+                )
             )
-            released = executor.cancelled_attempt(item, StopReason.SHUTDOWN, self._worker)
-            self._outbox.put(executor.record(item, self._lease, released, time.monotonic()))
         if orphans:
             log.warning(
                 "dispatcher.orphans_released items=%s: claimed in a transaction whose reply "
@@ -440,7 +433,7 @@ class Dispatcher:
         except anyio.get_cancelled_exc_class():
             # Who stopped it says what it means; no reason: the task group is
             # being torn down (shutdown).
-            reason = self._reasons.get(key, StopReason.SHUTDOWN)
+            reason = self._reasons.get(key, StopReason.RELEASED)
             if reason is StopReason.TIMEOUT:
                 result = executor.timed_out(handler, item, self._worker)
             else:

@@ -42,9 +42,9 @@ class StopReason(enum.Enum):
     """Why a running attempt was cancelled from outside."""
 
     CANCELLED = "cancelled"  # its batch was cancelled or exceeded its failure budget
-    # drain deadline, or a claimed attempt handed back before it started (drain,
-    # pause): released without spending the attempt
-    SHUTDOWN = "shutdown"
+    # handed back without spending the attempt: the drain deadline, or a claim
+    # that never started (drain, pause, a claim whose reply was lost)
+    RELEASED = "released"
     TIMEOUT = "timeout"  # ran past its handler's timeout: retried with backoff
 
 
@@ -209,7 +209,7 @@ def cancelled_attempt(
 ) -> Attempt:
     """The outcome of an attempt stopped from outside, by reason. ``ran_s``: how
     long its handler had run (None: it never started, so it leaves no trace)."""
-    if reason is StopReason.SHUTDOWN:
+    if reason is StopReason.RELEASED:
         if ran_s is None:
             return Attempt(states.Outcome.RELEASED)
         return Attempt(
@@ -252,6 +252,25 @@ def rejected(rec: OutcomeRecord, exc: Exception, worker: str) -> OutcomeRecord:
         result_json=None,
         error_json=json.dumps(error),
         delay_s=1.0,
+    )
+
+
+def unstarted_release(
+    item_id: int, batch_id: str, attempt: int, handler: str, lease: str
+) -> OutcomeRecord:
+    """The write that hands back a claim whose handler never started: released,
+    the attempt not counted, no error entry (nothing happened to it)."""
+    return OutcomeRecord(
+        item_id=item_id,
+        batch_id=batch_id,
+        attempt=attempt,
+        lease=lease,
+        handler=handler,
+        outcome=states.Outcome.RELEASED,
+        result_json=None,
+        error_json=None,
+        delay_s=0.0,
+        duration_s=0.0,
     )
 
 

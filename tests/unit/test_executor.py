@@ -59,9 +59,9 @@ def test_results_must_be_storable_json() -> None:
 
 
 def test_a_stop_from_outside_says_what_it_was() -> None:
-    never_ran = executor.cancelled_attempt(item(), StopReason.SHUTDOWN, "w")
+    never_ran = executor.cancelled_attempt(item(), StopReason.RELEASED, "w")
     assert never_ran.outcome is states.Outcome.RELEASED and never_ran.error is None
-    drained = executor.cancelled_attempt(item(), StopReason.SHUTDOWN, "w", ran_s=10.0)
+    drained = executor.cancelled_attempt(item(), StopReason.RELEASED, "w", ran_s=10.0)
     assert drained.outcome is states.Outcome.RELEASED
     assert drained.error is not None and drained.error["type"] == "Released"
     assert "10.0s" in drained.error["message"]
