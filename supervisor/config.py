@@ -19,9 +19,11 @@ import tomllib
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from supervisor.errors import ConfigError
+
+T = TypeVar("T")
 
 ENV_CONFIG = "BATCH_SUPERVISOR_CONFIG"
 ENV_DATABASE_URL = "BATCH_SUPERVISOR_DATABASE_URL"
@@ -63,49 +65,69 @@ def parse_rate(value: str) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
+class Key:
+    """How one TOML key of a section is read: its kind and bounds. Declared once,
+    on its dataclass field, with the default; :func:`_read_section` reads every
+    field of a section from it (the TOML name is the field's without ``_s``)."""
+
+    kind: str  # "str", "int", "bool", "duration", "strings" (a list of non-empty str)
+    minimum: int = 1  # "int": the smallest value accepted
+    positive: bool = True  # "duration": zero is refused
+    choices: tuple[str, ...] = ()  # "str": the values accepted
+    lower: bool = False  # "str": read case-insensitively (stored lower-case)
+
+
+def key(default: Any, kind: str, **bounds: Any) -> Any:
+    """A section field with its default and :class:`Key`."""
+    return dataclasses.field(default=default, metadata={"key": Key(kind, **bounds)})
+
+
+@dataclasses.dataclass(frozen=True)
 class DatabaseConfig:
-    url: str = ""
-    listen_url: str = ""
-    schema: str = "supervisor"
-    pool_min: int = 2
-    pool_max: int = 10
+    url: str = key("", "str")
+    listen_url: str = key("", "str")
+    schema: str = key("supervisor", "str")
+    pool_min: int = key(2, "int")
+    pool_max: int = key(10, "int", minimum=2)
     # The API's own pool (requests and SSE streams): API load never takes the
     # connections the claim loop, outbox and heartbeats need.
-    api_pool_max: int = 5
-    statement_cache_size: int = 100
+    api_pool_max: int = key(5, "int")
+    statement_cache_size: int = key(100, "int", minimum=0)
 
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddedConfig:
-    data_dir: str = ".data/postgres"
-    port: int = 54329
-    bin_dir: str = ""
+    data_dir: str = key(".data/postgres", "str")
+    port: int = key(54329, "int")
+    bin_dir: str = key("", "str")
 
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    max_body_bytes: int = 64 * 1024 * 1024
-    max_items_per_batch: int = 100_000
-    metrics_sample_interval_s: float = 5.0  # queue depth/lag gauges are read this often
+    host: str = key("127.0.0.1", "str")
+    port: int = key(8080, "int", minimum=0)
+    max_body_bytes: int = key(64 * 1024 * 1024, "int")
+    max_items_per_batch: int = key(100_000, "int")
+    # queue depth/lag gauges are read this often
+    metrics_sample_interval_s: float = key(5.0, "duration")
     # Browser origins besides the dashboard's own that may send requests (CSRF guard).
-    allowed_origins: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = key((), "strings")
     # Host header values accepted besides the served address (DNS-rebinding guard).
-    allowed_hosts: tuple[str, ...] = ()
-    tls_cert: str = ""  # PEM certificate chain; with tls_key the API speaks HTTPS only
-    tls_key: str = ""
+    allowed_hosts: tuple[str, ...] = key((), "strings")
+    tls_cert: str = key("", "str")  # PEM certificate chain; with tls_key the API is HTTPS only
+    tls_key: str = key("", "str")
     # Tokens over plain HTTP on a non-loopback address (a TLS-terminating proxy in front)
-    allow_plain_http: bool = False
-    metrics_auth: bool = False  # /metrics needs a read token (when tokens are configured)
-    max_streams: int = 256  # SSE streams open at once on this daemon (429 beyond)
-    max_streams_per_token: int = 32
+    allow_plain_http: bool = key(False, "bool")
+    # /metrics needs a read token (when tokens are configured)
+    metrics_auth: bool = key(False, "bool")
+    max_streams: int = key(256, "int")  # SSE streams open at once on this daemon (429 beyond)
+    max_streams_per_token: int = key(32, "int")
     # Open client connections at once (beyond: answered 503 and closed), lowered at
     # start to fit the open-file limit (see api.server.connection_cap).
-    max_connections: int = 1000
+    max_connections: int = key(1000, "int")
     # How long a client has to send a request's head (a new or idle keep-alive
     # connection) and, separately, its body: slow senders must not hold sockets.
-    read_timeout_s: float = 30.0
+    read_timeout_s: float = key(30.0, "duration")
 
 
 def tls_context(server: ServerConfig) -> ssl.SSLContext:
@@ -126,27 +148,31 @@ def default_worker_name(port: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class WorkerConfig:
-    name: str = dataclasses.field(default_factory=lambda: default_worker_name(0))
-    concurrency: int = 64
-    # claimed items that may wait for a worker; None = "auto" (see Dispatcher.window)
+    # "" in the file: default_worker_name of the API port (filled in by from_mapping)
+    name: str = dataclasses.field(
+        default_factory=lambda: default_worker_name(0), metadata={"key": Key("str")}
+    )
+    concurrency: int = key(64, "int")
+    # claimed items that may wait for a worker; None = "auto" (see supervisor.prefetch);
+    # read by _prefetch (an integer or "auto")
     prefetch: int | None = None
-    claim_batch_size: int = 500
-    poll_interval_s: float = 1.0
-    heartbeat_interval_s: float = 5.0
-    dead_after_s: float = 30.0
-    drain_timeout_s: float = 30.0
+    claim_batch_size: int = key(500, "int")
+    poll_interval_s: float = key(1.0, "duration")
+    heartbeat_interval_s: float = key(5.0, "duration")
+    dead_after_s: float = key(30.0, "duration")
+    drain_timeout_s: float = key(30.0, "duration", positive=False)
 
 
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
-    level: str = "info"
-    format: str = "text"
+    level: str = key("info", "str", choices=("debug", "info", "warning", "error"), lower=True)
+    format: str = key("text", "str", choices=("text", "json"))
 
 
 @dataclasses.dataclass(frozen=True)
 class RetentionConfig:
-    finished_after_s: float = 30 * 86400.0
-    interval_s: float = 3600.0
+    finished_after_s: float = key(30 * 86400.0, "duration")
+    interval_s: float = key(3600.0, "duration")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,8 +327,47 @@ def _prefetch(ck: _Checker, t: Mapping[str, Any]) -> int | None:
     return ck.positive_int(t, "worker", "prefetch", None, minimum=0)
 
 
+def _toml_name(f: dataclasses.Field[Any]) -> str:
+    return f.name.removesuffix("_s")
+
+
 def _fields(cls: type) -> list[str]:
-    return [f.name.removesuffix("_s") for f in dataclasses.fields(cls)]
+    return [_toml_name(f) for f in dataclasses.fields(cls)]
+
+
+def _read_key(ck: _Checker, t: Mapping[str, Any], path: str, f: dataclasses.Field[Any]) -> Any:
+    spec: Key = f.metadata["key"]
+    name = _toml_name(f)
+    default: Any = f.default if f.default is not dataclasses.MISSING else ""
+    if spec.kind == "duration":
+        return ck.duration(t, path, name, default, positive=spec.positive)
+    if spec.kind == "int":
+        return ck.positive_int(t, path, name, default, minimum=spec.minimum)
+    if spec.kind == "bool":
+        return ck.get(t, path, name, bool, default)
+    if spec.kind == "strings":
+        return _strings(ck, t, path, name)
+    value = ck.get(t, path, name, str, default)
+    value = value.lower() if spec.lower else value
+    if spec.choices:
+        if value not in spec.choices:
+            allowed = ", ".join(spec.choices)
+            ck.problems.append(f"{path}.{name}: must be one of {allowed}, got {value!r}")
+            return default
+    return value
+
+
+def _read_section(ck: _Checker, raw: Mapping[str, Any], path: str, cls: type[T], **given: Any) -> T:
+    """Section ``path`` of the file as a ``cls``: every field with a :class:`Key`
+    read from it (problems collected in ``ck``), the rest from ``given``."""
+    t = ck.section(raw, path)
+    ck.unknown(path, t, _fields(cls))
+    values = {
+        f.name: _read_key(ck, t, path, f)
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if "key" in f.metadata and f.name not in given
+    }
+    return cls(**values, **given)
 
 
 def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
@@ -311,62 +376,26 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
     top = ["database", "embedded", "server", "worker", "logging", "retention", "auth", "handlers"]
     ck.unknown("", raw, top)
 
-    t = ck.section(raw, "database")
-    ck.unknown("database", t, _fields(DatabaseConfig))
-    schema = ck.get(t, "database", "schema", str, "supervisor")
-    if not _SCHEMA_NAME.match(schema):
+    database = _read_section(ck, raw, "database", DatabaseConfig)
+    if not _SCHEMA_NAME.match(database.schema):
         ck.problems.append(
-            f"database.schema: {schema!r} must be a lower-case identifier (letters, digits, _)"
+            f"database.schema: {database.schema!r} must be a lower-case identifier "
+            "(letters, digits, _)"
         )
-    url = ck.get(t, "database", "url", str, "")
-    listen_url = ck.get(t, "database", "listen_url", str, "")
     for where, value in (
-        ("database.url", url),
-        ("database.listen_url", listen_url),
+        ("database.url", database.url),
+        ("database.listen_url", database.listen_url),
         (ENV_DATABASE_URL, os.environ.get(ENV_DATABASE_URL, "")),
     ):
         why = _dsn_problem(value)
         if why:
             ck.problems.append(f"{where}: {why}")
-    database = DatabaseConfig(
-        url=url,
-        listen_url=listen_url,
-        schema=schema,
-        pool_min=ck.positive_int(t, "database", "pool_min", 2, minimum=1) or 2,
-        pool_max=ck.positive_int(t, "database", "pool_max", 10, minimum=2) or 10,
-        api_pool_max=ck.positive_int(t, "database", "api_pool_max", 5, minimum=1) or 5,
-        statement_cache_size=ck.positive_int(t, "database", "statement_cache_size", 100, 0) or 0,
-    )
     if database.pool_min > database.pool_max:
         ck.problems.append("database.pool_min: must not exceed database.pool_max")
 
-    t = ck.section(raw, "embedded")
-    ck.unknown("embedded", t, _fields(EmbeddedConfig))
-    embedded = EmbeddedConfig(
-        data_dir=ck.get(t, "embedded", "data_dir", str, ".data/postgres"),
-        port=ck.positive_int(t, "embedded", "port", 54329) or 54329,
-        bin_dir=ck.get(t, "embedded", "bin_dir", str, ""),
-    )
+    embedded = _read_section(ck, raw, "embedded", EmbeddedConfig)
 
-    t = ck.section(raw, "server")
-    ck.unknown("server", t, _fields(ServerConfig))
-    server = ServerConfig(
-        host=ck.get(t, "server", "host", str, "127.0.0.1"),
-        port=ck.positive_int(t, "server", "port", 8080, minimum=0) or 0,
-        max_body_bytes=ck.positive_int(t, "server", "max_body_bytes", 64 * 1024 * 1024) or 1,
-        max_items_per_batch=ck.positive_int(t, "server", "max_items_per_batch", 100_000) or 1,
-        metrics_sample_interval_s=ck.duration(t, "server", "metrics_sample_interval", 5.0),
-        allowed_origins=_strings(ck, t, "server", "allowed_origins"),
-        allowed_hosts=_strings(ck, t, "server", "allowed_hosts"),
-        tls_cert=ck.get(t, "server", "tls_cert", str, ""),
-        tls_key=ck.get(t, "server", "tls_key", str, ""),
-        allow_plain_http=ck.get(t, "server", "allow_plain_http", bool, False),
-        metrics_auth=ck.get(t, "server", "metrics_auth", bool, False),
-        max_streams=ck.positive_int(t, "server", "max_streams", 256) or 256,
-        max_streams_per_token=ck.positive_int(t, "server", "max_streams_per_token", 32) or 32,
-        max_connections=ck.positive_int(t, "server", "max_connections", 1000) or 1000,
-        read_timeout_s=ck.duration(t, "server", "read_timeout", 30.0),
-    )
+    server = _read_section(ck, raw, "server", ServerConfig)
     if bool(server.tls_cert) != bool(server.tls_key):
         missing = "tls_key" if server.tls_cert else "tls_cert"
         ck.problems.append(f"server.{missing}: required with server.tls_cert/tls_key")
@@ -376,38 +405,20 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
         except (OSError, ssl.SSLError) as exc:
             ck.problems.append(f"server.tls_cert: cannot load the certificate and key: {exc}")
 
-    t = ck.section(raw, "worker")
-    ck.unknown("worker", t, _fields(WorkerConfig))
-    worker = WorkerConfig(
+    t = raw["worker"] if isinstance(raw.get("worker"), dict) else {}
+    worker = _read_section(
+        ck,
+        raw,
+        "worker",
+        WorkerConfig,
         name=ck.get(t, "worker", "name", str, "") or default_worker_name(server.port),
-        concurrency=ck.positive_int(t, "worker", "concurrency", 64) or 64,
         prefetch=_prefetch(ck, t),
-        claim_batch_size=ck.positive_int(t, "worker", "claim_batch_size", 500) or 500,
-        poll_interval_s=ck.duration(t, "worker", "poll_interval", 1.0),
-        heartbeat_interval_s=ck.duration(t, "worker", "heartbeat_interval", 5.0),
-        dead_after_s=ck.duration(t, "worker", "dead_after", 30.0),
-        drain_timeout_s=ck.duration(t, "worker", "drain_timeout", 30.0, positive=False),
     )
     if worker.dead_after_s <= worker.heartbeat_interval_s:
         ck.problems.append("worker.dead_after: must be longer than worker.heartbeat_interval")
 
-    t = ck.section(raw, "logging")
-    ck.unknown("logging", t, _fields(LoggingConfig))
-    logging_cfg = LoggingConfig(
-        level=ck.get(t, "logging", "level", str, "info").lower(),
-        format=ck.get(t, "logging", "format", str, "text"),
-    )
-    if logging_cfg.level not in ("debug", "info", "warning", "error"):
-        ck.problems.append("logging.level: must be one of debug, info, warning, error")
-    if logging_cfg.format not in ("text", "json"):
-        ck.problems.append(f"logging.format: must be 'text' or 'json', got {logging_cfg.format!r}")
-
-    t = ck.section(raw, "retention")
-    ck.unknown("retention", t, _fields(RetentionConfig))
-    retention = RetentionConfig(
-        finished_after_s=ck.duration(t, "retention", "finished_after", 30 * 86400.0),
-        interval_s=ck.duration(t, "retention", "interval", 3600.0),
-    )
+    logging_cfg = _read_section(ck, raw, "logging", LoggingConfig)
+    retention = _read_section(ck, raw, "retention", RetentionConfig)
 
     tokens = _tokens(ck, ck.section(raw, "auth"))
     handlers = _handlers(ck, ck.section(raw, "handlers"))
