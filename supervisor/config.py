@@ -87,6 +87,8 @@ class DatabaseConfig:
     url: str = key("", "str")
     listen_url: str = key("", "str")
     schema: str = key("supervisor", "str")
+    # Deprecated and ignored (README): the pools open connections on demand, so a
+    # daemon started while its database is down starts and waits for it.
     pool_min: int = key(2, "int")
     pool_max: int = key(10, "int", minimum=2)
     # The API's own pool (requests and SSE streams): API load never takes the
