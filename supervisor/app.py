@@ -46,7 +46,7 @@ from supervisor.api.auth import Authenticator
 from supervisor.api.context import ApiContext
 from supervisor.api.server import ApiServer
 from supervisor.config import Config
-from supervisor.errors import ConfigError, DatabaseUnavailable, SupervisorError
+from supervisor.errors import DatabaseUnavailable
 from supervisor.executor import OutcomeRecord
 from supervisor.handlers import python as python_handler
 
@@ -56,10 +56,6 @@ OUTBOX_FLUSH_TIMEOUT_S = 30.0
 
 def _abandoned(h: python_handler.PythonHandler) -> int:
     return h.abandoned_threads
-
-
-class EmbeddedStartFailed(SupervisorError):
-    """The embedded server could not be started (the message says why)."""
 
 
 class Daemon:
@@ -72,37 +68,6 @@ class Daemon:
         self.api: ApiServer | None = None
         self._on_first_signal: Callable[[], None] = lambda: None
         self._on_second_signal: Callable[[], None] = lambda: None
-
-    # -- database ---------------------------------------------------------------
-
-    async def _dsn(self) -> str:
-        url = self.cfg.database_url
-        if url:
-            return url
-        data_dir = self.cfg.embedded_data_dir
-        self.pg = embedded.EmbeddedPostgres(
-            data_dir,
-            port=self.cfg.embedded.port,
-            bin_dir=self.cfg.embedded.bin_dir or None,
-            schema=self.cfg.database.schema,
-        )
-        log.info("embedded.starting data_dir=%s", data_dir)
-        pg = self.pg
-        try:
-            return await anyio.to_thread.run_sync(pg.start)
-        except embedded.EmbeddedPostgresError as exc:
-            if self.cfg.embedded.bin_dir:
-                raise ConfigError([f"embedded.bin_dir: {exc}"]) from exc
-            raise EmbeddedStartFailed(
-                f"cannot start the embedded PostgreSQL server: {exc}"
-            ) from exc
-
-    async def _stop_embedded(self) -> None:
-        if self.pg is not None:
-            pg = self.pg
-            with anyio.CancelScope(shield=True):
-                stopped = await anyio.to_thread.run_sync(pg.stop)
-            log.info("embedded.stopped" if stopped else "embedded.left_running: still in use")
 
     # -- readiness ----------------------------------------------------------------
 
@@ -136,14 +101,14 @@ class Daemon:
                 tg.start_soon(self._signals)
                 try:
                     with main:
-                        dsn = await self._dsn()
-                        await self._run(dsn, built)
+                        async with embedded.database_url(self.cfg) as served:
+                            self.pg = served.server
+                            await self._run(served.url, built)
                 finally:
                     tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await handlers.close_all(built)
-                await self._stop_embedded()
         return 0
 
     async def _signals(self) -> None:

@@ -24,17 +24,21 @@ from supervisor.embedded.binaries import (
     server_major_version,
 )
 from supervisor.embedded.server import STATE_DATA_ROOT, EmbeddedPostgres
+from supervisor.embedded.serving import EmbeddedStartFailed, Served, database_url
 
 __all__ = [
     "SERVER_ACCOUNT",
     "STATE_DATA_ROOT",
     "EmbeddedPostgres",
     "EmbeddedPostgresError",
+    "EmbeddedStartFailed",
+    "Served",
     "_Account",
     "_can_reach",
     "_copy_wheel_binaries",
     "_wheel_bin_dir",
     "blocked_for",
+    "database_url",
     "ensure_server_account",
     "find_bin_dir",
     "server_major_version",
