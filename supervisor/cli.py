@@ -77,27 +77,14 @@ def _first_leaf(group: BaseExceptionGroup[BaseException], kind: type[E]) -> E | 
 
 @contextlib.asynccontextmanager
 async def _database(cfg: config.Config) -> AsyncIterator[dbm.Database]:
-    """A pool on the configured database, starting the embedded server if needed
-    (and stopping it again only if we started it)."""
-    from supervisor import embedded
-
-    url = cfg.database_url
-    pg: embedded.EmbeddedPostgres | None = None
-    if not url:
-        pg = embedded.EmbeddedPostgres(
-            cfg.embedded_data_dir,
-            port=cfg.embedded.port,
-            bin_dir=cfg.embedded.bin_dir or None,
-            schema=cfg.database.schema,
-        )
-        url = await asyncio.to_thread(pg.start)
-    db = await dbm.Database.connect(cfg, url)
-    try:
-        yield db
-    finally:
-        await db.close()
-        if pg is not None and not pg.adopted:
-            await asyncio.to_thread(pg.stop)
+    """A pool on the configured database; the embedded server is started, or
+    shared, by the same rule as the daemon's (see embedded.serving)."""
+    async with embedded.database_url(cfg) as served:
+        db = await dbm.Database.connect(cfg, served.url)
+        try:
+            yield db
+        finally:
+            await db.close()
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
