@@ -1,6 +1,7 @@
-"""Command line: the daemon (``run``), operator tools (``migrate``, ``check``,
-``doctor``) and HTTP client verbs (``submit``, ``status``, ``watch``, ``list``,
-``cancel``, ``pause``, ``resume``, ``retry``).
+"""Command line: the parser, the exit codes, the daemon (``run``) and the
+operator tools (``migrate``, ``check``, ``doctor``); the HTTP client verbs
+(``submit``, ``status``, ``watch``, ``list``, ``cancel``, ``pause``, ``resume``,
+``retry``, ``redeliver``) are in :mod:`supervisor.client`.
 
 Exit codes: 0 ok; 1 failure (API error, batch not completed cleanly, drift
 found); 2 usage; 78 (EX_CONFIG) invalid configuration or a broken handler.
@@ -12,30 +13,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import re
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import aiohttp
-
-from supervisor import __version__, config, embedded, handlers, logs, store
+from supervisor import __version__, client, config, embedded, handlers, logs, store
 from supervisor import db as dbm
 from supervisor.errors import ConfigError, HandlerLoadError, SchemaTooNew, SupervisorError
 
 EX_CONFIG = 78
 E = TypeVar("E", bound=BaseException)
 log = logging.getLogger("supervisor.cli")
-DEFAULT_URL = "http://127.0.0.1:8080"
-
-
-class ClientError(Exception):
-    """An API call failed; the message is the one line shown to the user."""
 
 
 # -- daemon and operator commands ----------------------------------------------------
@@ -163,393 +154,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
-# -- HTTP client ----------------------------------------------------------------------
-
-WATCH_RECONNECTS = 10  # consecutive failed reconnects before ``watch`` gives up
-
-
-def _client_url(args: argparse.Namespace) -> str:
-    """``--url``, else BATCH_SUPERVISOR_URL, else the API address of the config
-    named by ``--config`` (or BATCH_SUPERVISOR_CONFIG), else DEFAULT_URL."""
-    url = args.url or os.environ.get("BATCH_SUPERVISOR_URL")
-    if url:
-        return str(url).rstrip("/")
-    if args.config or os.environ.get(config.ENV_CONFIG):
-        try:
-            server = config.load(args.config).server
-        except (ConfigError, OSError) as exc:
-            detail = _one_line(f"cannot read the API address from the config: {exc}")
-            raise ClientError(detail) from None
-        host = "127.0.0.1" if server.host in ("0.0.0.0", "") else server.host
-        host = "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
-        scheme = "https" if server.tls_cert else "http"
-        return f"{scheme}://{host}:{server.port}"
-    return DEFAULT_URL
-
-
-def _headers() -> dict[str, str]:
-    token = os.environ.get("BATCH_SUPERVISOR_TOKEN")
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-# C0 and C1 controls and the bidi overrides: an item key or an error text holding
-# ANSI/OSC escape sequences must not reach (and drive) the operator's terminal.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def _printable(text: str) -> str:
-    """``text`` with control characters shown as escapes (``\\x1b``)."""
-    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
-
-
-def _one_line(text: str) -> str:
-    return _printable(" ".join(text.split()))
-
-
-def _problem(method: str, url: str, status: int, text: str) -> ClientError:
-    """The one-line message for an error response (problem+json or anything else)."""
-    detail = text.strip()[:500] or "(empty response)"
-    with contextlib.suppress(ValueError, AttributeError, TypeError, KeyError):
-        body = json.loads(text)
-        detail = str(body.get("detail") or body.get("title") or detail)
-        extra = [
-            f"{e.get('path') or '/'}: {e.get('message')}"
-            for e in body.get("errors") or []
-            if str(e.get("message")) not in detail  # the detail often repeats a lone error
-        ]
-        if extra:
-            detail += "; " + "; ".join(extra[:5])
-    return ClientError(_one_line(f"{method} {url}: {status} {detail}"))
-
-
-async def _call(session: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> Any:
-    try:
-        headers = _headers()
-        if method != "GET":
-            headers["Content-Type"] = "application/json"  # the API refuses changes without it
-        async with session.request(method, url, headers=headers, **kw) as resp:
-            text = await resp.text()
-            if resp.status >= 400:
-                raise _problem(method, url, resp.status, text)
-            try:
-                return json.loads(text) if text else None
-            except ValueError:
-                raise ClientError(
-                    f"{method} {url}: {resp.status} but the body is not JSON "
-                    "(is this a batch-supervisor API?)"
-                ) from None
-    except aiohttp.ClientError as exc:
-        raise ClientError(_one_line(f"cannot reach {url}: {exc}")) from None
-    except TimeoutError:
-        raise ClientError(f"{method} {url}: no answer in time") from None
-
-
-def _read_items(path: str, key_field: str | None) -> list[Any]:
-    name = "stdin" if path == "-" else path
-    try:
-        if path == "-":
-            text = sys.stdin.read()
-        else:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ClientError(f"cannot read {name}: {exc}") from None
-    try:
-        if text.lstrip().startswith("["):
-            payloads = json.loads(text)
-        else:
-            payloads = []
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        payloads.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise ClientError(f"{name}: line {n} is not JSON: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise ClientError(f"{name}: not a JSON array: {exc}") from None
-    if not payloads:
-        raise ClientError(f"{name}: no items (expected JSON Lines or a JSON array)")
-    if key_field is None:
-        return list(payloads)
-    items = []
-    for i, p in enumerate(payloads):
-        if not isinstance(p, dict) or key_field not in p:
-            raise ClientError(f"{name}: item {i + 1} has no field {key_field!r} for --key-field")
-        items.append({"key": str(p[key_field]), "payload": p})
-    return items
-
-
-def _bar(done: int, total: int, width: int = 30) -> str:
-    filled = int(width * done / total) if total else width
-    return "[" + "#" * filled + "-" * (width - filled) + "]"
-
-
-def _print_status(b: dict[str, Any]) -> None:
-    c = b["counts"]
-    print(f"batch     {b['id']}")
-    print(f"handler   {b['handler']}")
-    print(f"status    {b['status']}")
-    print(
-        f"progress  {_bar(c['succeeded'] + c['failed'] + c['cancelled'], c['total'])} "
-        f"{b['progress'] * 100:.1f}%"
-    )
-    print("counts    " + "  ".join(f"{k}={v}" for k, v in c.items()))
-    print(f"created   {b['created_at']}   finished {b['finished_at'] or '-'}")
-    cb = b["callback"]
-    if cb["handler"]:
-        print(f"callback  {cb['handler']}: {cb['state']} (attempts {cb['attempts']})")
-
-
-async def _sse(
-    session: aiohttp.ClientSession, url: str, last_id: str | None
-) -> AsyncIterator[tuple[str, str | None, Any]]:
-    """(event, id, data) from one connection to an SSE stream, until it closes."""
-    headers = _headers() | {"Accept": "text/event-stream"}
-    if last_id is not None:
-        headers["Last-Event-ID"] = last_id
-    async with session.get(
-        url, headers=headers, timeout=aiohttp.ClientTimeout(total=None, sock_read=60)
-    ) as resp:
-        if resp.status >= 400:
-            raise _problem("GET", url, resp.status, await resp.text())
-        event, event_id, data = "message", None, list[str]()
-        async for raw in resp.content:
-            line = raw.decode().rstrip("\r\n")
-            if not line:
-                if data:
-                    yield event, event_id, json.loads("\n".join(data))
-                event, event_id, data = "message", None, []
-            elif line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("id:"):
-                event_id = line[3:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
-
-
-class _Progress:
-    """Progress on stderr: a redrawn bar on a terminal, a line per status change otherwise."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.tty = sys.stderr.isatty()
-        self.start = time.monotonic()
-        self.first_done: int | None = None
-        self.last_status: str | None = None
-
-    def show(self, b: dict[str, Any]) -> None:
-        c = b["counts"]
-        done = c["succeeded"] + c["failed"] + c["cancelled"]
-        if self.first_done is None:
-            self.first_done = done
-        rate = (done - self.first_done) / max(1e-6, time.monotonic() - self.start)
-        eta = f"{(c['total'] - done) / rate:.0f}s" if rate > 0 and done < c["total"] else "-"
-        line = (
-            f"{_bar(done, c['total'])} {done}/{c['total']} {rate:.1f}/s eta {eta} "
-            f"failed {c['failed']} [{b['status']}]"
-        )
-        if self.quiet:
-            return
-        if self.tty:
-            sys.stderr.write(f"\r{line}   ")
-        elif b["status"] != self.last_status:
-            sys.stderr.write(line + "\n")
-        self.last_status = b["status"]
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if not self.quiet and self.tty:
-            sys.stderr.write("\n")
-
-
-async def _watch(session: aiohttp.ClientSession, base: str, batch_id: str, quiet: bool) -> int:
-    """Follow the batch's events until ``end`` (reconnecting with Last-Event-ID when a
-    draining daemon closes the stream), then report; 0 only for ``completed``."""
-    url = f"{base}/v1/batches/{batch_id}/events"
-    progress = _Progress(quiet)
-    final: dict[str, Any] | None = None
-    last_id: str | None = None
-    ended = False
-    failed_reconnects = 0
-    try:
-        while not ended:
-            try:
-                async for event, event_id, data in _sse(session, url, last_id):
-                    failed_reconnects = 0
-                    last_id = event_id or last_id
-                    if event == "snapshot":
-                        final = data
-                        progress.show(data)
-                    elif event == "end":
-                        ended = True
-                        break
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                failed_reconnects += 1
-                if failed_reconnects > WATCH_RECONNECTS:
-                    raise ClientError(_one_line(f"lost the event stream {url}: {exc}")) from None
-            if not ended:
-                await asyncio.sleep(min(5.0, 0.2 * 2**failed_reconnects))
-    finally:
-        progress.close()
-    if final is None:
-        raise ClientError("the event stream ended before any snapshot")
-    final = await _wait_callback(session, base, final, quiet)
-    c = final["counts"]
-    callback_ok = _report_callback(final)
-    if final["status"] == "completed":
-        print(f"batch {batch_id} completed: {c['succeeded']} succeeded")
-        return 0 if callback_ok else 1
-    print(
-        f"batch {batch_id} ended {final['status']}: {c['succeeded']} succeeded, "
-        f"{c['failed']} failed, {c['cancelled']} cancelled"
-    )
-    if c["failed"]:
-        shown = 20
-        page = await _call(
-            session, "GET", f"{base}/v1/batches/{batch_id}/items?status=failed&limit={shown}"
-        )
-        for it in page["items"]:
-            err = it.get("error") or {}
-            key = f" key={_printable(str(it['key']))}" if it.get("key") is not None else ""
-            print(
-                f"  failed item {it['id']}{key} after {it['attempts']} attempt(s): "
-                f"{_printable(str(err.get('type', 'Error')))}: "
-                f"{_one_line(str(err.get('message', '')))}"
-            )
-        if c["failed"] > shown:
-            more = c["failed"] - shown
-            print(f"  ... and {more} more: GET /v1/batches/{batch_id}/items?status=failed")
-    return 1
-
-
-CALLBACK_POLL_MAX_S = 2.0
-
-
-async def _wait_callback(
-    session: aiohttp.ClientSession, base: str, batch: dict[str, Any], quiet: bool
-) -> dict[str, Any]:
-    """A terminal batch whose completion callback has not finished yet: poll until it
-    has (the event stream ends with the batch, the callback runs after it)."""
-    delay = 0.05
-    announced = False
-    while (batch.get("callback") or {}).get("state") in ("pending", "running"):
-        if not announced and not quiet:
-            handler = _printable(str(batch["callback"]["handler"]))
-            print(f"waiting for the completion callback {handler}...", file=sys.stderr)
-            announced = True
-        await asyncio.sleep(delay)
-        delay = min(CALLBACK_POLL_MAX_S, delay * 2)
-        batch = await _call(session, "GET", f"{base}/v1/batches/{batch['id']}")
-    return batch
-
-
-def _report_callback(batch: dict[str, Any]) -> bool:
-    """Print how the completion callback ended; False if it failed."""
-    cb = batch.get("callback") or {}
-    if cb.get("state") not in ("succeeded", "failed"):
-        return True
-    handler = _printable(str(cb["handler"]))
-    if cb["state"] == "succeeded":
-        print(f"completion callback {handler} succeeded after {cb['attempts']} attempt(s)")
-        return True
-    err = cb.get("error") or {}
-    print(
-        f"completion callback {handler} failed after {cb['attempts']} attempt(s): "
-        f"{_printable(str(err.get('type', 'Error')))}: {_one_line(str(err.get('message', '')))}"
-        f" (redeliver: batch-supervisor redeliver {batch['id']})"
-    )
-    return False
-
-
-def _max_failures(text: str) -> int | str:
-    """``--max-failures``: a count, or a percentage such as ``10%``."""
-    if text.endswith("%"):
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a count nor a percentage") from None
-
-
-def _submission(args: argparse.Namespace) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "handler": args.handler,
-        "items": _read_items(args.file, args.key_field),
-    }
-    for field in (
-        "priority",
-        "max_concurrency",
-        "max_attempts",
-        "max_failures",
-        "idempotency_key",
-        "on_complete",
-    ):
-        if getattr(args, field, None) is not None:
-            body[field] = getattr(args, field)
-    if args.metadata is not None:
-        try:
-            body["metadata"] = json.loads(args.metadata)
-        except ValueError as exc:
-            raise ClientError(f"--metadata is not JSON: {exc}") from None
-    return body
-
-
-def cmd_client(args: argparse.Namespace) -> int:
-    async def go() -> int:
-        base = _client_url(args)
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
-            verb = args.command
-            if verb == "submit":
-                body = _submission(args)
-                b = await _call(s, "POST", f"{base}/v1/batches", json=body)
-                print(json.dumps(b) if args.json else b["id"], flush=True)
-                if args.wait:
-                    return await _watch(s, base, b["id"], quiet=args.json)
-                return 0
-            if verb == "status":
-                b = await _call(s, "GET", f"{base}/v1/batches/{args.id}")
-                if args.json:
-                    print(json.dumps(b, indent=2))
-                else:
-                    _print_status(b)
-                return 0
-            if verb == "watch":
-                return await _watch(s, base, args.id, quiet=False)
-            if verb == "list":
-                q = f"?limit={args.limit}" + (f"&status={args.status}" if args.status else "")
-                data = await _call(s, "GET", f"{base}/v1/batches{q}")
-                if args.json:
-                    print(json.dumps(data, indent=2))
-                for b in [] if args.json else data["batches"]:
-                    c = b["counts"]
-                    print(
-                        f"{b['id']}  {b['status']:<22} {b['handler']:<12} "
-                        f"{c['succeeded'] + c['failed'] + c['cancelled']}/{c['total']}  "
-                        f"{b['created_at']}"
-                    )
-                return 0
-            body2 = (
-                {"include_cancelled": True} if getattr(args, "include_cancelled", False) else None
-            )
-            path = "callback/redeliver" if verb == "redeliver" else verb
-            b = await _call(s, "POST", f"{base}/v1/batches/{args.id}/{path}", json=body2)
-            print(f"batch {b['id']}: {b['status']}")
-            return 0
-
-    try:
-        return asyncio.run(go())
-    except ClientError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        # A malformed answer or a local I/O problem: still one line, never a traceback.
-        print(_one_line(f"error: {type(exc).__name__}: {exc}"), file=sys.stderr)
-        return 1
-
-
 # -- argument parsing -----------------------------------------------------------------
 
 
@@ -569,7 +173,7 @@ def parser() -> argparse.ArgumentParser:
     def with_url(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         with_config(sp)
         sp.add_argument(
-            "--url", help=f"API base URL (env BATCH_SUPERVISOR_URL, default {DEFAULT_URL})"
+            "--url", help=f"API base URL (env BATCH_SUPERVISOR_URL, default {client.DEFAULT_URL})"
         )
         return sp
 
@@ -586,7 +190,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--priority", type=int)
     s.add_argument("--max-concurrency", type=int)
     s.add_argument("--max-attempts", type=int)
-    s.add_argument("--max-failures", type=_max_failures, help="a count, or a percentage like 10%%")
+    s.add_argument(
+        "--max-failures", type=client.max_failures, help="a count, or a percentage like 10%%"
+    )
     s.add_argument("--idempotency-key")
     s.add_argument("--on-complete", help="handler to call once the batch is terminal")
     s.add_argument("--metadata", help="a JSON object stored with the batch")
@@ -649,7 +255,7 @@ def _exit_past_abandoned_threads(code: int) -> None:
 def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     try:
-        return COMMANDS.get(args.command, cmd_client)(args)
+        return COMMANDS.get(args.command, client.cmd_client)(args)
     except ConfigError as exc:
         print(f"batch-supervisor: {exc}", file=sys.stderr)
         return EX_CONFIG
