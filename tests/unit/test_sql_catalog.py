@@ -86,3 +86,19 @@ def test_every_function_file_defines_the_function_it_is_named_after() -> None:
     for fn in sqlfile.load_functions("supervisor"):
         heads = re.findall(r'^CREATE OR REPLACE FUNCTION "supervisor"\.(\w+)\(', fn.sql, re.M)
         assert heads == [fn.name], (fn.name, heads)
+
+
+def test_only_the_status_rule_writes_a_batch_status() -> None:
+    """_settle (and repair_batch, by the same _batch_status rule) is the one writer
+    of batches.status; a control sets its input (stop_reason, paused) instead."""
+    sql = PKG / "sql"
+    offenders = []
+    for path in [*sorted((sql / "functions").glob("*.sql")), sql / "queries.sql"]:
+        for update in path.read_text().split("UPDATE @schema.batches")[1:]:
+            set_clause = re.split(r"\bWHERE\b", update, maxsplit=1)[0]
+            if re.search(r"\bstatus\s*=", set_clause) and path.name not in (
+                "_settle.sql",
+                "repair_batch.sql",
+            ):
+                offenders.append(f"{path.name}: UPDATE batches{set_clause.strip()[:60]}")
+    assert not offenders, offenders

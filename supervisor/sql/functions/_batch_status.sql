@@ -4,10 +4,11 @@
 -- when nothing is queued or running: cancelled or failed when it was stopped
 -- (p_stop_reason), else completed, failed (nothing succeeded) or
 -- completed_with_errors. Otherwise: cancelling while stopping, paused while
--- paused (p_status), queued until anything happened, else running. The caller
--- keeps a status that is already terminal (a terminal batch never changes).
+-- paused (p_paused, set by pause_batch), queued until anything happened, else
+-- running. The caller keeps a status that is already terminal (a terminal batch
+-- never changes).
 CREATE OR REPLACE FUNCTION @schema._batch_status(
-    p_status text, p_queued integer, p_running integer, p_succeeded integer,
+    p_paused boolean, p_queued integer, p_running integer, p_succeeded integer,
     p_failed integer, p_cancelled integer, p_stop_reason text, p_started boolean)
 RETURNS text LANGUAGE sql IMMUTABLE AS $$
 SELECT CASE
@@ -18,7 +19,7 @@ SELECT CASE
         WHEN p_succeeded = 0 THEN 'failed'
         ELSE 'completed_with_errors' END
     WHEN p_stop_reason IS NOT NULL THEN 'cancelling'
-    WHEN p_status = 'paused' THEN 'paused'
+    WHEN p_paused THEN 'paused'
     WHEN p_running + p_succeeded + p_failed + p_cancelled = 0 AND NOT p_started THEN 'queued'
     ELSE 'running' END
 $$;

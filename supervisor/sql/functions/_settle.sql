@@ -30,6 +30,7 @@ BEGIN
     IF p_reopen THEN
         v_was_terminal := false;
         b.stop_reason := NULL;
+        b.paused := false;  -- a reopened batch runs, whatever it was before it ended
         b.finished_at := NULL;
         b.callback_state := 'none';
         b.callback_attempts := 0;
@@ -62,7 +63,7 @@ BEGIN
     IF v_was_terminal THEN
         v_status := b.status;
     ELSE
-        v_status := @schema._batch_status(b.status, b.queued, b.running, b.succeeded,
+        v_status := @schema._batch_status(b.paused, b.queued, b.running, b.succeeded,
                                           b.failed, b.cancelled, b.stop_reason,
                                           b.started_at IS NOT NULL);
     END IF;
@@ -89,7 +90,8 @@ BEGIN
     UPDATE @schema.batches SET
         status = v_status, queued = b.queued, running = b.running, succeeded = b.succeeded,
         failed = b.failed, cancelled = b.cancelled, version = v_new_version,
-        stop_reason = b.stop_reason, started_at = b.started_at, finished_at = b.finished_at,
+        stop_reason = b.stop_reason, paused = b.paused, started_at = b.started_at,
+        finished_at = b.finished_at,
         callback_state = b.callback_state, callback_attempts = b.callback_attempts,
         callback_error = b.callback_error, callback_run_after = b.callback_run_after
     WHERE id = p_batch;

@@ -11,13 +11,13 @@ BEGIN
         RETURN 'conflict:batch is already ' || b.status;
     END IF;
     IF b.status = 'cancelling' THEN RETURN 'conflict:batch is being cancelled'; END IF;
-    IF p_pause = (b.status = 'paused') THEN RETURN 'ok'; END IF;
+    IF p_pause = b.paused THEN RETURN 'ok'; END IF;
+    -- The flag is the control's input; _settle derives the status from it.
+    UPDATE @schema.batches SET paused = p_pause WHERE id = p_batch;
     IF p_pause THEN
-        UPDATE @schema.batches SET status = 'paused' WHERE id = p_batch;
         -- daemons hand back claimed items that have not started yet
         PERFORM pg_notify('@sname_control', 'pause:' || p_batch::text);
     ELSE
-        UPDATE @schema.batches SET status = 'running' WHERE id = p_batch;
         PERFORM pg_notify('@sname_wake', b.handler);
     END IF;
     INSERT INTO @schema.batch_events (batch_id, action, actor)
