@@ -49,9 +49,7 @@ def test_concurrent_migrations_apply_once_then_nothing(
         outs = list(pool.map(lambda _: cli(["migrate"], fresh_db_url, cfg), range(3)))
     assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
     every = ", ".join(str(m.version) for m in sqlfile.load_migrations("supervisor"))
-    assert sum(f"(applied {every})" in o.stdout for o in outs) == 1, [
-        o.stdout for o in outs
-    ]
+    assert sum(f"(applied {every})" in o.stdout for o in outs) == 1, [o.stdout for o in outs]
     again = cli(["migrate"], fresh_db_url, cfg)
     assert again.returncode == 0 and "already current" in again.stdout
 
