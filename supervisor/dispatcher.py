@@ -24,7 +24,6 @@ without spending the attempt.
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import random
@@ -47,6 +46,7 @@ from supervisor.executor import StopReason
 from supervisor.handlers import Handler
 from supervisor.models import Item
 from supervisor.outbox import Outbox
+from supervisor.ready import ReadyQueues
 
 log = logging.getLogger(__name__)
 CONTROL_CHECK_S = 2.0
@@ -82,10 +82,9 @@ class Dispatcher:
         self._lease_id = uuid.UUID(lease)
         self._worker = cfg.worker.name
         self._window = prefetch.Window(cfg.worker.concurrency, cfg.worker.prefetch)
-        self._caps = {n: h.config.concurrency for n, h in handlers.items() if h.config.concurrency}
-        # claimed, not started: one FIFO per handler, served round-robin
-        self._ready: dict[str, collections.deque[Item]] = {n: collections.deque() for n in handlers}
-        self._ready_count = 0
+        # claimed, not started
+        caps = {n: h.config.concurrency for n, h in handlers.items() if h.config.concurrency}
+        self._ready = ReadyQueues(handlers, caps)
         self._idle_workers: list[anyio.Event] = []
         self.in_flight = 0  # handlers running now
         self.per_handler: Counter[str] = Counter()
@@ -94,7 +93,6 @@ class Dispatcher:
         self._running: dict[int, Running] = {}
         # why an attempt of ours was stopped (absent: the task group's own cancellation)
         self._reasons: dict[int, StopReason] = {}
-        self._turn = 0
         self._wakeup = Wakeup()
         # handler -> monotonic time until which its claims are skipped: its last
         # claim found nothing runnable (see _claim_loop)
@@ -168,7 +166,7 @@ class Dispatcher:
 
     def waiting(self, handler: str) -> int:
         """Items of ``handler`` claimed by us that wait for a worker (not started)."""
-        return len(self._ready[handler])
+        return self._ready.waiting(handler)
 
     def free_slots(self) -> int:
         """How many more items we may claim: the prefetch window (see
@@ -321,9 +319,7 @@ class Dispatcher:
         here (the claim loop is the only claimer), so whatever we do not hold is
         such an orphan: release it (queued again, the attempt not counted)."""
         rows = await self._q.running_items_of_lease(self._lease_id)
-        known = set(self._running) | self._outbox.pending_ids()
-        for queue in self._ready.values():
-            known.update(int(item.id) for item in queue)
+        known = set(self._running) | self._outbox.pending_ids() | self._ready.ids()
         orphans = [r for r in rows if r.id not in known]
         for r in orphans:
             self._outbox.put(
@@ -359,37 +355,13 @@ class Dispatcher:
             handler=handler,
             batch_metadata=meta,
         )
-        self._ready[handler].append(item)
-        self._ready_count += 1
+        self._ready.put(item)
         self.owned += 1
         self._owned_per_handler[handler] += 1
 
-    def _next_ready(self) -> Item | None:
-        """The next claimed item a worker may start: handlers round-robin, each
-        below its own ``concurrency`` cap."""
-        if not self._ready_count:
-            return None
-        names = list(self._ready)
-        for k in range(len(names)):
-            name = names[(self._turn + k) % len(names)]
-            queue = self._ready[name]
-            cap = self._caps.get(name)
-            if queue and (cap is None or self.per_handler[name] < cap):
-                self._turn = (self._turn + k + 1) % len(names)
-                self._ready_count -= 1
-                return queue.popleft()
-        return None
-
     def _drop_ready(self, which: Callable[[Item], bool], reason: StopReason) -> int:
         """Hand back claimed items that have not started (cancelled or released)."""
-        dropped: list[Item] = []
-        for queue in self._ready.values():
-            keep: list[Item] = []
-            for item in queue:
-                (dropped if which(item) else keep).append(item)
-            queue.clear()
-            queue.extend(keep)
-        self._ready_count -= len(dropped)
+        dropped = self._ready.drop(which)
         for item in dropped:  # after the queues are consistent: _finish may wake workers
             self._finish(
                 item, executor.cancelled_attempt(item, reason, self._worker), time.monotonic()
@@ -409,7 +381,7 @@ class Dispatcher:
         while True:
             with anyio.CancelScope() as scope:
                 while not scope.cancel_called:
-                    item = self._next_ready()
+                    item = self._ready.take(self.per_handler)
                     if item is None:
                         if self._stopping:
                             return
@@ -473,7 +445,7 @@ class Dispatcher:
         self._outbox.put(executor.record(item, self._lease, result, started))
         self.owned -= 1
         self._owned_per_handler[item.handler] -= 1
-        if self._ready_count and self._idle_workers:
+        if self._ready and self._idle_workers:
             self._wake_workers(1)  # a handler cap may have opened for a waiting item
         self._wakeup.set()
         if not self.owned:
