@@ -1,0 +1,42 @@
+"""The Python vocabularies are the database's: every status enum in
+supervisor/states.py names exactly the values its CHECK constraint allows, so a
+value added on one side only fails here, not as a constraint violation in an
+outcome write."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import re
+
+import asyncpg
+import pytest
+
+from supervisor import states
+
+CONSTRAINTS: dict[str, type[enum.StrEnum]] = {
+    "batch_status_known": states.BatchStatus,
+    "item_status_known": states.ItemStatus,
+    "batch_callback_state_known": states.CallbackState,
+}
+
+
+async def _checks(dsn: str) -> dict[str, str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT conname, pg_get_constraintdef(oid) AS def FROM pg_constraint "
+            "WHERE conname = ANY($1::text[])",
+            list(CONSTRAINTS),
+        )
+    finally:
+        await conn.close()
+    return {r["conname"]: r["def"] for r in rows}
+
+
+@pytest.mark.parametrize("name", sorted(CONSTRAINTS))
+def test_each_status_enum_matches_its_check_constraint(db_url: str, name: str) -> None:
+    definition = asyncio.run(_checks(db_url))[name]
+    allowed = set(re.findall(r"'([a-z_]+)'::text", definition))
+    assert allowed, definition
+    assert {v.value for v in CONSTRAINTS[name]} == allowed, definition
