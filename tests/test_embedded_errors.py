@@ -14,6 +14,21 @@ from supervisor import embedded, embedded_auth
 from tests.daemon import ROOT, render_toml
 from tests.pgharness import free_port, make_base_dir
 
+ENV = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+
+
+def cli(verb: str, cfg: pathlib.Path) -> subprocess.CompletedProcess[str]:
+    """``batch-supervisor <verb> --config cfg`` with a bare environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", verb, "--config", str(cfg)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
 
 def test_a_missing_credentials_file_is_one_line(tmp_path: pathlib.Path) -> None:
     base = make_base_dir("bsv-cred-")
@@ -27,16 +42,7 @@ def test_a_missing_credentials_file_is_one_line(tmp_path: pathlib.Path) -> None:
     embedded_auth.credentials_path(data_dir).unlink()
     cfg = tmp_path / "config.toml"
     cfg.write_text(render_toml({"embedded": {"data_dir": str(data_dir), "port": port}}))
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, "-m", "supervisor", "migrate", "--config", str(cfg)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    out = cli("migrate", cfg)
     try:
         assert out.returncode == 1, out
         assert "Traceback" not in out.stderr, out.stderr
@@ -57,17 +63,8 @@ def test_a_cli_verb_treats_a_bad_bin_dir_as_configuration_like_the_daemon(
     cfg.write_text(
         render_toml({"embedded": {"data_dir": str(data_dir), "bin_dir": str(tmp_path / "none")}})
     )
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     for verb in ("run", "migrate"):
-        out = subprocess.run(
-            [sys.executable, "-m", "supervisor", verb, "--config", str(cfg)],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        out = cli(verb, cfg)
         assert out.returncode == 78, (verb, out)
         assert "embedded.bin_dir" in out.stderr, (verb, out.stderr)
         assert "Traceback" not in out.stderr, (verb, out.stderr)
@@ -81,26 +78,17 @@ def test_a_cli_verb_stops_a_server_it_adopted_when_no_one_else_uses_it(
     base = make_base_dir("bsv-adopt-")
     data_dir = base / "pgdata"
     port = free_port()
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     try:
         # A process that starts the server and exits without stopping it (killed, say).
         starter = (
             "from supervisor import embedded; "
             f"embedded.EmbeddedPostgres({str(data_dir)!r}, port={port}, fsync=False).start()"
         )
-        subprocess.run([sys.executable, "-c", starter], cwd=ROOT, env=env, check=True, timeout=120)
+        subprocess.run([sys.executable, "-c", starter], cwd=ROOT, env=ENV, check=True, timeout=120)
         assert embedded.EmbeddedPostgres(data_dir, port=port).is_running()
         cfg = tmp_path / "config.toml"
         cfg.write_text(render_toml({"embedded": {"data_dir": str(data_dir), "port": port}}))
-        out = subprocess.run(
-            [sys.executable, "-m", "supervisor", "migrate", "--config", str(cfg)],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        out = cli("migrate", cfg)
         assert out.returncode == 0, out
         assert not embedded.EmbeddedPostgres(data_dir, port=port).is_running()
     finally:
