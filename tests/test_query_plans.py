@@ -1,4 +1,6 @@
-"""The outcome write stays linear when statistics say nothing is running.
+"""Claims and outcome writes whose cost stays bounded by what they move.
+
+The outcome write stays linear when statistics say nothing is running.
 
 A daemon's running items are a tiny share of a deep queue. Once autoanalyze has
 sampled a big table of queued items, the planner estimates that one item matches an
@@ -80,3 +82,47 @@ def test_outcome_write_never_nests_the_outcomes_inside_the_items(db_url: str) ->
     assert succeeded == CLAIM
     assert "Nested Loop" not in plan, plan
     assert "Function Scan on u" in plan, plan
+
+
+SMALL_BATCHES = 2_000
+
+
+async def claim_many_small(db_url: str) -> list[int]:
+    db = await dbm.Database.connect(config.from_mapping({}), db_url)
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute(
+            """
+            WITH b AS (
+                INSERT INTO supervisor.batches (id, tenant, handler, status, attempt_budget,
+                                                total, queued)
+                SELECT gen_random_uuid(), 't', 'h', 'queued', 3, 1, 1
+                  FROM generate_series(1, $1) RETURNING id)
+            INSERT INTO supervisor.items (batch_id, seq, handler, payload, max_attempts)
+            SELECT id, 0, 'h', '1', 3 FROM b
+            """,
+            SMALL_BATCHES,
+        )
+        await conn.execute("ANALYZE supervisor.batches")
+        sizes: list[int] = []
+        seen: set[uuid.UUID] = set()
+        while len(seen) < SMALL_BATCHES and len(sizes) < 50:
+            rows = await db.fetch("claim_items", "h", 500, "w1", uuid.uuid4(), None, None, 1.0)
+            claimed = {r["batch_id"] for r in rows}
+            assert not claimed & seen, "a 1-item batch claimed twice"
+            seen |= claimed
+            sizes.append(len(rows))
+        return sizes
+    finally:
+        await conn.close()
+        await db.close()
+
+
+def test_a_claim_spans_many_small_batches_and_reaches_every_one(db_url: str) -> None:
+    """With one item per batch a claim took items from at most 16 batches, so a
+    backlog of small batches drained 16 items per claim round trip. Now a claim
+    takes up to 256 batches, and successive claims reach every batch."""
+    sizes = anyio.run(claim_many_small, db_url)
+    assert sizes[0] == 256, sizes
+    assert sum(sizes) == SMALL_BATCHES, sizes
+    assert len(sizes) == -(-SMALL_BATCHES // 256), sizes  # no claim came back short early

@@ -1,7 +1,15 @@
 -- claim_items: move up to p_limit runnable items of one handler to running for
--- this worker, committed before any handler runs. Fair across batches of equal
--- priority (each gets a share, fewest running first), higher priority first;
--- respects pause, per-batch max_concurrency, global_concurrency and rate_limit.
+-- this worker, committed before any handler runs. Higher priority first; fair
+-- across the batches of the top priority; respects pause, per-batch
+-- max_concurrency, global_concurrency and rate_limit.
+--
+-- The cost of a claim does not grow with the number of active batches: the
+-- candidates (at most CANDIDATES per claim, each a batch with queued items) come
+-- from bounded scans of batches_claimable, starting at a random batch id and
+-- wrapping around, so successive claims (and claims of different daemons) visit
+-- every batch of the top priority with equal chance instead of sorting them all.
+-- Lower priorities fill what the top one leaves. Among the candidates, the claim
+-- is shared out fewest-running first.
 CREATE OR REPLACE FUNCTION @schema.claim_items(
     p_handler text, p_limit integer, p_worker text, p_lease uuid,
     p_global_cap integer, p_rate double precision, p_burst double precision)
@@ -20,6 +28,8 @@ DECLARE
     v_take integer;
     v_n integer;
     v_top integer;
+    v_k integer;
+    v_start uuid;
     v_locked uuid[];
     v_pass integer;
     v_ids bigint[];
@@ -50,7 +60,16 @@ BEGIN
         RETURN;
     END IF;
 
-    -- Lock candidate batches in id order (the global lock order), then read
+    SELECT c.priority INTO v_top FROM @schema.batches c
+     WHERE c.handler = p_handler AND c.status IN ('queued', 'running') AND c.queued > 0
+     ORDER BY c.priority DESC LIMIT 1;
+    IF v_top IS NULL THEN
+        RETURN;
+    END IF;
+    v_k := least(v_limit, 256);  -- CANDIDATES: batches a claim may take items from
+    v_start := gen_random_uuid();
+
+    -- Lock the candidate batches in id order (the global lock order), then read
     -- their current counters and allocate in priority/fairness order. Only the
     -- batches locked here are claimed from: the allocation query runs on a newer
     -- snapshot and may see other batches (resumed, submitted, reordered by another
@@ -58,22 +77,35 @@ BEGIN
     SELECT array_agg(l.id) INTO v_locked FROM (
         SELECT bt.id FROM @schema.batches bt
          WHERE bt.id IN (
-            SELECT c.id FROM @schema.batches c
-             WHERE c.handler = p_handler AND c.status IN ('queued', 'running') AND c.queued > 0
-               AND (c.max_concurrency IS NULL OR c.running < c.max_concurrency)
-             ORDER BY c.priority DESC, c.running, c.created_at
-             LIMIT 16)
+            SELECT x.id FROM (
+                (SELECT 1 AS part, c.priority, c.id FROM @schema.batches c
+                  WHERE c.handler = p_handler AND c.status IN ('queued', 'running')
+                    AND c.queued > 0 AND c.priority = v_top AND c.id >= v_start
+                    AND (c.max_concurrency IS NULL OR c.running < c.max_concurrency)
+                  ORDER BY c.id LIMIT v_k)
+                UNION ALL
+                (SELECT 2, c.priority, c.id FROM @schema.batches c
+                  WHERE c.handler = p_handler AND c.status IN ('queued', 'running')
+                    AND c.queued > 0 AND c.priority = v_top AND c.id < v_start
+                    AND (c.max_concurrency IS NULL OR c.running < c.max_concurrency)
+                  ORDER BY c.id LIMIT v_k)
+                UNION ALL
+                (SELECT 3, c.priority, c.id FROM @schema.batches c
+                  WHERE c.handler = p_handler AND c.status IN ('queued', 'running')
+                    AND c.queued > 0 AND c.priority < v_top
+                    AND (c.max_concurrency IS NULL OR c.running < c.max_concurrency)
+                  ORDER BY c.priority DESC, c.id LIMIT v_k)
+            ) x
+            ORDER BY x.part, x.priority DESC, x.id
+            LIMIT v_k)
          ORDER BY bt.id FOR UPDATE) l;
     IF v_locked IS NULL THEN
         RETURN;
     END IF;
 
-    SELECT max(c.priority) INTO v_top FROM @schema.batches c
-     WHERE c.handler = p_handler AND c.status IN ('queued', 'running') AND c.queued > 0;
     SELECT count(*) INTO v_n FROM @schema.batches c
-     WHERE c.handler = p_handler AND c.status IN ('queued', 'running') AND c.queued > 0
-       AND c.priority = v_top;
-    v_share := greatest(1, ceil(v_limit::numeric / greatest(1, least(v_n, 16))))::integer;
+     WHERE c.id = ANY (v_locked) AND c.priority = v_top;
+    v_share := greatest(1, ceil(v_limit::numeric / greatest(1, v_n)))::integer;
 
     FOR b IN
         SELECT c.id, c.priority, c.max_concurrency, c.running, c.metadata, c.claim_after,
