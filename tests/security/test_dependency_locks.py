@@ -1,4 +1,6 @@
-"""The lock files bin/bootstrap installs from still fit pyproject.toml, and every pin is hashed."""
+"""The lock files bin/bootstrap installs from still fit pyproject.toml, and every pin is
+hashed. Before, bootstrap installed whatever release satisfied the floors, unverified:
+there was no lock to drift from, so this failed for want of one."""
 
 from __future__ import annotations
 
