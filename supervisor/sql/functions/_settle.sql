@@ -30,7 +30,6 @@ BEGIN
     IF p_reopen THEN
         v_was_terminal := false;
         b.stop_reason := NULL;
-        b.paused := false;  -- a reopened batch runs, whatever it was before it ended
         b.finished_at := NULL;
         b.callback_state := 'none';
         b.callback_attempts := 0;
@@ -38,7 +37,8 @@ BEGIN
         b.callback_run_after := NULL;
         IF b.status IN ('completed', 'completed_with_errors', 'failed', 'cancelled') THEN
             b.status := 'running';
-        END IF;
+            b.paused := false;  -- a batch paused, then cancelled, runs when retried
+        END IF;  -- a live batch keeps its pause
     END IF;
 
     -- Failure budget: past it, the batch stops early and ends failed.

@@ -1,0 +1,3 @@
+-- 0009_retry_keeps_pause: a retry of a live, paused batch keeps it paused; only a
+-- terminal batch that is reopened clears its pause (functions/_settle.sql). A
+-- change of function bodies only.
