@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Awaitable, Callable
 
 from bench import (
+    claim_cost,
     iobound,
     latency,
     latency_small,
@@ -46,6 +47,7 @@ SCENARIOS: dict[str, Callable[[Ctx, Results], Awaitable[None]]] = {
     "small1": small.run_small1,
     "latency_small": latency_small.run,
     "io": iobound.run,
+    "claim_cost": claim_cost.run,
 }
 DEFAULT_SCENARIOS = ["throughput", "submission", "latency", "status", "streams", "memory", "peers"]
 
@@ -101,6 +103,12 @@ RATIOS: list[tuple[str, str, str, float | None]] = [
         None,
     ),
     ("io 1 s: daemon VmHWM / PgQueuer process peak RSS", "io_1s.hwm", "io_1s.pgqueuer.hwm", None),
+    (
+        "claim_cost: 10,000 / 100 active batches, per claim",
+        "claim_cost.10000",
+        "claim_cost.100",
+        None,
+    ),
 ]
 # (metric key, limit, "max" or "min") -- the absolute targets.
 TARGETS: list[tuple[str, float, str]] = [
@@ -283,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         "--scale",
         type=float,
         default=None,
-        help="multiply the item and batch counts of small, small1, latency_small and io "
-        "(default 1; 0.1 with --quick)",
+        help="multiply the item and batch counts of small, small1, latency_small, io and "
+        "claim_cost (default 1; 0.1 with --quick)",
     )
     p.add_argument(
         "--clients",
