@@ -178,6 +178,7 @@ class Daemon:
         worker: Mapping[str, Any] | None = None,
         server: Mapping[str, Any] | None = None,
         handlers: Mapping[str, dict[str, Any]] | None = None,
+        database: Mapping[str, Any] | None = None,
     ) -> None:
         self.port = free_port()
         self.dir = work_dir / f"daemon-{name}"
@@ -186,6 +187,7 @@ class Daemon:
             "server": {"host": "127.0.0.1", "port": self.port} | dict(server or {}),
             "worker": {"name": name, "concurrency": 64, "drain_timeout": "5s"} | dict(worker or {}),
             "logging": {"level": "info"},
+            **({"database": dict(database)} if database else {}),
             "handlers": dict(handlers) if handlers is not None else BENCH_HANDLERS,
         }
         self.config_path = self.dir / "config.toml"

@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 import time
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -91,12 +92,19 @@ async def wait_all_terminal(dsn: str, batches: int, limit_s: float) -> tuple[flo
         await conn.close()
 
 
-async def ours(ctx: Ctx, results: Results, key: str, batches: int, size: int) -> None:
+async def ours(
+    ctx: Ctx,
+    results: Results,
+    key: str,
+    batches: int,
+    size: int,
+    database: dict[str, Any] | None = None,
+) -> None:
     n = batches * size
     body = json.dumps({"handler": "noop", "items": list(range(size))}).encode()
     dsn = await ctx.server.new_database(key)
     try:
-        async with running_daemon(ctx.work_dir, dsn, key) as (d, _):
+        async with running_daemon(ctx.work_dir, dsn, key, database=database) as (d, _):
             cpu0, pg0 = cpu_seconds(d.pid), ctx.server.postgres_cpu_s()
             me0 = sum(os.times()[:2])
             first, accepted, post_s = await submit_from_clients(d, body, batches, ctx.clients)
