@@ -6,7 +6,10 @@ A daemon with ``concurrency = 1`` and ``prefetch = 0`` runs one item of
 batches are POSTed (16 clients) up to each level (10, 100, 1,000, 3,000, 10,000;
 scaled by ``--scale``); at each level, on a connection of our own, ``claim_items``
 ('hold', 500 items: the daemon's ``claim_batch_size``) runs 20 times, each in a
-transaction that is rolled back, and the median is reported. The last call at
+transaction that is rolled back (after a VACUUM: every call claims the same
+16 batches), and the median is reported; then again with the function's
+``plan_cache_mode = force_custom_plan`` reset, an experiment put back after. The
+reference: the same call with one queued 5,000-item batch. The last call at
 each level runs under auto_explain (``log_analyze``, ``log_buffers``,
 ``log_nested_statements``): its statements' times are printed, their plans
 written to ``claim-plans-<level>.txt`` (in ``--profile DIR``, else printed only).
@@ -115,14 +118,50 @@ def _summary(plans: list[str]) -> list[str]:
     return [f"{sum(v):8.2f} ms  x{len(v):<3} {k}" for k, v in rows]
 
 
+WORKER = {"concurrency": 1, "prefetch": 0, "drain_timeout": "1s"}
+ONE_BATCH = 5_000
+
+
+async def _one_batch(ctx: Ctx, results: Results) -> None:
+    """The reference: the same claim with one queued batch of ONE_BATCH items."""
+    body = json.dumps({"handler": "hold", "items": [{}] * ONE_BATCH}).encode()
+    dsn = await ctx.server.new_database("claim1")
+    try:
+        async with running_daemon(ctx.work_dir, dsn, "claim1", worker=WORKER) as (d, session):
+            await d.post_batch(session, body)
+            conn = await asyncpg.connect(dsn)
+            try:
+                await conn.execute("ANALYZE supervisor.batches")
+                await conn.execute("ANALYZE supervisor.items")
+                med, got = await _timed_claims(conn)
+            finally:
+                await conn.close()
+    finally:
+        await ctx.server.drop_database(dsn)
+    results.add(
+        "claim_cost.one",
+        f"claim_cost: claim_items, one {ONE_BATCH:,}-item batch",
+        "ms",
+        1000 * med,
+        higher=False,
+    )
+    results.add(
+        "claim_cost.one.per_item",
+        f"claim_cost: per item claimed, one batch ({got} per call)",
+        "us",
+        1e6 * med / max(1, got),
+        higher=False,
+    )
+
+
 async def run(ctx: Ctx, results: Results) -> None:
     levels = sorted({ctx.scaled(n, 10) for n in LEVELS})
     body = json.dumps({"handler": "hold", "items": [{}] * 10}).encode()
-    worker = {"concurrency": 1, "prefetch": 0, "drain_timeout": "1s"}
     for _ in range(ctx.runs):
+        await _one_batch(ctx, results)
         dsn = await ctx.server.new_database("claim")
         try:
-            async with running_daemon(ctx.work_dir, dsn, "claim", worker=worker) as (d, _):
+            async with running_daemon(ctx.work_dir, dsn, "claim", worker=WORKER) as (d, _):
                 conn = await asyncpg.connect(dsn)
                 try:
                     have = 0
