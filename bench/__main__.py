@@ -1,4 +1,5 @@
-"""``python -m bench [--runs N] [--quick] [--large] [--scenarios a,b] [--profile DIR]``."""
+"""``python -m bench [--runs N] [--quick] [--large] [--scenarios a,b] [--profile DIR]
+[--scale F] [--clients N] [--peers a,b]``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,19 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 
-from bench import latency, memory, peers, status, streams, submission, throughput
+from bench import (
+    claim_cost,
+    iobound,
+    latency,
+    latency_small,
+    memory,
+    peers,
+    small,
+    status,
+    streams,
+    submission,
+    throughput,
+)
 from bench.context import Ctx
 from bench.harness import BenchServer, Results
 
@@ -29,7 +42,14 @@ SCENARIOS: dict[str, Callable[[Ctx, Results], Awaitable[None]]] = {
     "streams": streams.run,
     "memory": memory.run,
     "peers": peers.run,
+    # The shapes users bring (not in the default run: --scenarios small,small1,...).
+    "small": small.run,
+    "small1": small.run_small1,
+    "latency_small": latency_small.run,
+    "io": iobound.run,
+    "claim_cost": claim_cost.run,
 }
+DEFAULT_SCENARIOS = ["throughput", "submission", "latency", "status", "streams", "memory", "peers"]
 
 # (label, numerator key, denominator key, target or None) -- ratios of medians.
 RATIOS: list[tuple[str, str, str, float | None]] = [
@@ -45,6 +65,49 @@ RATIOS: list[tuple[str, str, str, float | None]] = [
         "throughput_1m.proc",
         "throughput.proc",
         0.80,
+    ),
+    ("small: many 10-item batches / one batch of as many", "small.e2e", "small_single.e2e", None),
+    ("small: ours / PgQueuer, end to end", "small.e2e", "small.pgqueuer.e2e", None),
+    ("small: ours / Procrastinate, end to end", "small.e2e", "small.procrastinate.e2e", None),
+    (
+        "small: batches accepted / PgQueuer enqueue calls",
+        "small.accepted",
+        "small.pgqueuer.accepted",
+        None,
+    ),
+    ("small1: many 1-item batches / one batch of as many", "small1.e2e", "small1_single.e2e", None),
+    ("small1: ours / PgQueuer, end to end", "small1.e2e", "small1.pgqueuer.e2e", None),
+    ("small1: ours / Procrastinate, end to end", "small1.e2e", "small1.procrastinate.e2e", None),
+    (
+        "small1: batches accepted / PgQueuer enqueue calls",
+        "small1.accepted",
+        "small1.pgqueuer.accepted",
+        None,
+    ),
+    (
+        "latency_small: busy / idle, submit -> finished_at p50",
+        "latency_small.busy.terminal.p50",
+        "latency_small.idle.terminal.p50",
+        None,
+    ),
+    (
+        "io 200 ms: ours / PgQueuer, % of ideal end to end",
+        "io_200ms.ideal_e2e",
+        "io_200ms.pgqueuer.ideal_e2e",
+        None,
+    ),
+    (
+        "io 1 s: ours / PgQueuer, % of ideal end to end",
+        "io_1s.ideal_e2e",
+        "io_1s.pgqueuer.ideal_e2e",
+        None,
+    ),
+    ("io 1 s: daemon VmHWM / PgQueuer process peak RSS", "io_1s.hwm", "io_1s.pgqueuer.hwm", None),
+    (
+        "claim_cost: 10,000 / 100 active batches, per claim",
+        "claim_cost.10000",
+        "claim_cost.100",
+        None,
     ),
 ]
 # (metric key, limit, "max" or "min") -- the issue's absolute targets.
@@ -163,7 +226,8 @@ async def amain(args: argparse.Namespace) -> int:
             "load average at start: {:.2f} {:.2f} {:.2f} (other work on the machine skews"
             " every number: run it on a quiet machine)".format(*os.getloadavg()),
             f"runs per scenario: {runs}{' (quick)' if args.quick else ''}"
-            f"{' (large)' if args.large else ''}",
+            f"{' (large)' if args.large else ''}"
+            f"{f' (scale {args.scale:g})' if args.scale is not None else ''}",
         ]
         print("\n".join(header), flush=True)
         printed: set[str] = set()
@@ -174,6 +238,9 @@ async def amain(args: argparse.Namespace) -> int:
             args.quick,
             args.large,
             pathlib.Path(args.profile) if args.profile else None,
+            scale=args.scale if args.scale is not None else (0.1 if args.quick else 1.0),
+            clients=args.clients,
+            peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()),
         )
         if ctx.profile_dir is not None:
             ctx.profile_dir.mkdir(parents=True, exist_ok=True)
@@ -216,8 +283,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--scenarios",
-        default=",".join(SCENARIOS),
-        help=f"comma-separated subset of: {', '.join(SCENARIOS)}",
+        default=",".join(DEFAULT_SCENARIOS),
+        help=f"comma-separated subset of: {', '.join(SCENARIOS)} "
+        f"(default: {', '.join(DEFAULT_SCENARIOS)})",
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="multiply the item and batch counts of small, small1, latency_small, io and "
+        "claim_cost (default 1; 0.1 with --quick)",
+    )
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=16,
+        help="concurrent HTTP clients (peers: connections) of small, small1, latency_small",
+    )
+    p.add_argument(
+        "--peers",
+        default="pgqueuer,procrastinate",
+        help="peers of small and small1 (io: pgqueuer only, when listed)",
     )
     p.add_argument(
         "--profile",

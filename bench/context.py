@@ -16,7 +16,16 @@ class Ctx:
     quick: bool
     large: bool
     profile_dir: pathlib.Path | None = None
+    # The many-small-batches and I/O scenarios: their item and batch counts are
+    # multiplied by ``scale`` (``--scale``; 0.1 with ``--quick``), their clients
+    # and concurrency levels are not (they are the shape being measured).
+    scale: float = 1.0
+    clients: int = 16
+    peers: tuple[str, ...] = ("pgqueuer", "procrastinate")
 
     @property
     def throughput_items(self) -> int:
         return 5_000 if self.quick else 20_000
+
+    def scaled(self, n: int, minimum: int = 1) -> int:
+        return max(minimum, round(n * self.scale))

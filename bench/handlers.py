@@ -18,3 +18,8 @@ async def stamp(item: Item) -> dict[str, Any]:
 async def hold(item: Item) -> None:
     """Stay running (the memory scenario keeps 64 items in flight this way)."""
     await anyio.sleep(3600)
+
+
+async def sleep(item: Item) -> None:
+    """Wait ``payload["s"]`` seconds without using CPU: an I/O-bound job."""
+    await anyio.sleep(float(item.payload["s"]))

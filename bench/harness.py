@@ -136,6 +136,11 @@ BENCH_HANDLERS: dict[str, dict[str, Any]] = {
     "stamp": {"type": "python", "target": "bench.handlers:stamp", "timeout": "30s"},
     "hold": {"type": "python", "target": "bench.handlers:hold", "timeout": "2h"},
 }
+# Only where a scenario asks for it (``handlers=``): every configured handler is
+# one more claim round trip per poll for the others' daemons.
+SLEEP_HANDLER: dict[str, dict[str, Any]] = {
+    "sleep": {"type": "python", "target": "bench.handlers:sleep", "timeout": "30s"},
+}
 
 
 def _toml(v: Any) -> str:
@@ -172,6 +177,8 @@ class Daemon:
         name: str,
         worker: Mapping[str, Any] | None = None,
         server: Mapping[str, Any] | None = None,
+        handlers: Mapping[str, dict[str, Any]] | None = None,
+        database: Mapping[str, Any] | None = None,
     ) -> None:
         self.port = free_port()
         self.dir = work_dir / f"daemon-{name}"
@@ -180,7 +187,8 @@ class Daemon:
             "server": {"host": "127.0.0.1", "port": self.port} | dict(server or {}),
             "worker": {"name": name, "concurrency": 64, "drain_timeout": "5s"} | dict(worker or {}),
             "logging": {"level": "info"},
-            "handlers": BENCH_HANDLERS,
+            **({"database": dict(database)} if database else {}),
+            "handlers": dict(handlers) if handlers is not None else BENCH_HANDLERS,
         }
         self.config_path = self.dir / "config.toml"
         self.config_path.write_text(render_config(cfg))

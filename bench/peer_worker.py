@@ -1,23 +1,37 @@
-"""One peer run in its own process: ``python -m bench.peer_worker KIND DSN N [CLAIMERS]``.
+"""One peer run in its own process: ``python -m bench.peer_worker KIND DSN N [ARGS]``.
 
 Prints one JSON line: ``{"enqueue_s": ..., "process_s": ..., "total_s": ...}``.
 KIND is ``pgqueuer``, ``procrastinate`` or ``raw`` (the plain asyncpg limit of a
-durable claim + complete cycle). Each peer gets a fresh database, the same
-number of no-op jobs, its idiomatic bulk enqueue and 64-way concurrency.
+durable claim + complete cycle; ARGS: the claimers). Each peer gets a fresh
+database, the same number of no-op jobs, its idiomatic bulk enqueue and 64-way
+concurrency.
+
+The shapes of the small-batch and I/O scenarios:
+
+- ``pgqueuer_groups`` / ``procrastinate_groups`` N GROUP CONNECTIONS: the N no-op
+  jobs enqueued GROUP per call (one job per call when GROUP is 1) from
+  CONNECTIONS concurrent connections, then drained at 64-way concurrency.
+- ``pgqueuer_sleep`` N SECONDS CONCURRENCY: N jobs whose async entrypoint sleeps
+  SECONDS, enqueued in one call, drained at CONCURRENCY; also reports the
+  process's peak RSS (``maxrss_mb``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import resource
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
 CONCURRENCY = 64
+T = TypeVar("T")
 RAW_CLAIM = 500
 
 
@@ -160,6 +174,170 @@ async def raw(dsn: str, n: int, claimers: int) -> dict[str, float]:
     return {"enqueue_s": t1 - t0, "process_s": t2 - t1, "total_s": t2 - t0}
 
 
+async def _from_connections(
+    connections: int,
+    groups: int,
+    open_client: Callable[[], Awaitable[T]],
+    enqueue_one: Callable[[T], Awaitable[None]],
+    close_client: Callable[[T], Awaitable[None]],
+) -> None:
+    """``connections`` clients take group numbers from one counter until ``groups``
+    are enqueued, each through its own client (a connection)."""
+    counter = itertools.count()
+
+    async def client() -> None:
+        c = await open_client()
+        try:
+            while next(counter) < groups:
+                await enqueue_one(c)
+        finally:
+            await close_client(c)
+
+    await asyncio.gather(*(client() for _ in range(connections)))
+
+
+async def pgqueuer_groups(dsn: str, n: int, group: int, connections: int) -> dict[str, float]:
+    from pgqueuer.db import AsyncpgDriver
+    from pgqueuer.models import Job
+    from pgqueuer.qm import QueueManager
+    from pgqueuer.queries import Queries
+    from pgqueuer.types import QueueExecutionMode
+
+    conn = await asyncpg.connect(dsn)
+    queries = Queries(AsyncpgDriver(conn))
+    await queries.install()
+    qm = QueueManager(queries)
+
+    @qm.entrypoint("noop")
+    async def noop(job: Job) -> None:
+        return None
+
+    async def open_client() -> tuple[asyncpg.Connection, Queries]:
+        c = await asyncpg.connect(dsn)
+        return c, Queries(AsyncpgDriver(c))
+
+    async def close_client(c: tuple[asyncpg.Connection, Queries]) -> None:
+        await c[0].close()
+
+    payloads: list[bytes | None] = [None] * group
+    names, prios = ["noop"] * group, [0] * group
+
+    async def enqueue_one(c: tuple[asyncpg.Connection, Queries]) -> None:
+        if group == 1:
+            await c[1].enqueue("noop", None, 0)
+        else:
+            await c[1].enqueue(names, payloads, prios)
+
+    t0 = time.perf_counter()
+    await _from_connections(connections, n // group, open_client, enqueue_one, close_client)
+    t1 = time.perf_counter()
+    await qm.run(
+        dequeue_timeout=timedelta(milliseconds=50),
+        batch_size=CONCURRENCY // 2,
+        mode=QueueExecutionMode.drain,
+        max_concurrent_tasks=CONCURRENCY,
+    )
+    t2 = time.perf_counter()
+    await _pgqueuer_check_drained(dsn)
+    return {"enqueue_s": t1 - t0, "process_s": t2 - t1, "total_s": t2 - t0}
+
+
+async def _pgqueuer_check_drained(dsn: str) -> None:
+    left = await asyncpg.connect(dsn)
+    try:
+        queued = await left.fetchval("SELECT count(*) FROM pgqueuer")
+    finally:
+        await left.close()
+    if queued:
+        raise RuntimeError(f"pgqueuer left {queued} jobs")
+
+
+async def procrastinate_groups(dsn: str, n: int, group: int, connections: int) -> dict[str, float]:
+    from procrastinate import App, PsycopgConnector
+
+    pool = max(32, connections)
+    app = App(connector=PsycopgConnector(conninfo=dsn, min_size=4, max_size=pool))
+
+    @app.task(name="noop")
+    async def noop() -> None:
+        return None
+
+    # The connector's pool is shared: CONNECTIONS concurrent callers, at most
+    # that many connections in use at once.
+    async def nothing() -> None:
+        return None
+
+    async def no_close(_: None) -> None:
+        return None
+
+    async def enqueue_one(_: None) -> None:
+        if group == 1:
+            await noop.defer_async()
+        else:
+            await noop.batch_defer_async(*({} for _ in range(group)))
+
+    async with app.open_async():
+        await app.schema_manager.apply_schema_async()
+        t0 = time.perf_counter()
+        await _from_connections(connections, n // group, nothing, enqueue_one, no_close)
+        t1 = time.perf_counter()
+        await app.run_worker_async(
+            concurrency=CONCURRENCY,
+            wait=False,
+            install_signal_handlers=False,
+            fetch_job_polling_interval=0.5,
+        )
+        t2 = time.perf_counter()
+    conn = await asyncpg.connect(dsn)
+    try:
+        done = await conn.fetchval(
+            "SELECT count(*) FROM procrastinate_jobs WHERE status = 'succeeded'"
+        )
+    finally:
+        await conn.close()
+    if done != n:
+        raise RuntimeError(f"procrastinate finished {done} of {n} jobs")
+    return {"enqueue_s": t1 - t0, "process_s": t2 - t1, "total_s": t2 - t0}
+
+
+async def pgqueuer_sleep(dsn: str, n: int, seconds: float, concurrency: int) -> dict[str, float]:
+    from pgqueuer.db import AsyncpgDriver
+    from pgqueuer.models import Job
+    from pgqueuer.qm import QueueManager
+    from pgqueuer.queries import Queries
+    from pgqueuer.types import QueueExecutionMode
+
+    conn = await asyncpg.connect(dsn)
+    queries = Queries(AsyncpgDriver(conn))
+    await queries.install()
+    qm = QueueManager(queries)
+
+    @qm.entrypoint("sleep")
+    async def sleep(job: Job) -> None:
+        await asyncio.sleep(seconds)
+
+    t0 = time.perf_counter()
+    await queries.enqueue(["sleep"] * n, [None] * n, [0] * n)
+    t1 = time.perf_counter()
+    # PgQueuer requires max_concurrent_tasks >= 2 * batch_size; 500 per dequeue
+    # is the daemon's claim_batch_size.
+    await qm.run(
+        dequeue_timeout=timedelta(milliseconds=50),
+        batch_size=min(500, concurrency // 2),
+        mode=QueueExecutionMode.drain,
+        max_concurrent_tasks=concurrency,
+    )
+    t2 = time.perf_counter()
+    await _pgqueuer_check_drained(dsn)
+    maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "enqueue_s": t1 - t0,
+        "process_s": t2 - t1,
+        "total_s": t2 - t0,
+        "maxrss_mb": maxrss_mb,
+    }
+
+
 def main(argv: list[str]) -> int:
     kind, dsn, n = argv[0], argv[1], int(argv[2])
     result: Any
@@ -169,6 +347,12 @@ def main(argv: list[str]) -> int:
         result = asyncio.run(procrastinate(dsn, n))
     elif kind == "raw":
         result = asyncio.run(raw(dsn, n, int(argv[3])))
+    elif kind == "pgqueuer_groups":
+        result = asyncio.run(pgqueuer_groups(dsn, n, int(argv[3]), int(argv[4])))
+    elif kind == "procrastinate_groups":
+        result = asyncio.run(procrastinate_groups(dsn, n, int(argv[3]), int(argv[4])))
+    elif kind == "pgqueuer_sleep":
+        result = asyncio.run(pgqueuer_sleep(dsn, n, float(argv[3]), int(argv[4])))
     else:
         raise SystemExit(f"unknown peer {kind!r}")
     print(json.dumps(result))
