@@ -126,3 +126,31 @@ def test_a_claim_spans_many_small_batches_and_reaches_every_one(db_url: str) -> 
     assert sizes[0] == 256, sizes
     assert sum(sizes) == SMALL_BATCHES, sizes
     assert len(sizes) == -(-SMALL_BATCHES // 256), sizes  # no claim came back short early
+
+
+async def claim_from_ten_item_batches(db_url: str) -> tuple[int, int]:
+    db = await dbm.Database.connect(config.from_mapping({}), db_url)
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute(
+            """
+            WITH b AS (
+                INSERT INTO supervisor.batches (id, tenant, handler, status, attempt_budget,
+                                                total, queued)
+                SELECT gen_random_uuid(), 't', 'h', 'queued', 3, 10, 10
+                  FROM generate_series(1, 200) RETURNING id)
+            INSERT INTO supervisor.items (batch_id, seq, handler, payload, max_attempts)
+            SELECT id, s, 'h', '1', 3 FROM b, generate_series(0, 9) s
+            """
+        )
+        rows = await db.fetch("claim_items", "h", 500, "w1", uuid.uuid4(), None, None, 1.0)
+        return len(rows), len({r["batch_id"] for r in rows})
+    finally:
+        await conn.close()
+        await db.close()
+
+
+def test_a_claim_takes_as_many_batches_as_it_can_fill(db_url: str) -> None:
+    """Each batch costs a claim writes of its own: 500 items from ten-item batches
+    come from 50 of them, not two items each from 250."""
+    assert anyio.run(claim_from_ten_item_batches, db_url) == (500, 50)

@@ -8,8 +8,8 @@
 -- from bounded scans of batches_claimable, starting at a random batch id and
 -- wrapping around, so successive claims (and claims of different daemons) visit
 -- every batch of the top priority with equal chance instead of sorting them all.
--- Lower priorities fill what the top one leaves. Among the candidates, the claim
--- is shared out fewest-running first.
+-- Lower priorities fill what the top one leaves. Only as many candidates as the
+-- claim can fill are taken; among them, the claim is shared out fewest-running first.
 CREATE OR REPLACE FUNCTION @schema.claim_items(
     p_handler text, p_limit integer, p_worker text, p_lease uuid,
     p_global_cap integer, p_rate double precision, p_burst double precision)
@@ -78,24 +78,34 @@ BEGIN
         SELECT bt.id FROM @schema.batches bt
          WHERE bt.id IN (
             SELECT x.id FROM (
-                (SELECT 1 AS part, c.priority, c.id FROM @schema.batches c
-                  WHERE c.handler = p_handler AND c.status IN ('queued', 'running')
-                    AND c.queued > 0 AND c.priority = v_top AND c.id >= v_start
-                    AND (c.max_concurrency IS NULL OR c.running < c.max_concurrency)
-                  ORDER BY c.id LIMIT v_k)
-                UNION ALL
-                (SELECT 2, c.priority, c.id FROM @schema.batches c
-                  WHERE c.handler = p_handler AND c.status IN ('queued', 'running')
-                    AND c.queued > 0 AND c.priority = v_top AND c.id < v_start
-                    AND (c.max_concurrency IS NULL OR c.running < c.max_concurrency)
-                  ORDER BY c.id LIMIT v_k)
-                UNION ALL
-                (SELECT 3, c.priority, c.id FROM @schema.batches c
-                  WHERE c.handler = p_handler AND c.status IN ('queued', 'running')
-                    AND c.queued > 0 AND c.priority < v_top
-                    AND (c.max_concurrency IS NULL OR c.running < c.max_concurrency)
-                  ORDER BY c.priority DESC, c.id LIMIT v_k)
+                -- Only as many batches as the claim can fill: a batch joins while
+                -- the queued items of those before it are fewer than the limit, so
+                -- ten-item batches give all ten to one claim instead of two each
+                -- to five times as many (each batch costs a claim its own writes).
+                SELECT y.part, y.priority, y.id,
+                       sum(y.queued) OVER (ORDER BY y.part, y.priority DESC, y.id) - y.queued
+                           AS ahead
+                  FROM (
+                    (SELECT 1 AS part, c.priority, c.id, c.queued FROM @schema.batches c
+                      WHERE c.handler = p_handler AND c.status IN ('queued', 'running')
+                        AND c.queued > 0 AND c.priority = v_top AND c.id >= v_start
+                        AND (c.max_concurrency IS NULL OR c.running < c.max_concurrency)
+                      ORDER BY c.id LIMIT v_k)
+                    UNION ALL
+                    (SELECT 2, c.priority, c.id, c.queued FROM @schema.batches c
+                      WHERE c.handler = p_handler AND c.status IN ('queued', 'running')
+                        AND c.queued > 0 AND c.priority = v_top AND c.id < v_start
+                        AND (c.max_concurrency IS NULL OR c.running < c.max_concurrency)
+                      ORDER BY c.id LIMIT v_k)
+                    UNION ALL
+                    (SELECT 3, c.priority, c.id, c.queued FROM @schema.batches c
+                      WHERE c.handler = p_handler AND c.status IN ('queued', 'running')
+                        AND c.queued > 0 AND c.priority < v_top
+                        AND (c.max_concurrency IS NULL OR c.running < c.max_concurrency)
+                      ORDER BY c.priority DESC, c.id LIMIT v_k)
+                  ) y
             ) x
+            WHERE x.ahead < v_limit
             ORDER BY x.part, x.priority DESC, x.id
             LIMIT v_k)
          ORDER BY bt.id FOR UPDATE) l;

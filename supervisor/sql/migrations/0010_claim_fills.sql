@@ -1,0 +1,3 @@
+-- 0010_claim_fills: a claim takes only as many candidate batches as it can fill
+-- (functions/claim_items.sql), so small batches give a claim all their queued
+-- items instead of two each to many more batches. A change of function bodies only.
