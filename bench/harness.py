@@ -356,6 +356,18 @@ class Results:
         m = self.metrics.setdefault(key, Metric(name, unit, higher_is_better=higher))
         m.values.append(value)
 
+    def cpu_per_1k(
+        self, key: str, who: str, label: str, cpu_s: float, items: int, note: str = ""
+    ) -> None:
+        """``key.cpu_<who>``: CPU milliseconds ``label`` spent per 1,000 items."""
+        self.add(
+            f"{key}.cpu_{who}",
+            f"{key}: {label} CPU per 1k items{note}",
+            "ms",
+            1000 * cpu_s / items * 1000,
+            higher=False,
+        )
+
     def median(self, key: str) -> float | None:
         m = self.metrics.get(key)
         return m.median if m and m.values else None

@@ -65,13 +65,7 @@ async def ours(ctx: Ctx, results: Results, key: str, n: int, sleep_s: float, con
     results.add(f"{key}.ideal_proc", f"{key}: % of ideal, processing only", "%", 100 * ideal / proc)
     results.add(f"{key}.items", f"{key}: items/s end to end", "items/s", n / e2e)
     results.add(f"{key}.hwm", f"{key}: daemon VmHWM", "MB", hwm, higher=False)
-    results.add(
-        f"{key}.cpu_daemon",
-        f"{key}: daemon CPU per 1k items",
-        "ms",
-        1000 * (cpu1 - cpu0) / n * 1000,
-        higher=False,
-    )
+    results.cpu_per_1k(key, "daemon", "daemon", cpu1 - cpu0, n)
 
 
 async def pgqueuer(ctx: Ctx, results: Results, key: str, n: int, sleep_s: float, conc: int) -> None:

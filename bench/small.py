@@ -126,27 +126,9 @@ async def ours(
         1000 * post_s[min(len(post_s) - 1, int(0.99 * len(post_s)))],
         higher=False,
     )
-    results.add(
-        f"{key}.cpu_daemon",
-        f"{key}: daemon CPU per 1k items",
-        "ms",
-        1000 * (cpu1 - cpu0) / n * 1000,
-        higher=False,
-    )
-    results.add(
-        f"{key}.cpu_pg",
-        f"{key}: PostgreSQL CPU per 1k items",
-        "ms",
-        1000 * (pg1 - pg0) / n * 1000,
-        higher=False,
-    )
-    results.add(
-        f"{key}.cpu_client",
-        f"{key}: HTTP clients' CPU per 1k items (same machine)",
-        "ms",
-        1000 * (me1 - me0) / n * 1000,
-        higher=False,
-    )
+    results.cpu_per_1k(key, "daemon", "daemon", cpu1 - cpu0, n)
+    results.cpu_per_1k(key, "pg", "PostgreSQL", pg1 - pg0, n)
+    results.cpu_per_1k(key, "client", "HTTP clients'", me1 - me0, n, note=" (same machine)")
 
 
 async def peers(ctx: Ctx, results: Results, key: str, batches: int, size: int) -> None:

@@ -101,20 +101,8 @@ async def one_run(ctx: Ctx, results: Results, n: int, key: str, profile: str | N
             results.add(f"{key}.e2e", f"{key}: end to end ({n:,} items)", "items/s", n / e2e)
             results.add(f"{key}.proc", f"{key}: processing only", "items/s", n / proc)
             results.add(f"{key}.post", f"{key}: POST accepted", "s", post_s, higher=False)
-            results.add(
-                f"{key}.cpu_daemon",
-                f"{key}: daemon CPU per 1k items",
-                "ms",
-                1000 * (cpu1 - cpu0) / n * 1000,
-                higher=False,
-            )
-            results.add(
-                f"{key}.cpu_pg",
-                f"{key}: PostgreSQL CPU per 1k items",
-                "ms",
-                1000 * (pg1 - pg0) / n * 1000,
-                higher=False,
-            )
+            results.cpu_per_1k(key, "daemon", "daemon", cpu1 - cpu0, n)
+            results.cpu_per_1k(key, "pg", "PostgreSQL", pg1 - pg0, n)
     finally:
         await ctx.server.drop_database(dsn)
 
