@@ -122,9 +122,7 @@ def error_json(text: str | None, *, tracebacks: bool) -> Any:
     return entry
 
 
-def item_json(
-    it: ItemRow | ItemDetail, *, with_errors: bool = False, tracebacks: bool = True
-) -> dict[str, Any]:
+def item_json(it: ItemRow, *, with_errors: bool = False, tracebacks: bool = True) -> dict[str, Any]:
     out = {
         "id": str(it.id),
         "batch_id": str(it.batch_id),

@@ -108,23 +108,9 @@ class ItemRow(_FromRecord):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class ItemDetail(_FromRecord):
+class ItemDetail(ItemRow):
     """One item with its kept error history."""
 
-    id: int
-    batch_id: uuid.UUID
-    key: str | None
-    status: str
-    payload: str
-    result: str | None
-    attempts: int
-    max_attempts: int
-    error: str | None
-    run_after: datetime
-    worker: str | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
     errors: str  # jsonb text: the last entries
     errors_dropped: int  # older entries not kept
 
