@@ -33,8 +33,15 @@ class Executor(Protocol):
     async def execute(self, name: str, *args: Any) -> str: ...
 
 
+_COLUMNS: dict[type[Any], tuple[str, ...]] = {}
+
+
 def _fields(cls: type[Any]) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
+    """A record's column names, once per class: ``of`` runs for every claimed row."""
+    names = _COLUMNS.get(cls)
+    if names is None:
+        names = _COLUMNS[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
 
 
 class _FromRecord:
