@@ -87,22 +87,28 @@ def test_outcome_write_never_nests_the_outcomes_inside_the_items(db_url: str) ->
 SMALL_BATCHES = 2_000
 
 
+async def insert_batches(conn: asyncpg.Connection, batches: int, size: int) -> None:
+    """``batches`` queued batches of ``size`` items each, written directly (fast)."""
+    await conn.execute(
+        """
+        WITH b AS (
+            INSERT INTO supervisor.batches (id, tenant, handler, status, attempt_budget,
+                                            total, queued)
+            SELECT gen_random_uuid(), 't', 'h', 'queued', 3, $2, $2
+              FROM generate_series(1, $1) RETURNING id)
+        INSERT INTO supervisor.items (batch_id, seq, handler, payload, max_attempts)
+        SELECT id, s, 'h', '1', 3 FROM b, generate_series(0, $2 - 1) s
+        """,
+        batches,
+        size,
+    )
+
+
 async def claim_many_small(db_url: str) -> list[int]:
     db = await dbm.Database.connect(config.from_mapping({}), db_url)
     conn = await asyncpg.connect(db_url)
     try:
-        await conn.execute(
-            """
-            WITH b AS (
-                INSERT INTO supervisor.batches (id, tenant, handler, status, attempt_budget,
-                                                total, queued)
-                SELECT gen_random_uuid(), 't', 'h', 'queued', 3, 1, 1
-                  FROM generate_series(1, $1) RETURNING id)
-            INSERT INTO supervisor.items (batch_id, seq, handler, payload, max_attempts)
-            SELECT id, 0, 'h', '1', 3 FROM b
-            """,
-            SMALL_BATCHES,
-        )
+        await insert_batches(conn, SMALL_BATCHES, 1)
         await conn.execute("ANALYZE supervisor.batches")
         sizes: list[int] = []
         seen: set[uuid.UUID] = set()
@@ -132,17 +138,7 @@ async def claim_from_ten_item_batches(db_url: str) -> tuple[int, int]:
     db = await dbm.Database.connect(config.from_mapping({}), db_url)
     conn = await asyncpg.connect(db_url)
     try:
-        await conn.execute(
-            """
-            WITH b AS (
-                INSERT INTO supervisor.batches (id, tenant, handler, status, attempt_budget,
-                                                total, queued)
-                SELECT gen_random_uuid(), 't', 'h', 'queued', 3, 10, 10
-                  FROM generate_series(1, 200) RETURNING id)
-            INSERT INTO supervisor.items (batch_id, seq, handler, payload, max_attempts)
-            SELECT id, s, 'h', '1', 3 FROM b, generate_series(0, 9) s
-            """
-        )
+        await insert_batches(conn, 200, 10)
         rows = await db.fetch("claim_items", "h", 500, "w1", uuid.uuid4(), None, None, 1.0)
         return len(rows), len({r["batch_id"] for r in rows})
     finally:
