@@ -57,6 +57,19 @@ async def worker_ids(conn: asyncpg.Connection) -> set[str]:
     return {str(r["id"]) for r in await conn.fetch("SELECT id FROM supervisor.workers")}
 
 
+async def dead_worker_running_one_item(
+    db: dbm.Database, conn: asyncpg.Connection
+) -> tuple[uuid.UUID, str, store.ClaimedItem]:
+    """A one-item batch whose item runs under a worker silent for an hour:
+    (batch id, that worker's lease, the item)."""
+    bid = await submit(db, 1)
+    dead = new_lease()
+    await register(db, dead, "dead-d")
+    (item,) = await claim(db, dead, 1, worker="dead-d")
+    await backdate_heartbeat(conn, dead, 3600)
+    return bid, dead, item
+
+
 def make_reaper(db: dbm.Database, **worker: str) -> tuple[reaper.Reaper, Reclaimed]:
     cfg = support.make_config(
         worker={"name": "reaper-d", "heartbeat_interval": "100ms", "dead_after": "1s", **worker}
@@ -160,11 +173,7 @@ async def test_running_items_of_a_lease_without_a_worker_row_are_reclaimed(
 async def test_reclaim_false_only_checks_the_database(
     db: dbm.Database, conn: asyncpg.Connection
 ) -> None:
-    bid = await submit(db, 1)
-    dead = new_lease()
-    await register(db, dead, "dead-d")
-    (item,) = await claim(db, dead, 1, worker="dead-d")
-    await backdate_heartbeat(conn, dead, 3600)
+    bid, dead, item = await dead_worker_running_one_item(db, conn)
     r, seen = make_reaper(db)
     before = await get_batch(db, bid)
 
@@ -201,11 +210,7 @@ async def test_a_running_callback_of_a_dead_worker_goes_back_to_pending(
 async def test_only_one_reaper_reaps_at_a_time(
     db: dbm.Database, db_url: str, conn: asyncpg.Connection
 ) -> None:
-    bid = await submit(db, 1)
-    dead = new_lease()
-    await register(db, dead, "dead-d")
-    (item,) = await claim(db, dead, 1, worker="dead-d")
-    await backdate_heartbeat(conn, dead, 3600)
+    bid, _, item = await dead_worker_running_one_item(db, conn)
     r, seen = make_reaper(db)
 
     other: asyncpg.Connection = await asyncpg.connect(db_url)
@@ -225,11 +230,7 @@ async def test_only_one_reaper_reaps_at_a_time(
 async def test_run_reclaims_only_after_being_in_touch_for_dead_after(
     db: dbm.Database, conn: asyncpg.Connection
 ) -> None:
-    bid = await submit(db, 1)
-    dead = new_lease()
-    await register(db, dead, "dead-d")
-    (item,) = await claim(db, dead, 1, worker="dead-d")
-    await backdate_heartbeat(conn, dead, 3600)
+    bid, _, item = await dead_worker_running_one_item(db, conn)
     r, seen = make_reaper(db, heartbeat_interval="50ms", dead_after="400ms")
 
     async def reclaimed() -> bool:
