@@ -89,7 +89,7 @@ def test_every_function_file_defines_the_function_it_is_named_after() -> None:
 
 
 def test_only_the_status_rule_writes_a_batch_status() -> None:
-    """_settle (and repair_batch, by the same _batch_status rule) is the one writer
+    """_settle_batches (and repair_batch, by the same _batch_status rule) is the one writer
     of batches.status; a control sets its input (stop_reason, paused) instead."""
     sql = PKG / "sql"
     offenders = []
@@ -97,7 +97,7 @@ def test_only_the_status_rule_writes_a_batch_status() -> None:
         for update in path.read_text().split("UPDATE @schema.batches")[1:]:
             set_clause = re.split(r"\bWHERE\b", update, maxsplit=1)[0]
             if re.search(r"\bstatus\s*=", set_clause) and path.name not in (
-                "_settle.sql",
+                "_settle_batches.sql",
                 "repair_batch.sql",
             ):
                 offenders.append(f"{path.name}: UPDATE batches{set_clause.strip()[:60]}")

@@ -37,13 +37,11 @@ DECLARE
     v_applied bigint[];
     v_other bigint[];
     v_bid uuid[];
-    v_n integer[];
+    v_dr integer[];  -- minus the items that stopped running, per batch
     v_nq integer[];
     v_ns integer[];
     v_nf integer[];
     v_nc integer[];
-    s record;
-    i integer;
 BEGIN
     SELECT array_agg(l.id), array_agg(l.version),
            array_agg(l.id) FILTER (WHERE l.stop_reason IS NOT NULL)
@@ -89,7 +87,7 @@ BEGIN
            AND it.attempts = u.attempt AND it.batch_id = ANY (v_locked)
         RETURNING it.id, it.batch_id, it.status, it.handler, u.outcome
     ), per_batch AS (
-        SELECT upd.batch_id AS bid, count(*)::integer AS n,
+        SELECT upd.batch_id AS bid, (-count(*))::integer AS dr,
                (count(*) FILTER (WHERE upd.status = 'queued'))::integer AS nq,
                (count(*) FILTER (WHERE upd.status = 'succeeded'))::integer AS ns,
                (count(*) FILTER (WHERE upd.status = 'failed'))::integer AS nf,
@@ -98,10 +96,10 @@ BEGIN
     )
     SELECT (SELECT array_agg(upd.id) FROM upd),
            (SELECT array_agg(upd.id) FROM upd WHERE upd.outcome <> 'succeeded'),
-           array_agg(pb.bid ORDER BY pb.bid), array_agg(pb.n ORDER BY pb.bid),
+           array_agg(pb.bid ORDER BY pb.bid), array_agg(pb.dr ORDER BY pb.bid),
            array_agg(pb.nq ORDER BY pb.bid), array_agg(pb.ns ORDER BY pb.bid),
            array_agg(pb.nf ORDER BY pb.bid), array_agg(pb.nc ORDER BY pb.bid)
-      INTO v_applied, v_other, v_bid, v_n, v_nq, v_ns, v_nf, v_nc
+      INTO v_applied, v_other, v_bid, v_dr, v_nq, v_ns, v_nf, v_nc
       FROM per_batch pb;
 
     IF v_applied IS NULL OR cardinality(v_applied) < cardinality(p_ids) THEN
@@ -118,13 +116,9 @@ BEGIN
     UPDATE @schema.items it SET finished_at = NULL, finished_version = NULL
      WHERE it.id = ANY (v_other) AND it.status = 'queued';
 
-    FOR i IN 1 .. cardinality(v_bid) LOOP
-        s := @schema._settle(v_bid[i], v_nq[i], -v_n[i], v_ns[i], v_nf[i], v_nc[i], p_actor);
-        IF s.o_finished IS NOT NULL THEN
-            RETURN QUERY SELECT 'batch'::text, v_bid[i]::text, v_bid[i], s.o_finished,
-                                s.o_seconds, NULL::text;
-        END IF;
-    END LOOP;
+    RETURN QUERY SELECT 'batch'::text, s.batch_id::text, s.batch_id, s.finished, s.seconds,
+                        NULL::text
+                   FROM @schema._settle_batches(v_bid, v_nq, v_dr, v_ns, v_nf, v_nc, p_actor) s;
     IF v_other IS NOT NULL THEN
         RETURN QUERY SELECT 'item'::text, it.id::text, it.batch_id, it.status,
                             NULL::double precision, it.handler

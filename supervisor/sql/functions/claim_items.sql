@@ -25,20 +25,28 @@ DECLARE
     v_tokens double precision;
     v_total integer := 0;
     v_share integer;
-    v_take integer;
     v_n integer;
     v_top integer;
     v_k integer;
     v_start uuid;
     v_locked uuid[];
     v_pass integer;
+    -- the allocation, in fairness order: batch, items to take, its claim cursor
+    v_bids uuid[];
+    v_takes integer[];
+    v_after timestamptz[];
+    v_aid bigint[];
+    v_pass_bids uuid[];
+    v_pass_takes integer[];
+    -- the claimed items, and the pass that found each
     v_ids bigint[];
+    v_items_batch uuid[];
     v_keys text[];
     v_payloads jsonb[];
     v_attempts integer[];
     v_max integer[];
-    v_last_after timestamptz;
-    b record;
+    v_run_after timestamptz[];
+    v_passes integer[];
 BEGIN
     IF p_global_cap IS NOT NULL OR p_rate IS NOT NULL THEN
         -- Serialise claims of this handler across daemons so the caps hold.
@@ -117,72 +125,107 @@ BEGIN
      WHERE c.id = ANY (v_locked) AND c.priority = v_top;
     v_share := greatest(1, ceil(v_limit::numeric / greatest(1, v_n)))::integer;
 
-    FOR b IN
-        SELECT c.id, c.priority, c.max_concurrency, c.running, c.metadata, c.claim_after,
-               c.claim_id
-          FROM @schema.batches c
-         WHERE c.id = ANY (v_locked)
-           AND c.handler = p_handler AND c.status IN ('queued', 'running') AND c.queued > 0
-           AND (c.max_concurrency IS NULL OR c.running < c.max_concurrency)
-         ORDER BY c.priority DESC, c.running, c.created_at
-    LOOP
-        EXIT WHEN v_total >= v_limit;
-        v_take := v_limit - v_total;
-        IF b.priority = v_top THEN
-            v_take := least(v_take, v_share);
-        END IF;
-        IF b.max_concurrency IS NOT NULL THEN
-            v_take := least(v_take, b.max_concurrency - b.running);
-        END IF;
-        CONTINUE WHEN v_take <= 0;
-        -- Scan from where this batch's last claim stopped: everything before the
-        -- cursor was claimed, and its dead index entries are what makes a deep
-        -- queue slow; every item queued since (retry, release) got a later
-        -- run_after. A short result rescans from the start (pass 2), so an item
-        -- left behind the cursor (a claim that rolled back) is never missed.
-        v_n := 0;
-        FOR v_pass IN 1 .. 2 LOOP
-            EXIT WHEN v_n >= v_take OR (v_pass = 2 AND b.claim_after IS NULL);
-            WITH picked AS (
+    -- Allocate: fewest running first (then oldest); a top-priority batch gets at
+    -- most its share, lower priorities what is left; nobody more than it has
+    -- queued or its max_concurrency allows, and all together at most the limit.
+    SELECT array_agg(a.id ORDER BY a.ord), array_agg(a.take ORDER BY a.ord),
+           array_agg(a.claim_after ORDER BY a.ord), array_agg(a.claim_id ORDER BY a.ord)
+      INTO v_bids, v_takes, v_after, v_aid
+      FROM (
+        SELECT w.id, w.ord, w.claim_after, w.claim_id,
+               least(w.want, v_limit - coalesce(sum(w.want) OVER (
+                   ORDER BY w.ord ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)) AS take
+          FROM (
+            SELECT c.id, c.claim_after, c.claim_id,
+                   least(CASE WHEN c.priority = v_top THEN v_share ELSE v_limit END,
+                         coalesce(c.max_concurrency - c.running, v_limit), c.queued) AS want,
+                   row_number() OVER (ORDER BY c.priority DESC, c.running, c.created_at) AS ord
+              FROM @schema.batches c
+             WHERE c.id = ANY (v_locked)
+               AND c.handler = p_handler AND c.status IN ('queued', 'running') AND c.queued > 0
+               AND (c.max_concurrency IS NULL OR c.running < c.max_concurrency)
+          ) w
+      ) a
+     WHERE a.take > 0;
+    IF v_bids IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- One statement claims from every allocated batch. Each batch is scanned from
+    -- where its last claim stopped: everything before the cursor was claimed, and
+    -- its dead index entries are what makes a deep queue slow; every item queued
+    -- since (retry, release) got a later run_after. The batches a scan left short
+    -- are rescanned from the start (pass 2), so an item left behind the cursor (a
+    -- claim that rolled back) is never missed.
+    v_pass_bids := v_bids;
+    v_pass_takes := v_takes;
+    FOR v_pass IN 1 .. 2 LOOP
+        WITH a AS (
+            SELECT * FROM unnest(v_pass_bids, v_pass_takes,
+                                 CASE WHEN v_pass = 1 THEN v_after END,
+                                 CASE WHEN v_pass = 1 THEN v_aid END)
+                          AS a (id, take, claim_after, claim_id)
+        ), picked AS (
+            SELECT p.id FROM a CROSS JOIN LATERAL (
                 SELECT i.id FROM @schema.items i
-                 WHERE i.batch_id = b.id AND i.status = 'queued' AND i.run_after <= now()
-                   AND (v_pass = 2 OR b.claim_after IS NULL
-                        OR (i.run_after, i.id) > (b.claim_after, b.claim_id))
+                 WHERE i.batch_id = a.id AND i.status = 'queued' AND i.run_after <= now()
+                   AND (i.run_after, i.id) > (coalesce(a.claim_after, '-infinity'::timestamptz),
+                                              coalesce(a.claim_id, 0))
                  ORDER BY i.run_after, i.id
-                 LIMIT v_take - v_n
-                 FOR UPDATE SKIP LOCKED
-            ), upd AS (
-                UPDATE @schema.items i
-                   SET status = 'running', attempts = i.attempts + 1, worker = p_worker,
-                       lease = p_lease, started_at = now()
-                  FROM picked WHERE i.id = picked.id
-                RETURNING i.id, i.key, i.payload, i.attempts, i.max_attempts, i.run_after
-            )
-            SELECT array_agg(upd.id ORDER BY upd.run_after, upd.id),
-                   array_agg(upd.key ORDER BY upd.run_after, upd.id),
-                   array_agg(upd.payload ORDER BY upd.run_after, upd.id),
-                   array_agg(upd.attempts ORDER BY upd.run_after, upd.id),
-                   array_agg(upd.max_attempts ORDER BY upd.run_after, upd.id),
-                   max(upd.run_after)
-              INTO v_ids, v_keys, v_payloads, v_attempts, v_max, v_last_after
-              FROM upd;
-            CONTINUE WHEN v_ids IS NULL;
-            v_n := v_n + cardinality(v_ids);
-            IF v_pass = 1 THEN
-                UPDATE @schema.batches c SET claim_after = v_last_after,
-                       claim_id = v_ids[cardinality(v_ids)]
-                 WHERE c.id = b.id;
-            END IF;
-            RETURN QUERY SELECT x.id, b.id, x.key, x.payload, x.attempts, x.max_attempts,
-                                b.metadata
-                           FROM unnest(v_ids, v_keys, v_payloads, v_attempts, v_max)
-                                AS x (id, key, payload, attempts, max_attempts);
-        END LOOP;
-        IF v_n > 0 THEN
-            v_total := v_total + v_n;
-            PERFORM @schema._settle(b.id, -v_n, v_n, 0, 0, 0, p_worker);
-        END IF;
+                 LIMIT a.take
+                 FOR UPDATE SKIP LOCKED) p
+        ), upd AS (
+            UPDATE @schema.items i
+               SET status = 'running', attempts = i.attempts + 1, worker = p_worker,
+                   lease = p_lease, started_at = now()
+              FROM picked WHERE i.id = picked.id
+            RETURNING i.id, i.batch_id, i.key, i.payload, i.attempts, i.max_attempts,
+                      i.run_after
+        )
+        SELECT v_ids || array_agg(upd.id), v_items_batch || array_agg(upd.batch_id),
+               v_keys || array_agg(upd.key), v_payloads || array_agg(upd.payload),
+               v_attempts || array_agg(upd.attempts), v_max || array_agg(upd.max_attempts),
+               v_run_after || array_agg(upd.run_after), v_passes || array_agg(v_pass)
+          INTO v_ids, v_items_batch, v_keys, v_payloads, v_attempts, v_max, v_run_after,
+               v_passes
+          FROM upd;
+        EXIT WHEN v_pass = 2;
+        -- The batches with a cursor whose scan came back short go round again.
+        SELECT array_agg(a.id), array_agg(a.take - coalesce(g.n, 0))
+          INTO v_pass_bids, v_pass_takes
+          FROM unnest(v_bids, v_takes, v_after) AS a (id, take, claim_after)
+          LEFT JOIN (SELECT x.b, count(*)::integer AS n FROM unnest(v_items_batch) AS x (b)
+                      GROUP BY x.b) g ON g.b = a.id
+         WHERE a.claim_after IS NOT NULL AND a.take > coalesce(g.n, 0);
+        EXIT WHEN v_pass_bids IS NULL;
     END LOOP;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+    v_total := cardinality(v_ids);
+
+    -- Counters, status, 'started' events and the new cursors (where pass 1 stopped
+    -- in each batch), all batches in one go.
+    PERFORM @schema._settle_batches(
+        array_agg(g.b ORDER BY g.b), array_agg(-g.n ORDER BY g.b), array_agg(g.n ORDER BY g.b),
+        array_fill(0, ARRAY[count(*)::integer]), array_fill(0, ARRAY[count(*)::integer]),
+        array_fill(0, ARRAY[count(*)::integer]), p_worker, false,
+        array_agg(g.last_after ORDER BY g.b), array_agg(g.last_id ORDER BY g.b))
+       FROM (SELECT x.b, count(*)::integer AS n,
+                    (array_agg(x.ra ORDER BY x.ra DESC, x.id DESC)
+                        FILTER (WHERE x.pass = 1))[1] AS last_after,
+                    (array_agg(x.id ORDER BY x.ra DESC, x.id DESC)
+                        FILTER (WHERE x.pass = 1))[1] AS last_id
+               FROM unnest(v_items_batch, v_run_after, v_ids, v_passes) AS x (b, ra, id, pass)
+              GROUP BY x.b) g;
+
+    RETURN QUERY SELECT x.id, x.b, x.key, x.payload, x.attempts, x.max_attempts, c.metadata
+                   FROM unnest(v_ids, v_items_batch, v_keys, v_payloads, v_attempts, v_max,
+                               v_run_after) WITH ORDINALITY
+                        AS x (id, b, key, payload, attempts, max_attempts, ra, o)
+                   JOIN @schema.batches c ON c.id = x.b
+                   JOIN unnest(v_bids) WITH ORDINALITY AS f (id, ord) ON f.id = x.b
+                  ORDER BY f.ord, x.ra, x.id;
 
     IF p_rate IS NOT NULL THEN
         UPDATE @schema.rate_buckets r SET tokens = v_tokens - v_total, updated_at = clock_timestamp()

@@ -1,0 +1,174 @@
+-- _settle_batches: the one place a batch row changes. For each batch named, applies
+-- its counter deltas, enforces the failure budget, derives the status from the
+-- counters (_batch_status), bumps the version once, moves the claim cursor (claims
+-- only: a NULL keeps it), writes the 'started' / 'finished' events and notifies.
+-- Returns one row per batch that became terminal.
+-- Callers hold the batch rows' locks, have already moved the items, and name each
+-- batch once.
+--
+-- Set-based on purpose: a claim or an outcome write that touches 50 small batches
+-- costs about as many statements as one that touches one batch. Settling them one
+-- by one cost ~1.5 ms per batch (five statements each, each planned), which made a
+-- claim of 500 items over ten-item batches take 75 ms.
+CREATE OR REPLACE FUNCTION @schema._settle_batches(
+    p_batches uuid[], p_dq integer[], p_dr integer[], p_ds integer[], p_df integer[],
+    p_dc integer[], p_actor text, p_reopen boolean DEFAULT false,
+    p_claim_after timestamptz[] DEFAULT NULL, p_claim_id bigint[] DEFAULT NULL)
+RETURNS TABLE (batch_id uuid, finished text, seconds double precision)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_over uuid[];
+    v_xid uuid[];
+    v_xn integer[];
+    v_ids uuid[];
+    v_versions bigint[];
+    v_status text[];
+    v_starting boolean[];
+    v_finishing boolean[];
+    v_over_now boolean[];
+    v_details jsonb[];
+    v_budget jsonb[];
+    v_stop_running boolean[];
+    v_seconds double precision[];
+    v_callback boolean;
+BEGIN
+    -- Callers hold the row locks already; FOR UPDATE makes a caller that does not
+    -- wait here, before reading, instead of overwriting a concurrent change. The
+    -- same read finds the batches whose failure budget this change exceeds.
+    SELECT array_agg(l.id) FILTER (WHERE l.over) INTO v_over FROM (
+        SELECT bt.id, (p_reopen OR (bt.stop_reason IS NULL AND bt.status NOT IN
+                          ('completed', 'completed_with_errors', 'failed', 'cancelled')))
+                      AND bt.max_failures_limit IS NOT NULL
+                      AND bt.failed + d.df > bt.max_failures_limit AS over
+          FROM @schema.batches bt JOIN unnest(p_batches, p_df) AS d (id, df) ON bt.id = d.id
+         ORDER BY bt.id FOR UPDATE OF bt) l;
+
+    -- Failure budget: past it, the batch stops early (its queued items are
+    -- cancelled) and ends failed. Rare, so its statements run only when needed.
+    IF v_over IS NOT NULL THEN
+        WITH x AS (
+            UPDATE @schema.items it SET status = 'cancelled', finished_at = now(),
+                   finished_version = bt.version + 1
+              FROM @schema.batches bt
+             WHERE bt.id = ANY (v_over) AND it.batch_id = bt.id AND it.status = 'queued'
+            RETURNING it.batch_id
+        )
+        SELECT array_agg(o.id), array_agg(coalesce(n.n, 0))
+          INTO v_xid, v_xn
+          FROM unnest(v_over) AS o (id)
+          LEFT JOIN (SELECT x.batch_id, count(*)::integer AS n FROM x GROUP BY x.batch_id) n
+            ON n.batch_id = o.id;
+    END IF;
+
+    WITH d AS (
+        SELECT x.id, x.dq - coalesce(c.n, 0) AS dq, x.dr, x.ds, x.df,
+               x.dc + coalesce(c.n, 0) AS dc, c.id IS NOT NULL AS over,
+               coalesce(c.n, 0) AS budget_cancelled, x.claim_after, x.claim_id
+          FROM unnest(p_batches, p_dq, p_dr, p_ds, p_df, p_dc, p_claim_after, p_claim_id)
+               AS x (id, dq, dr, ds, df, dc, claim_after, claim_id)
+          LEFT JOIN unnest(v_xid, v_xn) AS c (id, n) ON c.id = x.id
+         WHERE x.id IS NOT NULL
+    ), n AS (
+        -- The batch after the change, before its status is derived. Reopening
+        -- (retry) clears the stop, the finish and the callback; a batch paused,
+        -- then cancelled, runs when retried, while a live batch keeps its pause.
+        SELECT bt.id, bt.version + 1 AS version,
+               bt.queued + d.dq AS q, bt.running + d.dr AS r, bt.succeeded + d.ds AS s,
+               bt.failed + d.df AS f, bt.cancelled + d.dc AS c,
+               d.over, d.budget_cancelled, d.claim_after, d.claim_id,
+               bt.status AS old_status,
+               bt.status IN ('completed', 'completed_with_errors', 'failed', 'cancelled')
+                   AS terminal,
+               CASE WHEN d.over THEN 'max_failures' WHEN p_reopen THEN NULL
+                    ELSE bt.stop_reason END AS stop_reason,
+               bt.paused AND NOT (p_reopen AND bt.status IN
+                   ('completed', 'completed_with_errors', 'failed', 'cancelled')) AS paused,
+               CASE WHEN p_reopen THEN 'none' ELSE bt.callback_state END AS callback_state,
+               bt.callback_handler, bt.started_at, bt.created_at, bt.max_failures
+          FROM @schema.batches bt JOIN d ON bt.id = d.id
+    ), m AS (
+        SELECT n.*,
+               -- a terminal batch never changes its status (unless reopened)
+               CASE WHEN n.terminal AND NOT p_reopen THEN n.old_status
+                    ELSE @schema._batch_status(n.paused, n.q, n.r, n.s, n.f, n.c,
+                                               n.stop_reason, n.started_at IS NOT NULL)
+               END AS new_status,
+               (p_reopen OR NOT n.terminal) AND n.q + n.r = 0 AS finishing,
+               n.started_at IS NULL AND (n.r > 0 OR n.s + n.f > 0) AS starting
+          FROM n
+    ), upd AS (
+        UPDATE @schema.batches bt SET
+            status = m.new_status, queued = m.q, running = m.r, succeeded = m.s,
+            failed = m.f, cancelled = m.c, version = m.version, stop_reason = m.stop_reason,
+            paused = m.paused,
+            started_at = CASE WHEN m.starting THEN now() ELSE bt.started_at END,
+            finished_at = CASE WHEN m.finishing THEN now() WHEN p_reopen THEN NULL
+                               ELSE bt.finished_at END,
+            callback_state = CASE WHEN m.finishing AND m.callback_handler IS NOT NULL
+                                       AND m.callback_state = 'none' THEN 'pending'
+                                  ELSE m.callback_state END,
+            callback_attempts = CASE WHEN p_reopen THEN 0 ELSE bt.callback_attempts END,
+            callback_error = CASE WHEN p_reopen THEN NULL ELSE bt.callback_error END,
+            callback_run_after = CASE WHEN m.finishing AND m.callback_handler IS NOT NULL
+                                           AND m.callback_state = 'none' THEN now()
+                                      WHEN p_reopen THEN NULL
+                                      ELSE bt.callback_run_after END,
+            claim_after = coalesce(m.claim_after, bt.claim_after),
+            claim_id = coalesce(m.claim_id, bt.claim_id)
+          FROM m WHERE bt.id = m.id
+        RETURNING bt.id, bt.version, bt.status, m.starting, m.finishing, m.over,
+                  bt.running > 0 AS still_running,
+                  jsonb_build_object('status', bt.status, 'succeeded', bt.succeeded,
+                                     'failed', bt.failed, 'cancelled', bt.cancelled) AS detail,
+                  jsonb_build_object('failed', bt.failed, 'max_failures', m.max_failures,
+                                     'cancelled_queued', m.budget_cancelled) AS budget,
+                  extract(epoch FROM now() - bt.created_at)::double precision AS seconds,
+                  m.finishing AND m.callback_handler IS NOT NULL
+                      AND m.callback_state = 'none' AS callback
+    )
+    SELECT array_agg(u.id ORDER BY u.id), array_agg(u.version ORDER BY u.id),
+           array_agg(u.status ORDER BY u.id), array_agg(u.starting ORDER BY u.id),
+           array_agg(u.finishing ORDER BY u.id), array_agg(u.over ORDER BY u.id),
+           array_agg(u.still_running ORDER BY u.id), array_agg(u.detail ORDER BY u.id),
+           array_agg(u.budget ORDER BY u.id), array_agg(u.seconds ORDER BY u.id),
+           coalesce(bool_or(u.callback), false)
+      INTO v_ids, v_versions, v_status, v_starting, v_finishing, v_over_now,
+           v_stop_running, v_details, v_budget, v_seconds, v_callback
+      FROM upd u;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- The audit log, in the order things happened to each batch.
+    INSERT INTO @schema.batch_events (batch_id, action, actor, detail)
+    SELECT e.id, e.action, p_actor, e.detail FROM (
+        SELECT x.id, x.o, 1 AS step, 'failure_budget_exceeded' AS action, x.budget AS detail
+          FROM unnest(v_ids, v_over_now, v_budget) WITH ORDINALITY AS x (id, over, budget, o)
+         WHERE x.over
+        UNION ALL
+        SELECT x.id, x.o, 2, 'started', '{}'::jsonb
+          FROM unnest(v_ids, v_starting) WITH ORDINALITY AS x (id, starting, o)
+         WHERE x.starting
+        UNION ALL
+        SELECT x.id, x.o, 3, 'finished', x.detail
+          FROM unnest(v_ids, v_finishing, v_details) WITH ORDINALITY AS x (id, fin, detail, o)
+         WHERE x.fin
+    ) e ORDER BY e.o, e.step;
+
+    -- A stopped batch's running attempts are cancelled by every daemon holding one.
+    PERFORM pg_notify('@sname_control', 'cancel:' || x.id::text)
+       FROM unnest(v_ids, v_over_now, v_stop_running) AS x (id, over, running)
+      WHERE x.over AND x.running;
+    IF v_callback THEN
+        PERFORM pg_notify('@sname_wake', 'callback');
+    END IF;
+    PERFORM pg_notify('@sname_batch', x.id::text || ':' || x.version::text || ':' || x.status)
+       FROM unnest(v_ids, v_versions, v_status) AS x (id, version, status);
+
+    RETURN QUERY SELECT x.id, x.status, x.seconds
+                   FROM unnest(v_ids, v_status, v_finishing, v_seconds)
+                        AS x (id, status, fin, seconds)
+                  WHERE x.fin;
+END
+$$;

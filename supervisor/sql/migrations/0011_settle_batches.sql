@@ -1,0 +1,5 @@
+-- 0011_settle_batches: claims and outcome writes settle all their batches in one
+-- set-based call (functions/_settle_batches.sql) instead of one _settle call per
+-- batch, and a claim picks the items of all its batches in one statement
+-- (functions/claim_items.sql). Function bodies only; _settle remains for the
+-- batch controls and calls _settle_batches.
