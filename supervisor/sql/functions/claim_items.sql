@@ -36,6 +36,7 @@ DECLARE
     v_takes integer[];
     v_after timestamptz[];
     v_aid bigint[];
+    v_meta jsonb[];
     v_pass_bids uuid[];
     v_pass_takes integer[];
     -- the claimed items, and the pass that found each
@@ -129,14 +130,15 @@ BEGIN
     -- most its share, lower priorities what is left; nobody more than it has
     -- queued or its max_concurrency allows, and all together at most the limit.
     SELECT array_agg(a.id ORDER BY a.ord), array_agg(a.take ORDER BY a.ord),
-           array_agg(a.claim_after ORDER BY a.ord), array_agg(a.claim_id ORDER BY a.ord)
-      INTO v_bids, v_takes, v_after, v_aid
+           array_agg(a.claim_after ORDER BY a.ord), array_agg(a.claim_id ORDER BY a.ord),
+           array_agg(a.metadata ORDER BY a.ord)
+      INTO v_bids, v_takes, v_after, v_aid, v_meta
       FROM (
-        SELECT w.id, w.ord, w.claim_after, w.claim_id,
+        SELECT w.id, w.ord, w.claim_after, w.claim_id, w.metadata,
                least(w.want, v_limit - coalesce(sum(w.want) OVER (
                    ORDER BY w.ord ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)) AS take
           FROM (
-            SELECT c.id, c.claim_after, c.claim_id,
+            SELECT c.id, c.claim_after, c.claim_id, c.metadata,
                    least(CASE WHEN c.priority = v_top THEN v_share ELSE v_limit END,
                          coalesce(c.max_concurrency - c.running, v_limit), c.queued) AS want,
                    row_number() OVER (ORDER BY c.priority DESC, c.running, c.created_at) AS ord
@@ -219,12 +221,12 @@ BEGIN
                FROM unnest(v_items_batch, v_run_after, v_ids, v_passes) AS x (b, ra, id, pass)
               GROUP BY x.b) g;
 
-    RETURN QUERY SELECT x.id, x.b, x.key, x.payload, x.attempts, x.max_attempts, c.metadata
+    RETURN QUERY SELECT x.id, x.b, x.key, x.payload, x.attempts, x.max_attempts, f.metadata
                    FROM unnest(v_ids, v_items_batch, v_keys, v_payloads, v_attempts, v_max,
-                               v_run_after) WITH ORDINALITY
-                        AS x (id, b, key, payload, attempts, max_attempts, ra, o)
-                   JOIN @schema.batches c ON c.id = x.b
-                   JOIN unnest(v_bids) WITH ORDINALITY AS f (id, ord) ON f.id = x.b
+                               v_run_after)
+                        AS x (id, b, key, payload, attempts, max_attempts, ra)
+                   JOIN unnest(v_bids, v_meta) WITH ORDINALITY AS f (id, metadata, ord)
+                     ON f.id = x.b
                   ORDER BY f.ord, x.ra, x.id;
 
     IF p_rate IS NOT NULL THEN
