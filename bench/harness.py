@@ -293,6 +293,29 @@ async def running_daemon(
             d.stop()
 
 
+@contextlib.asynccontextmanager
+async def py_spy(pid: int, path: str | None) -> AsyncIterator[None]:
+    """Record ``pid`` with py-spy (raw collapsed stacks in ``path``) for the body's
+    duration; nothing when ``path`` is None."""
+    if path is None:
+        yield
+        return
+    spy = subprocess.Popen(  # noqa: ASYNC220 - runs beside the measured work
+        [
+            *("py-spy", "record", "--pid", str(pid), "--rate", "1000"),
+            *("--format", "raw", "-o", path, "--nonblocking"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    await asyncio.sleep(1.0)  # py-spy attaches
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output and exits
+        spy.wait(60)
+
+
 def batch_body(handler: str, n: int, payload: Any = None) -> bytes:
     """A POST /v1/batches body of ``n`` items (payload: the index when None)."""
     items = list(range(n)) if payload is None else [payload] * n

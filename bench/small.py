@@ -29,7 +29,7 @@ import asyncpg
 
 from bench import throughput
 from bench.context import Ctx
-from bench.harness import Daemon, Results, cpu_seconds, running_daemon
+from bench.harness import Daemon, Results, cpu_seconds, py_spy, running_daemon
 from bench.peers import run_peer
 
 TERMINAL = ("completed", "completed_with_errors", "failed", "cancelled")
@@ -99,18 +99,20 @@ async def ours(
     batches: int,
     size: int,
     database: dict[str, Any] | None = None,
+    profile: str | None = None,
 ) -> None:
     n = batches * size
     body = json.dumps({"handler": "noop", "items": list(range(size))}).encode()
     dsn = await ctx.server.new_database(key)
     try:
         async with running_daemon(ctx.work_dir, dsn, key, database=database) as (d, _):
-            cpu0, pg0 = cpu_seconds(d.pid), ctx.server.postgres_cpu_s()
-            me0 = sum(os.times()[:2])
-            first, accepted, post_s = await submit_from_clients(d, body, batches, ctx.clients)
-            me1 = sum(os.times()[:2])
-            _, last = await wait_all_terminal(dsn, batches, limit_s=1800)
-            cpu1, pg1 = cpu_seconds(d.pid), ctx.server.postgres_cpu_s()
+            async with py_spy(d.pid, profile):
+                cpu0, pg0 = cpu_seconds(d.pid), ctx.server.postgres_cpu_s()
+                me0 = sum(os.times()[:2])
+                first, accepted, post_s = await submit_from_clients(d, body, batches, ctx.clients)
+                me1 = sum(os.times()[:2])
+                _, last = await wait_all_terminal(dsn, batches, limit_s=1800)
+                cpu1, pg1 = cpu_seconds(d.pid), ctx.server.postgres_cpu_s()
     finally:
         await ctx.server.drop_database(dsn)
     shape = f"{batches:,} x {size} items, {ctx.clients} clients"
@@ -164,8 +166,11 @@ async def peers(ctx: Ctx, results: Results, key: str, batches: int, size: int) -
 
 
 async def scenario(ctx: Ctx, results: Results, key: str, batches: int, size: int) -> None:
-    for _ in range(ctx.runs):
-        await ours(ctx, results, key, batches, size)
+    for i in range(ctx.runs):
+        prof = None
+        if ctx.profile_dir is not None and i == 0:
+            prof = str(ctx.profile_dir / f"{key}-{int(time.time())}.txt")
+        await ours(ctx, results, key, batches, size, profile=prof)
         # The daemon's own rate for the same items in one batch, in this round.
         await throughput.one_run(ctx, results, batches * size, f"{key}_single")
         await peers(ctx, results, key, batches, size)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import pathlib
-import subprocess
 import time
 
 import asyncpg
@@ -22,6 +21,7 @@ from bench.harness import (
     batch_body,
     cpu_seconds,
     parse_ts,
+    py_spy,
     running_daemon,
 )
 
@@ -58,42 +58,20 @@ async def one_run(ctx: Ctx, results: Results, n: int, key: str, profile: str | N
     try:
         async with running_daemon(ctx.work_dir, dsn, "tp", server=big) as (d, session):
             body = batch_body("noop", n)
-            spy: subprocess.Popen[bytes] | None = None
-            if profile:
-                spy = subprocess.Popen(  # noqa: ASYNC220 - runs beside the batch
-                    [
-                        "py-spy",
-                        "record",
-                        "--pid",
-                        str(d.pid),
-                        "--rate",
-                        "1000",
-                        "--format",
-                        "raw",
-                        "-o",
-                        profile,
-                        "--nonblocking",
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                await asyncio.sleep(1.0)
             stop = asyncio.Event()
             sampler = None
             if profile:
                 sampler = asyncio.create_task(
                     sample_pg(dsn, profile.replace(".txt", "-pg.txt"), stop)
                 )
-            cpu0, pg0 = cpu_seconds(d.pid), ctx.server.postgres_cpu_s()
-            batch, sent, post_s = await d.post_batch(session, body)
-            b = await d.wait_terminal(session, batch["id"], limit_s=3600, interval=0.1)
-            cpu1, pg1 = cpu_seconds(d.pid), ctx.server.postgres_cpu_s()
-            stop.set()
-            if sampler is not None:
-                await sampler
-            if spy is not None:
-                spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
-                spy.wait(60)
+            async with py_spy(d.pid, profile):
+                cpu0, pg0 = cpu_seconds(d.pid), ctx.server.postgres_cpu_s()
+                batch, sent, post_s = await d.post_batch(session, body)
+                b = await d.wait_terminal(session, batch["id"], limit_s=3600, interval=0.1)
+                cpu1, pg1 = cpu_seconds(d.pid), ctx.server.postgres_cpu_s()
+                stop.set()
+                if sampler is not None:
+                    await sampler
             assert b["status"] == "completed", b
             fin = parse_ts(b["finished_at"])
             e2e = fin - sent
