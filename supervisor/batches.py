@@ -1,5 +1,5 @@
-"""Batch operations shared by the API, the CLI and callbacks: submission (one
-transaction: batch row, every item by COPY, audit entry, wake-up), reads,
+"""Batch operations shared by the API, the CLI and callbacks: submission (all or
+nothing: batch row, every item, audit entry, wake-up), reads,
 summaries and the controls (cancel, pause, resume, retry, patch, delete).
 """
 
@@ -18,6 +18,9 @@ from supervisor import db as dbm
 from supervisor import models, states, store
 
 ITEM_COLUMNS = ("batch_id", "seq", "key", "handler", "payload", "max_attempts")
+# Up to this many items go into the submission's one statement as arrays; more
+# are copied (COPY is several times faster per row, and costs its own round trips).
+INLINE_ITEMS = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,61 +79,64 @@ async def submit(
     attempt_budget: int,
     callback_handler: str | None,
 ) -> Submitted:
-    """Insert a batch and all its items in one transaction: all or nothing."""
+    """Insert a batch and all its items atomically: all or nothing."""
     batch_id = uuid.uuid4()
     digest = nb.request_hash() if nb.idempotency_key is not None else None
     total = len(nb.items)
-    async with db.transaction("submit") as tx:
-        q = store.Queries(tx)
-        inserted = await q.insert_batch(
-            store.NewBatchRow(
-                id=batch_id,
-                tenant=tenant,
-                handler=nb.handler,
-                priority=nb.priority,
-                max_concurrency=nb.max_concurrency,
-                max_attempts=nb.max_attempts,
-                attempt_budget=attempt_budget,
-                max_failures=json.dumps(nb.max_failures) if nb.max_failures is not None else None,
-                max_failures_limit=failure_limit(nb.max_failures, total),
-                metadata=json.dumps(nb.metadata),
-                idempotency_key=nb.idempotency_key,
-                request_hash=digest,
-                total=total,
-                created_by=actor,
-                callback_handler=callback_handler,
+    row = store.NewBatchRow(
+        id=batch_id,
+        tenant=tenant,
+        handler=nb.handler,
+        priority=nb.priority,
+        max_concurrency=nb.max_concurrency,
+        max_attempts=nb.max_attempts,
+        attempt_budget=attempt_budget,
+        max_failures=json.dumps(nb.max_failures) if nb.max_failures is not None else None,
+        max_failures_limit=failure_limit(nb.max_failures, total),
+        metadata=json.dumps(nb.metadata),
+        idempotency_key=nb.idempotency_key,
+        request_hash=digest,
+        total=total,
+        created_by=actor,
+        callback_handler=callback_handler,
+    )
+    budget = nb.max_attempts or attempt_budget
+    created = json.dumps({"items": total, "handler": nb.handler})
+    if total <= INLINE_ITEMS:
+        # One statement, atomic on its own: one round trip for the whole submission.
+        batch = await store.Queries(db).submit_batch(
+            row,
+            item_max_attempts=budget,
+            keys=[key for key, _ in nb.items],
+            payloads=[payload for _, payload in nb.items],
+            created=created,
+        )
+    else:
+        async with db.transaction("submit") as tx:
+            batch = await store.Queries(tx).submit_batch(
+                row, item_max_attempts=budget, keys=(), payloads=(), created=created
             )
-        )
-        if not inserted:
-            assert nb.idempotency_key is not None  # only a key can make the insert a no-op
-            found = await q.find_idempotent_batch(tenant=tenant, idempotency_key=nb.idempotency_key)
-            assert found is not None  # the conflicting row is committed and visible now
-            existing_id, existing_hash = found
-            if existing_hash != digest:
-                raise IdempotencyConflict(str(existing_id))
-            existing = await q.get_batch(existing_id, tenant=tenant)
-            assert existing is not None
-            return Submitted(models.batch_json(existing), created=False)
-        budget = nb.max_attempts or attempt_budget
-        await tx.copy_items(
-            db.schema,
-            ITEM_COLUMNS,
-            [
-                (batch_id, i, key, nb.handler, payload, budget)
-                for i, (key, payload) in enumerate(nb.items)
-            ],
-        )
-        await q.log_event(
-            batch_id=batch_id,
-            action="created",
-            actor=actor,
-            detail=json.dumps({"items": total, "handler": nb.handler}),
-        )
-        await q.notify_wake(nb.handler)
-        await q.notify_batch(batch_id=batch_id, version=1, status=states.BatchStatus.QUEUED)
-        row = await q.get_batch(batch_id, tenant=tenant)
-        assert row is not None
-    return Submitted(models.batch_json(row), created=True)
+            if batch is not None:
+                await tx.copy_items(
+                    db.schema,
+                    ITEM_COLUMNS,
+                    [
+                        (batch_id, i, key, nb.handler, payload, budget)
+                        for i, (key, payload) in enumerate(nb.items)
+                    ],
+                )
+    if batch is not None:
+        return Submitted(models.batch_json(batch), created=True)
+    assert nb.idempotency_key is not None  # only a key can make the insert a no-op
+    q = store.Queries(db)
+    found = await q.find_idempotent_batch(tenant=tenant, idempotency_key=nb.idempotency_key)
+    assert found is not None  # the conflicting row is committed and visible now
+    existing_id, existing_hash = found
+    if existing_hash != digest:
+        raise IdempotencyConflict(str(existing_id))
+    existing = await q.get_batch(existing_id, tenant=tenant)
+    assert existing is not None
+    return Submitted(models.batch_json(existing), created=False)
 
 
 def parse_id(batch_id: str) -> uuid.UUID | None:

@@ -325,7 +325,7 @@ NOT_FOUND = ControlResult(ControlKind.NOT_FOUND)
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class NewBatchRow:
-    """The parameters of ``insert_batch``."""
+    """The batch row of ``submit_batch``."""
 
     id: uuid.UUID
     tenant: str
@@ -370,10 +370,20 @@ class Queries:
 
     # -- submission and reads ------------------------------------------------------
 
-    async def insert_batch(self, b: NewBatchRow) -> bool:
-        """False when the idempotency key is taken (the row was not inserted)."""
-        inserted = await self._ex.fetchval(
-            "insert_batch",
+    async def submit_batch(
+        self,
+        b: NewBatchRow,
+        *,
+        item_max_attempts: int,
+        keys: Sequence[str | None],
+        payloads: Sequence[str],
+        created: str,
+    ) -> BatchRow | None:
+        """Insert the batch, the items given (JSON text payloads; none when they
+        follow by COPY), its 'created' event (``created``: JSON text) and the
+        wake-ups. None when the idempotency key is taken (nothing was inserted)."""
+        r = await self._ex.fetchrow(
+            "submit_batch",
             b.id,
             b.tenant,
             b.handler,
@@ -389,8 +399,12 @@ class Queries:
             b.total,
             b.created_by,
             b.callback_handler,
+            item_max_attempts,
+            keys,
+            payloads,
+            created,
         )
-        return inserted is not None
+        return None if r is None else BatchRow.of(r)
 
     async def find_idempotent_batch(
         self, *, tenant: str, idempotency_key: str
@@ -399,15 +413,9 @@ class Queries:
         r = await self._ex.fetchrow("find_idempotent_batch", tenant, idempotency_key)
         return None if r is None else (r["id"], r["request_hash"])
 
-    async def log_event(self, *, batch_id: uuid.UUID, action: str, actor: str, detail: str) -> None:
-        await self._ex.execute("log_event", batch_id, action, actor, detail)
-
     async def notify_wake(self, channel_payload: str) -> None:
         """Wake idle daemons: a handler name, ``callback`` or a probe."""
         await self._ex.execute("notify_wake", channel_payload)
-
-    async def notify_batch(self, *, batch_id: uuid.UUID, version: int, status: str) -> None:
-        await self._ex.execute("notify_batch", f"{batch_id}:{version}:{status}")
 
     async def get_batch(self, batch_id: uuid.UUID, *, tenant: str | None) -> BatchRow | None:
         """The batch, if ``tenant`` may see it (None: any tenant)."""

@@ -29,31 +29,40 @@ SELECT version FROM @schema.schema_migrations ORDER BY version;
 -- Ledger entry for an applied migration.
 INSERT INTO @schema.schema_migrations (version, name) VALUES ($1, $2);
 
--- name: insert_batch
--- A new batch with all counters queued; ON CONFLICT makes idempotency races safe.
-INSERT INTO @schema.batches (
-    id, tenant, handler, status, priority, max_concurrency, max_attempts, attempt_budget,
-    max_failures, max_failures_limit, metadata, idempotency_key, request_hash, total, queued,
-    created_by, callback_handler)
-VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, $15)
-ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-RETURNING id;
+-- name: submit_batch
+-- A new batch with all counters queued, its items ($17 keys, $18 payloads; empty
+-- when they come by COPY in the same transaction), its 'created' event and the
+-- wake-ups, in one statement: a small submission is one round trip, atomic on its
+-- own. No row back when the idempotency key is taken (ON CONFLICT makes
+-- idempotency races safe); the NOTIFYs are delivered at commit.
+WITH b AS (
+    INSERT INTO @schema.batches (
+        id, tenant, handler, status, priority, max_concurrency, max_attempts, attempt_budget,
+        max_failures, max_failures_limit, metadata, idempotency_key, request_hash, total,
+        queued, created_by, callback_handler)
+    VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, $15)
+    ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING *
+), new_items AS (
+    INSERT INTO @schema.items (batch_id, seq, key, handler, payload, max_attempts)
+    SELECT b.id, u.seq - 1, u.key, b.handler, u.payload, $16
+      FROM b, unnest($17::text[], $18::jsonb[]) WITH ORDINALITY AS u (key, payload, seq)
+), created AS (
+    INSERT INTO @schema.batch_events (batch_id, action, actor, detail)
+    SELECT b.id, 'created', $14, $19 FROM b
+)
+SELECT b.* FROM b
+ CROSS JOIN LATERAL (SELECT pg_notify('@sname_wake', b.handler),
+                            pg_notify('@sname_batch', b.id || ':' || b.version || ':' || b.status)
+                     ) AS notified;
 
 -- name: find_idempotent_batch
 -- The batch an idempotency key already names, with the hash of its request.
 SELECT id, request_hash FROM @schema.batches WHERE tenant = $1 AND idempotency_key = $2;
 
--- name: log_event
--- Append to a batch's audit log.
-INSERT INTO @schema.batch_events (batch_id, action, actor, detail) VALUES ($1, $2, $3, $4);
-
 -- name: notify_wake
 -- Wake idle daemons: new runnable work for a handler.
 SELECT pg_notify('@sname_wake', $1::text);
-
--- name: notify_batch
--- Tell every daemon's streams that a batch changed.
-SELECT pg_notify('@sname_batch', $1::text);
 
 -- name: get_batch
 -- One batch, visible to the tenant (NULL tenant: any).
