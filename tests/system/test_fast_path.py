@@ -54,3 +54,49 @@ def test_sigkill_mid_run_of_20000_items_completes_with_exact_counts(
     assert item_states(db_url) == {"succeeded": N}
     out = d2.cli("doctor", "--config", str(d2.config_path))
     assert out.returncode == 0 and "no drift" in out.stdout, out.stdout + out.stderr
+
+
+def test_sigkill_mid_run_of_many_small_batches_ends_each_exactly_once(
+    daemons: Any, db_url: str
+) -> None:
+    """Claims and outcome writes settle dozens of small batches per statement: a
+    kill in the middle must still leave every batch finished exactly once, with
+    exact counts, its 'started' and 'finished' events written once each."""
+    batches, size = 600, 5
+    handlers = dict(DEFAULT_HANDLERS) | {
+        "nap": {"type": "python", "target": "tests.handlers:sleeper", "timeout": "10s"}
+    }
+    worker = {"concurrency": 16}
+    d: Daemon = daemons("small", handlers=handlers, worker=worker)
+    ids = [d.submit("nap", [{"sleep": 0.05}] * size)["id"] for _ in range(batches)]
+    total = batches * size
+    wait_for(lambda: item_states(db_url).get("succeeded", 0) >= total // 5, 60, what="progress")
+    d.kill()
+    mid = item_states(db_url)
+    assert sum(mid.values()) == total
+    assert mid.get("succeeded", 0) < total, "the kill should land before the batches finished"
+
+    d2 = daemons("small", handlers=handlers, worker=worker)  # same name: reclaims at once
+    for bid in ids:
+        done = d2.wait_status(bid, "completed", timeout=120)
+        assert done["counts"]["succeeded"] == size, done
+    assert item_states(db_url) == {"succeeded": total}
+
+    async def events() -> dict[str, tuple[int, int, int]]:
+        """Per action: (batches with it, fewest and most entries in one batch)."""
+        conn = await asyncpg.connect(db_url)
+        try:
+            rows = await conn.fetch(
+                "SELECT action, count(*) AS batches, min(n) AS lo, max(n) AS hi FROM ("
+                "  SELECT action, batch_id, count(*) AS n FROM supervisor.batch_events"
+                "   WHERE action IN ('created', 'started', 'finished') GROUP BY 1, 2) x"
+                " GROUP BY action"
+            )
+            return {r["action"]: (r["batches"], r["lo"], r["hi"]) for r in rows}
+        finally:
+            await conn.close()
+
+    once = (batches, 1, 1)
+    assert asyncio.run(events()) == {"created": once, "started": once, "finished": once}
+    out = d2.cli("doctor", "--config", str(d2.config_path))
+    assert out.returncode == 0 and "no drift" in out.stdout, out.stdout + out.stderr
