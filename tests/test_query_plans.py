@@ -150,3 +150,55 @@ def test_a_claim_takes_as_many_batches_as_it_can_fill(db_url: str) -> None:
     """Each batch costs a claim writes of its own: 500 items from ten-item batches
     come from 50 of them, not two items each from 250."""
     assert anyio.run(claim_from_ten_item_batches, db_url) == (500, 50)
+
+
+async def outcome_write_plans(db_url: str) -> list[str]:
+    """Every plan an outcome write of ten one-item batches runs, among 5,000 batches."""
+    db = await dbm.Database.connect(config.from_mapping({}), db_url)
+    conn = await asyncpg.connect(db_url)
+    try:
+        await insert_batches(conn, 5_000, 1)
+        await conn.execute("ANALYZE supervisor.batches")
+        lease = uuid.uuid4()
+        claimed = await db.fetch("claim_items", "h", 10, "w1", lease, None, None, 1.0)
+        assert len(claimed) == 10
+        try:
+            await conn.execute("LOAD 'auto_explain'")
+        except asyncpg.PostgresError as e:  # pragma: no cover - depends on the server build
+            pytest.skip(f"auto_explain is not available in this PostgreSQL build: {e}")
+        await conn.execute(
+            "SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;"
+            "SET client_min_messages = log"
+        )
+        plans: list[str] = []
+        conn.add_log_listener(lambda _c, msg: plans.append(str(msg.message)))
+        n = len(claimed)
+        rows = await conn.fetch(
+            db.sql("apply_outcomes"),
+            lease,
+            sorted({r["batch_id"] for r in claimed}),
+            [r["id"] for r in claimed],
+            [r["attempts"] for r in claimed],
+            ["succeeded"] * n,
+            [None] * n,
+            [None] * n,
+            [0.0] * n,
+            "test",
+        )
+        assert sorted(r["kind"] for r in rows) == ["batch"] * n  # each one-item batch finished
+        return plans
+    finally:
+        await conn.close()
+        await db.close()
+
+
+def test_settling_a_few_batches_never_scans_every_batch(db_url: str) -> None:
+    """apply_outcomes turns nested loops off for its own join, and a setting on a
+    function holds for the functions it calls: _settle_batches then joined its few
+    batches to `batches` by hashing the whole table, a scan of every batch row on
+    every outcome write."""
+    plans = anyio.run(outcome_write_plans, db_url)
+    settle = [p for p in plans if "_settle_batches" in p or "UPDATE supervisor.batches" in p]
+    assert settle, plans
+    scans = [p for p in plans if "Seq Scan on batches" in p]
+    assert not scans, scans

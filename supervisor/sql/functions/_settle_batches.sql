@@ -15,7 +15,12 @@ CREATE OR REPLACE FUNCTION @schema._settle_batches(
     p_dc integer[], p_actor text, p_reopen boolean DEFAULT false,
     p_claim_after timestamptz[] DEFAULT NULL, p_claim_id bigint[] DEFAULT NULL)
 RETURNS TABLE (batch_id uuid, finished text, seconds double precision)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Its callers' settings must not reach it: apply_outcomes turns nested loops off,
+-- and every join here is a few batches probed by primary key, which without
+-- nested loops becomes a scan of every batch row.
+SET enable_nestloop = on
+SET plan_cache_mode = auto AS $$
 #variable_conflict use_column
 DECLARE
     v_over uuid[];
