@@ -21,6 +21,12 @@ ITEM_COLUMNS = ("batch_id", "seq", "key", "handler", "payload", "max_attempts")
 # Up to this many items go into the submission's one statement as arrays; more
 # are copied (COPY is several times faster per row, and costs its own round trips).
 INLINE_ITEMS = 1000
+# Fields added after idempotency digests were first stored: left out of the digest
+# while unset, so a repeat of a request made before they existed still matches it.
+_DIGEST_WHEN_SET = frozenset({"exclusive_key"})
+# A refused write looks up who refused it; that one may have finished (or been
+# deleted) in between, and then the write is tried again, this many times at most.
+KEY_ROUNDS = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +42,15 @@ class NewBatch:
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     idempotency_key: str | None = None
     on_complete: str | None = None
+    exclusive_key: str | None = None  # at most one unfinished batch per (tenant, key)
 
     def request_hash(self) -> str:
         """Digest of the content, to tell an idempotent repeat from a conflicting one."""
         head = {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "items"
+            f.name: value
+            for f in dataclasses.fields(self)
+            if f.name != "items"
+            and not ((value := getattr(self, f.name)) is None and f.name in _DIGEST_WHEN_SET)
         }
         h = hashlib.sha256(json.dumps(head, sort_keys=True, default=str).encode())
         h.update("\x1e".join(f"{key or ''}\x1f{payload}" for key, payload in self.items).encode())
@@ -68,6 +78,20 @@ class IdempotencyConflict(Exception):
     def __init__(self, batch_id: str) -> None:
         super().__init__(f"idempotency key already used by batch {batch_id} with different content")
         self.batch_id = batch_id
+
+
+class ExclusiveKeyBusy(Exception):
+    """Another unfinished batch of the tenant holds the exclusive key: the caller
+    is told which, to wait for it or to cancel it."""
+
+    def __init__(self, key: str, active_batch_id: uuid.UUID, status: str) -> None:
+        super().__init__(
+            f"exclusive key {key!r} is held by batch {active_batch_id} ({status}); "
+            "it is free again once that batch is terminal"
+        )
+        self.key = key
+        self.active_batch_id = active_batch_id
+        self.status = status
 
 
 async def submit(
@@ -99,44 +123,101 @@ async def submit(
         total=total,
         created_by=actor,
         callback_handler=callback_handler,
+        exclusive_key=nb.exclusive_key,
     )
-    budget = nb.max_attempts or attempt_budget
-    created = json.dumps({"items": total, "handler": nb.handler})
-    if total <= INLINE_ITEMS:
+    for _ in range(KEY_ROUNDS):
+        batch = await _insert(db, nb, row, budget=nb.max_attempts or attempt_budget)
+        if batch is not None:
+            return Submitted(models.batch_json(batch), created=True)
+        earlier = await _refused(store.Queries(db), nb, tenant=tenant, digest=digest)
+        if earlier is not None:
+            return earlier
+    raise RuntimeError(
+        f"submission refused {KEY_ROUNDS} times by a batch that was gone when looked up"
+    )
+
+
+async def _insert(
+    db: dbm.Database, nb: NewBatch, row: store.NewBatchRow, *, budget: int
+) -> store.BatchRow | None:
+    """The batch with its items, event and wake-ups; None when a unique index
+    refused it (nothing was written)."""
+    created = json.dumps({"items": len(nb.items), "handler": nb.handler})
+    if len(nb.items) <= INLINE_ITEMS:
         # One statement, atomic on its own: one round trip for the whole submission.
-        batch = await store.Queries(db).submit_batch(
+        return await store.Queries(db).submit_batch(
             row,
             item_max_attempts=budget,
             keys=[key for key, _ in nb.items],
             payloads=[payload for _, payload in nb.items],
             created=created,
         )
-    else:
-        async with db.transaction("submit") as tx:
-            batch = await store.Queries(tx).submit_batch(
-                row, item_max_attempts=budget, keys=(), payloads=(), created=created
+    async with db.transaction("submit") as tx:
+        batch = await store.Queries(tx).submit_batch(
+            row, item_max_attempts=budget, keys=(), payloads=(), created=created
+        )
+        if batch is not None:
+            await tx.copy_items(
+                db.schema,
+                ITEM_COLUMNS,
+                [
+                    (row.id, i, key, nb.handler, payload, budget)
+                    for i, (key, payload) in enumerate(nb.items)
+                ],
             )
-            if batch is not None:
-                await tx.copy_items(
-                    db.schema,
-                    ITEM_COLUMNS,
-                    [
-                        (batch_id, i, key, nb.handler, payload, budget)
-                        for i, (key, payload) in enumerate(nb.items)
-                    ],
+    return batch
+
+
+async def _refused(
+    q: store.Queries, nb: NewBatch, *, tenant: str, digest: str | None
+) -> Submitted | None:
+    """Why the insert was refused, by a committed row (it waited for any concurrent
+    one): the earlier batch of an idempotent repeat, or the conflict raised; None
+    when the row that refused it has finished or been deleted since (try again).
+    The idempotency key first: a repeat of the request whose batch holds the
+    exclusive key is that batch, not a conflict with it."""
+    if nb.idempotency_key is not None:
+        found = await q.find_idempotent_batch(tenant=tenant, idempotency_key=nb.idempotency_key)
+        if found is not None:
+            existing_id, existing_hash = found
+            if existing_hash != digest:
+                raise IdempotencyConflict(str(existing_id))
+            existing = await q.get_batch(existing_id, tenant=tenant)
+            if existing is not None:  # else deleted just now: the key is free
+                return Submitted(models.batch_json(existing), created=False)
+    if nb.exclusive_key is not None:
+        holder = await q.find_exclusive_holder(tenant=tenant, exclusive_key=nb.exclusive_key)
+        if holder is not None:
+            raise ExclusiveKeyBusy(nb.exclusive_key, *holder)
+    return None
+
+
+async def retry(
+    q: store.Queries,
+    batch_id: uuid.UUID,
+    *,
+    tenant: str | None,
+    actor: str,
+    include_cancelled: bool,
+) -> store.ControlResult:
+    """Retry a batch's failed (and cancelled) items. Reopening a terminal batch
+    takes its exclusive key back; if another batch holds it by now, the database
+    refuses and :class:`ExclusiveKeyBusy` names that batch."""
+    for _ in range(KEY_ROUNDS):
+        try:
+            return await q.retry_batch(
+                batch_id, tenant=tenant, actor=actor, include_cancelled=include_cancelled
+            )
+        except store.ExclusiveKeyTaken:
+            b = await q.get_batch(batch_id, tenant=tenant)
+            if b is not None and b.exclusive_key is not None:
+                holder = await q.find_exclusive_holder(
+                    tenant=b.tenant, exclusive_key=b.exclusive_key
                 )
-    if batch is not None:
-        return Submitted(models.batch_json(batch), created=True)
-    assert nb.idempotency_key is not None  # only a key can make the insert a no-op
-    q = store.Queries(db)
-    found = await q.find_idempotent_batch(tenant=tenant, idempotency_key=nb.idempotency_key)
-    assert found is not None  # the conflicting row is committed and visible now
-    existing_id, existing_hash = found
-    if existing_hash != digest:
-        raise IdempotencyConflict(str(existing_id))
-    existing = await q.get_batch(existing_id, tenant=tenant)
-    assert existing is not None
-    return Submitted(models.batch_json(existing), created=False)
+                if holder is not None:
+                    raise ExclusiveKeyBusy(b.exclusive_key, *holder) from None
+            # Deleted, or the holder finished in between: the next round says which.
+    raise RuntimeError(f"retry refused {KEY_ROUNDS} times by a batch that was gone when looked up")
 
 
 def parse_id(batch_id: str) -> uuid.UUID | None:

@@ -194,6 +194,10 @@ def parser() -> argparse.ArgumentParser:
         "--max-failures", type=client.max_failures, help="a count, or a percentage like 10%%"
     )
     s.add_argument("--idempotency-key")
+    s.add_argument(
+        "--exclusive-key",
+        help="refused (409, naming it) while an unfinished batch has this key, e.g. portfolio:123",
+    )
     s.add_argument("--on-complete", help="handler to call once the batch is terminal")
     s.add_argument("--metadata", help="a JSON object stored with the batch")
     s.add_argument(

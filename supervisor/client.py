@@ -351,6 +351,7 @@ def _submission(args: argparse.Namespace) -> dict[str, Any]:
         "max_failures",
         "idempotency_key",
         "on_complete",
+        "exclusive_key",
     ):
         if getattr(args, field, None) is not None:
             body[field] = getattr(args, field)

@@ -99,6 +99,7 @@ def batch_json(b: BatchRow) -> dict[str, Any]:
         "max_attempts": b.max_attempts,
         "metadata": loads(b.metadata),
         "idempotency_key": b.idempotency_key,
+        "exclusive_key": b.exclusive_key,
         "version": b.version,
         "created_at": rfc3339(b.created_at),
         "started_at": rfc3339(b.started_at),

@@ -13,12 +13,15 @@ of items, jsonb as its text); turning them into API JSON is ``models``' job.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any, Protocol, Self
+
+import asyncpg
 
 from supervisor import states
 from supervisor.db import Record
@@ -74,6 +77,7 @@ class BatchRow(_FromRecord):
     metadata: str  # jsonb text
     idempotency_key: str | None
     request_hash: str | None
+    exclusive_key: str | None  # at most one unfinished batch per (tenant, key); 0012
     total: int
     queued: int
     running: int
@@ -322,6 +326,26 @@ class ControlResult:
 
 NOT_FOUND = ControlResult(ControlKind.NOT_FOUND)
 
+# The unique index over the exclusive keys of unfinished batches (migration 0012).
+EXCLUSIVE_INDEX = "batches_exclusive"
+
+
+class ExclusiveKeyTaken(Exception):
+    """A write would give an exclusive key a second unfinished batch, and the
+    database refused it (index ``batches_exclusive``); nothing was written."""
+
+
+@contextlib.contextmanager
+def _exclusive_refusal() -> Iterator[None]:
+    """The exclusive-key index's refusal as :class:`ExclusiveKeyTaken`; any other
+    error as it is."""
+    try:
+        yield
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name == EXCLUSIVE_INDEX:
+            raise ExclusiveKeyTaken(str(exc)) from exc
+        raise
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class NewBatchRow:
@@ -342,6 +366,7 @@ class NewBatchRow:
     total: int
     created_by: str
     callback_handler: str | None
+    exclusive_key: str | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -381,7 +406,9 @@ class Queries:
     ) -> BatchRow | None:
         """Insert the batch, the items given (JSON text payloads; none when they
         follow by COPY), its 'created' event (``created``: JSON text) and the
-        wake-ups. None when the idempotency key is taken (nothing was inserted)."""
+        wake-ups. None when nothing was inserted: its idempotency key names a batch,
+        or an unfinished batch holds its exclusive key (see which with
+        :meth:`find_idempotent_batch` and :meth:`find_exclusive_holder`)."""
         r = await self._ex.fetchrow(
             "submit_batch",
             b.id,
@@ -403,6 +430,7 @@ class Queries:
             keys,
             payloads,
             created,
+            b.exclusive_key,
         )
         return None if r is None else BatchRow.of(r)
 
@@ -412,6 +440,13 @@ class Queries:
         """(batch id, request hash) of the batch the key names."""
         r = await self._ex.fetchrow("find_idempotent_batch", tenant, idempotency_key)
         return None if r is None else (r["id"], r["request_hash"])
+
+    async def find_exclusive_holder(
+        self, *, tenant: str, exclusive_key: str
+    ) -> tuple[uuid.UUID, str] | None:
+        """(batch id, status) of the unfinished batch holding the key, if any."""
+        r = await self._ex.fetchrow("find_exclusive_holder", tenant, exclusive_key)
+        return None if r is None else (r["id"], r["status"])
 
     async def notify_wake(self, channel_payload: str) -> None:
         """Wake idle daemons: a handler name, ``callback`` or a probe."""
@@ -428,12 +463,15 @@ class Queries:
         tenant: str | None,
         status: str | None,
         handler: str | None,
+        exclusive_key: str | None,
         before: tuple[datetime, uuid.UUID] | None,
         limit: int,
     ) -> list[BatchRow]:
         """Newest first, after the keyset cursor ``before`` (created_at, id)."""
         at, bid = before if before is not None else (None, None)
-        rows = await self._ex.fetch("list_batches", tenant, status, handler, at, bid, limit)
+        rows = await self._ex.fetch(
+            "list_batches", tenant, status, handler, at, bid, limit, exclusive_key
+        )
         return [BatchRow.of(r) for r in rows]
 
     async def list_items(
@@ -476,7 +514,12 @@ class Queries:
     async def retry_batch(
         self, batch_id: uuid.UUID, *, tenant: str | None, actor: str, include_cancelled: bool
     ) -> ControlResult:
-        text = await self._ex.fetchval("retry_batch", batch_id, tenant, actor, include_cancelled)
+        """Raises :class:`ExclusiveKeyTaken` when reopening a terminal batch would take
+        back a key another unfinished batch holds by now."""
+        with _exclusive_refusal():
+            text = await self._ex.fetchval(
+                "retry_batch", batch_id, tenant, actor, include_cancelled
+            )
         return ControlResult.parse(text)
 
     async def patch_batch(

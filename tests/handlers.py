@@ -159,3 +159,15 @@ async def callback_fails_timed(item: Item) -> Any:
     with open(item.payload["batch"]["metadata"]["times"], "a") as f:
         f.write(f"{time.time()}\n")
     raise RuntimeError("still down")
+
+
+async def until_file(item: Item) -> Any:
+    """Runs until the file named by payload["file"] exists: a test decides when
+    the item (and so its batch) finishes, without guessing a duration. With
+    payload["fail_first"], attempt 1 fails at once (a batch to retry)."""
+    if item.attempt == 1 and item.payload.get("fail_first"):
+        raise PermanentError("first attempt fails, as asked")
+    path = str(item.payload["file"])
+    while not os.path.exists(path):
+        await asyncio.sleep(0.02)
+    return {"released": path}

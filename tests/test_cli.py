@@ -83,6 +83,20 @@ def test_key_field_and_stdin(daemons: DaemonFactory) -> None:
     assert len(page["batches"]) == 2
 
 
+def test_submit_with_an_exclusive_key_is_refused_while_one_holds_it(daemons: DaemonFactory) -> None:
+    d = daemons("cli6")
+    held = d.submit("sleeper", [{"sleep": 3600}], exclusive_key="portfolio:123")
+    _one_error(
+        d.cli("submit", "echo", "-", "--exclusive-key", "portfolio:123", input="1\n"),
+        "409",
+        held["id"],
+    )
+    r = _ok(d.cli("submit", "echo", "-", "--exclusive-key", "portfolio:124", "--json", input="1"))
+    assert json.loads(r.stdout)["exclusive_key"] == "portfolio:124"
+    _, page, _ = d.api("GET", "/v1/batches")
+    assert len(page["batches"]) == 2
+
+
 def test_watch_reports_failures_and_exits_non_zero(daemons: DaemonFactory) -> None:
     d = daemons("cli3")
     # Watched live: three attempts with a short backoff, then failed.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -50,12 +51,16 @@ class Problem(Exception):
         *,
         errors: list[dict[str, str]] | None = None,
         headers: dict[str, str] | None = None,
+        extensions: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.errors = errors
         self.headers = headers or {}
+        # Extension members (RFC 9457 section 3.2): facts a client acts on, such as
+        # the id of the batch holding an exclusive key, besides the prose of detail.
+        self.extensions = dict(extensions or {})
 
 
 class ValidationFailed(Problem):
@@ -73,6 +78,7 @@ def render(
     instance: str | None = None,
     errors: list[dict[str, str]] | None = None,
     headers: dict[str, str] | None = None,
+    extensions: Mapping[str, Any] | None = None,
 ) -> web.Response:
     body: dict[str, Any] = {
         "type": f"https://batch-supervisor.dev/problems/{SLUGS.get(status, 'error')}",
@@ -84,6 +90,8 @@ def render(
         body["instance"] = instance
     if errors is not None:
         body["errors"] = errors
+    for name, value in (extensions or {}).items():
+        body.setdefault(name, value)  # never in place of a standard member
     return web.Response(
         status=status, text=json.dumps(body), content_type=CONTENT_TYPE, headers=headers
     )

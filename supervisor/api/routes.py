@@ -100,6 +100,16 @@ async def _read_body(request: web.Request) -> bytes:
         ) from None
 
 
+def _key_busy(exc: batches.ExclusiveKeyBusy) -> Problem:
+    """409 naming the batch that holds the exclusive key, in the detail for people
+    and as ``active_batch_id`` for programs (to wait for it or cancel it)."""
+    return Problem(
+        409,
+        str(exc),
+        extensions={"active_batch_id": str(exc.active_batch_id), "exclusive_key": exc.key},
+    )
+
+
 async def _read_json(request: web.Request) -> Any:
     """A small request's JSON body (None when empty); large ones are parsed in a
     worker thread, one at a time."""
@@ -151,6 +161,8 @@ async def create_batch(request: web.Request) -> web.Response:
             )
         except batches.IdempotencyConflict as exc:
             raise Problem(409, str(exc)) from None
+        except batches.ExclusiveKeyBusy as exc:
+            raise _key_busy(exc) from None
     b = result.batch
     return _json(
         b,
@@ -185,6 +197,7 @@ async def list_batches(request: web.Request) -> web.Response:
         tenant=who.tenant_filter,
         status=status,
         handler=handler,
+        exclusive_key=schemas.exclusive_key_param(q.get("exclusive_key")),
         before=(t, cid) if t is not None and cid is not None else None,
         limit=limit + 1,
     )
@@ -308,12 +321,15 @@ async def retry_batch(request: web.Request) -> web.Response:
         include = body.get("include_cancelled", False)
         if not isinstance(include, bool):
             raise ValidationFailed([{"path": "/include_cancelled", "message": "must be a boolean"}])
-    return await _control(
-        request,
-        lambda q, bid, who: q.retry_batch(
-            bid, tenant=who.tenant_filter, actor=who.name, include_cancelled=include
-        ),
-    )
+    try:
+        return await _control(
+            request,
+            lambda q, bid, who: batches.retry(
+                q, bid, tenant=who.tenant_filter, actor=who.name, include_cancelled=include
+            ),
+        )
+    except batches.ExclusiveKeyBusy as exc:  # reopening it would take back a held key
+        raise _key_busy(exc) from None
 
 
 @routes.get("/v1/batches/{id}/items")

@@ -27,11 +27,13 @@ SUBMIT_FIELDS = (
     "metadata",
     "idempotency_key",
     "on_complete",
+    "exclusive_key",
 )
 PATCH_FIELDS = ("priority", "max_concurrency", "max_failures")
 _PERCENT = re.compile(r"^([0-9]{1,3}(?:\.[0-9]+)?)%$")
 KEY_MAX = 1000
 IDEMPOTENCY_MAX = 255
+EXCLUSIVE_KEY_MAX = 200
 MAX_DEPTH = 200  # nesting levels of a request body; deeper input is a 400, never a crash
 
 
@@ -125,6 +127,19 @@ def storable_json(value: Any, path: str, errors: list[dict[str, str]]) -> str | 
         errors.append({"path": found[0], "message": found[1]})
         return None
     return text
+
+
+def exclusive_key_problem(value: Any) -> str | None:
+    """Why ``value`` is not an exclusive key, or None. Printable, and without
+    surrounding white space: "portfolio:1 " would be another key than
+    "portfolio:1", and the two batches would run side by side."""
+    if not isinstance(value, str) or not 1 <= len(value) <= EXCLUSIVE_KEY_MAX:
+        return f"must be null or a string of 1 to {EXCLUSIVE_KEY_MAX} characters"
+    if not value.isprintable():
+        return "must be printable (no control characters, no unpaired surrogates)"
+    if value != value.strip():
+        return "must not begin or end with white space"
+    return None
 
 
 def is_int(v: Any) -> bool:
@@ -299,6 +314,11 @@ def submission(
         elif not handler_exists(on_complete):
             errors.append({"path": "/on_complete", "message": f"unknown handler {on_complete!r}"})
 
+    exclusive_key = body.get("exclusive_key")
+    if exclusive_key is not None and (why := exclusive_key_problem(exclusive_key)):
+        errors.append({"path": "/exclusive_key", "message": why})
+        exclusive_key = None
+
     nb_priority = _priority(body, errors)
     max_concurrency = _opt_int(body, "max_concurrency", errors, minimum=1)
     max_attempts = _opt_int(body, "max_attempts", errors, minimum=1, maximum=1000)
@@ -315,6 +335,7 @@ def submission(
         metadata=metadata,
         idempotency_key=idem,
         on_complete=on_complete,
+        exclusive_key=exclusive_key,
     )
 
 
@@ -358,6 +379,17 @@ def status_param(value: str | None, allowed: type[enum.StrEnum]) -> str | None:
     if value not in allowed.__members__.values():
         names = ", ".join(allowed.__members__.values())
         raise ValidationFailed([{"path": "status", "message": f"must be one of {names}"}], 400)
+    return value
+
+
+def exclusive_key_param(value: str | None) -> str | None:
+    """The ``exclusive_key`` listing filter; empty means absent. A value no batch
+    could have been submitted with is a 400, like an unknown status."""
+    if not value:
+        return None
+    why = exclusive_key_problem(value)
+    if why:
+        raise ValidationFailed([{"path": "exclusive_key", "message": why}], 400)
     return value
 
 

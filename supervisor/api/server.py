@@ -64,7 +64,14 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
             request[PRINCIPAL] = ctx.auth.authenticate(request)
         return await handler(request)
     except Problem as p:
-        return render(p.status, p.detail, instance=request.path, errors=p.errors, headers=p.headers)
+        return render(
+            p.status,
+            p.detail,
+            instance=request.path,
+            errors=p.errors,
+            headers=p.headers,
+            extensions=p.extensions,
+        )
     except DatabaseUnavailable as exc:
         log.warning("api.db_unavailable path=%s error=%s", request.path, exc)
         return render(

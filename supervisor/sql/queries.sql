@@ -33,15 +33,19 @@ INSERT INTO @schema.schema_migrations (version, name) VALUES ($1, $2);
 -- A new batch with all counters queued, its items ($17 keys, $18 payloads; empty
 -- when they come by COPY in the same transaction), its 'created' event and the
 -- wake-ups, in one statement: a small submission is one round trip, atomic on its
--- own. No row back when the idempotency key is taken (ON CONFLICT makes
--- idempotency races safe); the NOTIFYs are delivered at commit.
+-- own. No row back (nothing inserted) when a unique index refuses the batch: its
+-- idempotency key names a batch, or an unfinished batch holds its exclusive key
+-- ($20). ON CONFLICT without a target covers both, and waits for a concurrent
+-- submission holding either to commit or roll back, so races end in one batch,
+-- never in an error. The NOTIFYs are delivered at commit.
 WITH b AS (
     INSERT INTO @schema.batches (
         id, tenant, handler, status, priority, max_concurrency, max_attempts, attempt_budget,
         max_failures, max_failures_limit, metadata, idempotency_key, request_hash, total,
-        queued, created_by, callback_handler)
-    VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, $15)
-    ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+        queued, created_by, callback_handler, exclusive_key)
+    VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, $15,
+            $20)
+    ON CONFLICT DO NOTHING
     RETURNING *
 ), new_items AS (
     INSERT INTO @schema.items (batch_id, seq, key, handler, payload, max_attempts)
@@ -60,6 +64,12 @@ SELECT b.* FROM b
 -- The batch an idempotency key already names, with the hash of its request.
 SELECT id, request_hash FROM @schema.batches WHERE tenant = $1 AND idempotency_key = $2;
 
+-- name: find_exclusive_holder
+-- The unfinished batch holding an exclusive key, if any (index batches_exclusive).
+SELECT id, status FROM @schema.batches
+ WHERE tenant = $1 AND exclusive_key = $2
+   AND status NOT IN ('completed', 'completed_with_errors', 'failed', 'cancelled');
+
 -- name: notify_wake
 -- Wake idle daemons: new runnable work for a handler.
 SELECT pg_notify('@sname_wake', $1::text);
@@ -75,6 +85,7 @@ SELECT * FROM @schema.batches
    AND ($2::text IS NULL OR status = $2)
    AND ($3::text IS NULL OR handler = $3)
    AND ($4::timestamptz IS NULL OR (created_at, id) < ($4, $5::uuid))
+   AND ($7::text IS NULL OR exclusive_key = $7)
  ORDER BY created_at DESC, id DESC
  LIMIT $6;
 

@@ -38,8 +38,8 @@ async def test_a_submission_stores_the_batch_items_event_and_wakes_both_channels
     heard: list[tuple[str, str]] = []
     got_both = anyio.Event()
 
-    def hear(_c: object, _pid: int, channel: str, payload: str) -> None:
-        heard.append((channel, payload))
+    def hear(_c: object, _pid: int, channel: str, payload: object) -> None:
+        heard.append((channel, str(payload)))
         if len(heard) == 2:
             got_both.set()
 
@@ -88,4 +88,5 @@ async def test_an_idempotent_repeat_returns_the_batch_and_inserts_nothing(
         f"(SELECT count(*) FROM {db.schema}.items) AS items, "
         f"(SELECT count(*) FROM {db.schema}.batch_events) AS events"
     )
+    assert counts is not None
     assert dict(counts) == {"batches": 1, "items": n, "events": 1}

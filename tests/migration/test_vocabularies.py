@@ -40,3 +40,26 @@ def test_each_status_enum_matches_its_check_constraint(db_url: str, name: str) -
     allowed = set(re.findall(r"'([a-z_]+)'::text", definition))
     assert allowed, definition
     assert {v.value for v in CONSTRAINTS[name]} == allowed, definition
+
+
+async def _indexdef(dsn: str, name: str) -> str:
+    conn = await asyncpg.connect(dsn)
+    try:
+        definition: str = await conn.fetchval(
+            "SELECT indexdef FROM pg_indexes WHERE schemaname = 'supervisor' AND indexname = $1",
+            name,
+        )
+    finally:
+        await conn.close()
+    return definition
+
+
+def test_the_exclusive_key_index_releases_exactly_the_terminal_statuses(db_url: str) -> None:
+    """A key is held while its batch is in any status but a terminal one: a status
+    terminal in states.py but missing here would hold the key forever."""
+    definition = asyncio.run(_indexdef(db_url, "batches_exclusive"))
+    assert definition.startswith("CREATE UNIQUE INDEX"), definition
+    assert "(tenant, exclusive_key) WHERE" in definition, definition
+    assert "<> ALL" in definition, definition  # NOT IN: every other status holds the key
+    released = set(re.findall(r"'([a-z_]+)'::text", definition))
+    assert released == {s.value for s in states.BATCH_TERMINAL}, definition
