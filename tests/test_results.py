@@ -1,24 +1,31 @@
 """GET /v1/batches/{id}/results over real HTTP against real daemons: every item's
 outcome as JSON Lines or CSV, checked against what the item listing says; status
 filters, format negotiation, strict parameters, resuming after any id (also across
-page boundaries), tenancy and scopes."""
+page boundaries), tenancy and scopes, the ``results`` CLI verb and the client's
+``results()`` iterator."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hashlib
 import io
 import json
+import pathlib
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
+import aiohttp
 import pytest
 
+from supervisor import client
 from supervisor.api import results
 from tests.conftest import DaemonFactory
-from tests.daemon import DEFAULT_HANDLERS, Daemon, wait_for
+from tests.daemon import DEFAULT_HANDLERS, ROOT, Daemon, wait_for
 from tests.test_api import assert_problem
 
 HANDLERS = {
@@ -253,3 +260,81 @@ def test_tenancy_and_scopes_are_those_of_the_item_listing(tenants: Daemon) -> No
     assert [r["id"] for r in ops] == [r["id"] for r in owner]
     (failed,) = [r for r in ops if r["error"]]
     assert "Traceback" in failed["error"]["traceback"]
+
+
+def cli_to_file(d: Daemon, out: pathlib.Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """``batch-supervisor ARGS > out``, as a shell would run it."""
+    with open(out, "wb") as f:
+        return subprocess.run(
+            [sys.executable, "-m", "supervisor", *args],
+            cwd=ROOT,
+            env={**d.env, "BATCH_SUPERVISOR_URL": d.url},
+            stdout=f,
+            stderr=subprocess.PIPE,
+            text=False,
+            timeout=120,
+            check=False,
+        )
+
+
+def test_cli_results_writes_the_export_to_stdout(
+    daemons: DaemonFactory, tmp_path: pathlib.Path
+) -> None:
+    d = daemons(handlers=HANDLERS)
+    bid = mixed_batch(d)
+    big = d.submit("echo", list(range(results.PAGE_ROWS + 3)))
+    d.wait_status(big["id"], "completed", timeout=60)
+
+    for batch, args, query in (
+        (bid, [], ""),
+        (bid, ["--format", "csv"], "?format=csv"),
+        (bid, ["--status", "failed"], "?status=failed"),
+        (
+            bid,
+            ["--format", "csv", "--status", "succeeded,failed"],
+            "?format=csv&status=succeeded,failed",
+        ),
+        (big["id"], [], ""),
+    ):
+        out = tmp_path / "out.data"
+        r = cli_to_file(d, out, "results", batch, *args)
+        assert r.returncode == 0 and r.stderr == b"", (args, r.stderr)
+        code, _, body = get(d, f"/v1/batches/{batch}/results{query}")
+        assert code == 200
+        assert out.read_bytes() == body, args  # byte for byte what the API sends
+        assert body.count(b"\n") >= 2, body
+
+    # --after resumes: the rest, exactly.
+    every = jsonl(d, f"/v1/batches/{big['id']}/results")
+    out = tmp_path / "rest.jsonl"
+    r = cli_to_file(d, out, "results", big["id"], "--after", every[results.PAGE_ROWS - 2]["id"])
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x) for x in out.read_text().splitlines()] == every[results.PAGE_ROWS - 1 :]
+
+    # Errors are one line and exit 1, naming what was wrong.
+    for args, fragment in (
+        (["results", bid, "--status", "done"], "status"),
+        (["results", "00000000-0000-0000-0000-000000000000"], "404"),
+    ):
+        r = cli_to_file(d, tmp_path / "err.out", *args)
+        lines = r.stderr.decode().splitlines()
+        assert r.returncode == 1 and len(lines) == 1, r.stderr
+        assert lines[0].startswith("error: ") and fragment in lines[0], lines
+
+
+def test_client_results_iterates_records_and_continues_after_an_id(
+    daemons: DaemonFactory,
+) -> None:
+    d = daemons(handlers=HANDLERS)
+    bid = mixed_batch(d)
+    want = expected(d, bid)
+
+    async def collect(**kw: Any) -> list[dict[str, Any]]:
+        async with aiohttp.ClientSession() as session:
+            return [rec async for rec in client.results(session, d.url, bid, **kw)]
+
+    assert asyncio.run(collect()) == want
+    assert asyncio.run(collect(after=want[1]["id"])) == want[2:]
+    failed = [r for r in want if r["status"] == "failed"]
+    assert asyncio.run(collect(status=["failed"])) == failed
+    assert asyncio.run(collect(status="failed,succeeded")) == want
