@@ -136,6 +136,12 @@ def test_every_item_as_json_lines_and_as_csv(daemons: DaemonFactory) -> None:
     assert body.endswith(b"\r\n")
     assert csv_rows(d, f"/v1/batches/{bid}/results?format=csv") == [as_csv(r) for r in want]
 
+    # HEAD answers the headers and reads nothing.
+    head = urllib.request.Request(d.url + f"/v1/batches/{bid}/results?format=csv", method="HEAD")
+    with urllib.request.urlopen(head, timeout=30) as resp:
+        assert resp.status == 200 and resp.read() == b""
+        assert resp.headers["Content-Type"] == "text/csv; charset=utf-8"
+
     # The Accept header chooses when there is no format parameter; the parameter wins.
     by_accept = csv_rows(d, f"/v1/batches/{bid}/results", {"Accept": "text/csv"})
     assert by_accept == [as_csv(r) for r in want]
