@@ -99,15 +99,16 @@ async def stream(
             return csv_page(rows, tracebacks=tracebacks, header=first)
         return jsonl_page(rows, tracebacks=tracebacks)
 
+    media = RESULT_MEDIA[fmt] + ("; charset=utf-8" if fmt == "csv" else "")
+    resp = web.StreamResponse(headers={"Content-Type": media, "Cache-Control": "no-store"})
+    if request.method == "HEAD":  # the headers only: no page is read for a body never sent
+        await resp.prepare(request)
+        await resp.write_eof()
+        return resp
     # The first page before the status line: a database that is away now is a 503
     # the client can act on, not a 200 cut short.
     rows = await page(after)
-    media = RESULT_MEDIA[fmt] + ("; charset=utf-8" if fmt == "csv" else "")
-    resp = web.StreamResponse(headers={"Content-Type": media, "Cache-Control": "no-store"})
     await resp.prepare(request)
-    if request.method == "HEAD":
-        await resp.write_eof()
-        return resp
     first = True
     try:
         while True:
