@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from bench import (
     claim_cost,
+    export,
     iobound,
     latency,
     latency_small,
@@ -48,6 +49,7 @@ SCENARIOS: dict[str, Callable[[Ctx, Results], Awaitable[None]]] = {
     "latency_small": latency_small.run,
     "io": iobound.run,
     "claim_cost": claim_cost.run,
+    "results": export.run,
 }
 DEFAULT_SCENARIOS = ["throughput", "submission", "latency", "status", "streams", "memory", "peers"]
 
@@ -291,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         "--scale",
         type=float,
         default=None,
-        help="multiply the item and batch counts of small, small1, latency_small, io and "
-        "claim_cost (default 1; 0.1 with --quick)",
+        help="multiply the item and batch counts of small, small1, latency_small, io, "
+        "claim_cost and results (default 1; 0.1 with --quick)",
     )
     p.add_argument(
         "--clients",

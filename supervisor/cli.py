@@ -1,7 +1,7 @@
 """Command line: the parser, the exit codes, the daemon (``run``) and the
 operator tools (``migrate``, ``check``, ``doctor``); the HTTP client verbs
-(``submit``, ``status``, ``watch``, ``list``, ``cancel``, ``pause``, ``resume``,
-``retry``, ``redeliver``) are in :mod:`supervisor.client`.
+(``submit``, ``status``, ``watch``, ``list``, ``results``, ``cancel``, ``pause``,
+``resume``, ``retry``, ``redeliver``) are in :mod:`supervisor.client`.
 
 Exit codes: 0 ok; 1 failure (API error, batch not completed cleanly, drift
 found); 2 usage; 78 (EX_CONFIG) invalid configuration or a broken handler.
@@ -215,6 +215,15 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("--status")
     ls.add_argument("--limit", type=int, default=20)
     ls.add_argument("--json", action="store_true")
+    rs = with_url(
+        sub.add_parser(
+            "results", help="every item's outcome as JSON Lines or CSV, to stdout (resumable)"
+        )
+    )
+    rs.add_argument("id")
+    rs.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    rs.add_argument("--status", help="only these item statuses, comma-separated (failed,cancelled)")
+    rs.add_argument("--after", help="start after this item id (the last one an earlier run got)")
     for verb in ("cancel", "pause", "resume", "retry"):
         v = with_url(sub.add_parser(verb, help=f"{verb} a batch"))
         v.add_argument("id")

@@ -1,6 +1,7 @@
 """The HTTP client verbs of the command line (``submit``, ``status``, ``watch``,
-``list``, ``cancel``, ``pause``, ``resume``, ``retry``, ``redeliver``): API calls
-with one-line errors, the SSE reader and the live progress renderer.
+``list``, ``results``, ``cancel``, ``pause``, ``resume``, ``retry``, ``redeliver``):
+API calls with one-line errors, the SSE reader, the live progress renderer and the
+resumable reader of a batch's results (:func:`results`, also for programs).
 
 Everything a server sends is shown with control characters escaped: item keys
 and error messages are client data and must not drive the operator's terminal.
@@ -11,13 +12,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import csv
 import json
 import logging
 import os
 import re
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aiohttp
@@ -329,6 +331,141 @@ def _report_callback(batch: dict[str, Any]) -> bool:
     return False
 
 
+RESULTS_RECONNECTS = 10  # consecutive failed attempts before a results export gives up
+# No total limit: a million-item export takes minutes; a silent connection does not.
+RESULTS_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
+
+
+class _Interrupted(Exception):
+    """A results export stopped before its end (cut, timed out, or a 503): resume it."""
+
+
+async def _records(resp: aiohttp.ClientResponse, csv_format: bool) -> AsyncIterator[str]:
+    """The complete records of a results body, as text with their line end. A CSV
+    record may span lines (a quoted newline) and is complete when its quotes
+    balance. A body that ends inside a record was cut: _Interrupted."""
+    buf = bytearray()
+    pending = ""
+    async for chunk in resp.content.iter_any():  # not readline: a record may be megabytes
+        buf += chunk
+        start = 0
+        while (end := buf.find(b"\n", start)) >= 0:
+            line = buf[start : end + 1].decode()
+            start = end + 1
+            if csv_format:
+                pending += line
+                if pending.count('"') % 2:
+                    continue
+                line, pending = pending, ""
+            yield line
+        del buf[:start]
+    if buf or pending:
+        raise _Interrupted("the response ended inside a record")
+
+
+async def result_records(
+    session: aiohttp.ClientSession,
+    base: str,
+    batch_id: str,
+    *,
+    fmt: str = "jsonl",
+    status: str | Sequence[str] | None = None,
+    after: str | int | None = None,
+) -> AsyncIterator[tuple[str, Any]]:
+    """``(text, parsed)`` of every record of a batch's results in ``fmt`` (``jsonl``:
+    a dict; ``csv``: the row's cells, the header first), in item id order.
+
+    A dropped connection, a stream the daemon cut, a silent one or a 503 is
+    resumed with ``after=<the last id received>``, so every record comes exactly
+    once, up to RESULTS_RECONNECTS failed attempts in a row. ``after`` starts after
+    that item id (the last one an earlier run got); ``status`` keeps only those."""
+    url = f"{base}/v1/batches/{batch_id}/results"
+    params = {"format": fmt}
+    if status:
+        params["status"] = status if isinstance(status, str) else ",".join(status)
+    csv_format = fmt == "csv"
+    header_sent = False
+    failures = 0
+    while True:
+        if after is not None:
+            params["after"] = str(after)
+        try:
+            async with session.get(
+                url, params=params, headers=_headers(), timeout=RESULTS_TIMEOUT
+            ) as resp:
+                if resp.status >= 400:
+                    problem = _problem("GET", url, resp.status, await resp.text())
+                    if resp.status != 503:
+                        raise problem
+                    raise _Interrupted(str(problem))
+                header = csv_format
+                async for text in _records(resp, csv_format):
+                    if csv_format:
+                        row = next(csv.reader([text]))
+                        if header:  # every response starts with it; pass it on once
+                            header = False
+                            if header_sent:
+                                continue
+                            header_sent = True
+                            yield text, row
+                            continue
+                        after = row[0]
+                        yield text, row
+                    else:
+                        rec = json.loads(text)
+                        after = rec["id"]
+                        yield text, rec
+                    failures = 0
+                return
+        except (aiohttp.ClientError, TimeoutError, _Interrupted) as exc:
+            failures += 1
+            if failures > RESULTS_RECONNECTS:
+                raise ClientError(
+                    _one_line(f"GET {url}: gave up after {RESULTS_RECONNECTS} retries: {exc}")
+                ) from None
+            # Without logging configured (the CLI) this is one line on stderr.
+            log.warning("results: resuming after item %s: %s", after, _one_line(str(exc)))
+        await asyncio.sleep(min(5.0, 0.2 * 2**failures))
+
+
+async def results(
+    session: aiohttp.ClientSession,
+    base: str,
+    batch_id: str,
+    *,
+    status: str | Sequence[str] | None = None,
+    after: str | int | None = None,
+) -> AsyncIterator[dict[str, Any]]:
+    """Every item's outcome (``id``, ``key``, ``status``, ``attempts``, ``result``,
+    ``error``) in id order, read from the JSON Lines export and resumed by itself
+    after a dropped connection. To continue a run that stopped, pass the last
+    ``id`` it got as ``after``."""
+    async for _, rec in result_records(session, base, batch_id, status=status, after=after):
+        yield rec
+
+
+async def _export(session: aiohttp.ClientSession, base: str, args: argparse.Namespace) -> int:
+    """``results``: the records to stdout as the daemon sent them; on a terminal,
+    with control characters escaped (keys are client data)."""
+    out = sys.stdout
+    tty = out.isatty()
+    records = result_records(
+        session, base, args.id, fmt=args.format, status=args.status, after=args.after
+    )
+    try:
+        async for text, _ in records:
+            if tty:
+                out.write(_printable(text.rstrip("\r\n")) + "\n")
+            else:
+                out.buffer.write(text.encode())
+        out.flush()
+    except BrokenPipeError:
+        # The reader stopped (``| head``): nothing more is wanted. Point stdout at
+        # /dev/null so the interpreter's own flush at exit does not fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+    return 0
+
+
 def max_failures(text: str) -> int | str:
     """``--max-failures``: a count, or a percentage such as ``10%``."""
     if text.endswith("%"):
@@ -384,6 +521,8 @@ def cmd_client(args: argparse.Namespace) -> int:
                 return 0
             if verb == "watch":
                 return await _watch(s, base, args.id, quiet=False)
+            if verb == "results":
+                return await _export(s, base, args)
             if verb == "list":
                 q = f"?limit={args.limit}" + (f"&status={args.status}" if args.status else "")
                 data = await _call(s, "GET", f"{base}/v1/batches{q}")

@@ -127,6 +127,19 @@ class ItemDetail(ItemRow):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ItemResult(_FromRecord):
+    """An item's outcome as a results export shows it: no payload or timestamps,
+    so a page of a million-item batch stays small (``error``: its last entry)."""
+
+    id: int
+    key: str | None
+    status: str
+    attempts: int
+    result: str | None  # jsonb text
+    error: str | None  # jsonb text
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class FinishedItem(_FromRecord):
     """An item that reached a terminal state after a batch version (SSE)."""
 
@@ -479,6 +492,15 @@ class Queries:
     ) -> list[ItemRow]:
         rows = await self._ex.fetch("list_items", batch_id, status, after, limit)
         return [ItemRow.of(r) for r in rows]
+
+    async def item_results(
+        self, *, batch_id: uuid.UUID, statuses: Sequence[str] | None, after: int, limit: int
+    ) -> list[ItemResult]:
+        """Up to ``limit`` outcomes after the item id ``after``, in id order; only
+        ``statuses`` when given."""
+        chosen = list(statuses) if statuses is not None else None
+        rows = await self._ex.fetch("item_results", batch_id, chosen, after, limit)
+        return [ItemResult.of(r) for r in rows]
 
     async def get_item(self, item_id: int, *, tenant: str | None) -> ItemDetail | None:
         r = await self._ex.fetchrow("get_item", item_id, tenant)

@@ -17,7 +17,7 @@ import anyio.to_thread
 from aiohttp import web
 
 from supervisor import batches, models, states, store
-from supervisor.api import schemas, sse
+from supervisor.api import results, schemas, sse
 from supervisor.api.auth import Principal
 from supervisor.api.context import CTX, ApiContext, principal
 from supervisor.api.problems import Problem, ValidationFailed
@@ -363,6 +363,30 @@ async def list_items(request: web.Request) -> web.Response:
     nxt = _cursor_encode({"after": rows[len(items) - 1].id}) if more and items else None
     body = '{"items": [' + ", ".join(items) + '], "next_cursor": ' + json.dumps(nxt) + "}"
     return web.Response(text=body, content_type=JSON_CT)
+
+
+@routes.get("/v1/batches/{id}/results")
+async def batch_results(request: web.Request) -> web.StreamResponse:
+    """Every item's outcome as JSON Lines or CSV, streamed (see api/results.py).
+    Held in a stream slot like SSE: an export of a big batch lasts minutes."""
+    ctx = ctx_of(request)
+    who = principal(request)
+    who.require("read")
+    row = await _batch_or_404(request)
+    q = request.query
+    fmt = schemas.results_format(q.get("format"), request.headers.get("Accept"))
+    statuses = schemas.statuses_param(q.get("status"), states.ItemStatus)
+    after = schemas.after_param(q.get("after"))
+    with ctx.streams.slot(who.name):
+        return await results.stream(
+            request,
+            ctx,
+            row.id,
+            fmt=fmt,
+            statuses=statuses,
+            after=after,
+            tracebacks=who.sees_tracebacks,
+        )
 
 
 @routes.get("/v1/items/{id}")

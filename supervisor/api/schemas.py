@@ -401,3 +401,67 @@ def text_param(name: str, value: str | None) -> str | None:
     if why:
         raise ValidationFailed([{"path": name, "message": why}], 400)
     return value
+
+
+def statuses_param(value: str | None, allowed: type[enum.StrEnum]) -> list[str] | None:
+    """A ``status`` filter of comma-separated statuses (an item matches any of
+    them); empty means absent. Anything else is a 422 naming ``status``."""
+    if not value:
+        return None
+    names = list(allowed.__members__.values())
+    wanted = value.split(",")
+    if any(s not in names for s in wanted):
+        raise ValidationFailed(
+            [{"path": "status", "message": f"must be a comma-separated list of {', '.join(names)}"}]
+        )
+    return sorted(set(wanted))
+
+
+def after_param(value: str | None) -> int:
+    """An ``after`` cursor: an item id (ASCII digits that fit a bigint); absent is 0.
+    Anything else is a 422 naming ``after``."""
+    if value is None:
+        return 0
+    if not re.fullmatch(r"[0-9]{1,18}", value):
+        raise ValidationFailed([{"path": "after", "message": "must be an item id (digits)"}])
+    return int(value)
+
+
+RESULT_MEDIA = {"jsonl": "application/x-ndjson", "csv": "text/csv"}
+_Q = re.compile(r"(?:0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?)")
+
+
+def _accept_q(accept: str, media: str) -> float:
+    """The quality ``accept`` gives ``media``: that of its most specific matching
+    range (RFC 9110 12.5.1), 0 when none matches; a malformed q counts as 0."""
+    main = media.split("/")[0] + "/*"
+    best, quality = -1, 0.0
+    for part in accept.split(","):
+        rng, *params = (p.strip().lower() for p in part.split(";"))
+        rank = {media: 2, main: 1, "*/*": 0}.get(rng, -1)
+        if rank <= best:
+            continue
+        q = 1.0
+        for param in params:
+            name, _, v = param.partition("=")
+            if name.strip() == "q":
+                v = v.strip()
+                q = float(v) if _Q.fullmatch(v) else 0.0
+        best, quality = rank, q
+    return quality
+
+
+def results_format(value: str | None, accept: str | None) -> str:
+    """``jsonl`` or ``csv``: the ``format`` parameter when given (else a 422 naming
+    it), else whichever the Accept header prefers; JSON Lines when it prefers
+    neither, so a client that accepts anything, or names neither, still gets data."""
+    if value is not None:
+        if value not in RESULT_MEDIA:
+            raise ValidationFailed(
+                [{"path": "format", "message": f"must be one of {', '.join(RESULT_MEDIA)}"}]
+            )
+        return value
+    if not accept:
+        return "jsonl"
+    jsonl, csv = (_accept_q(accept, RESULT_MEDIA[f]) for f in ("jsonl", "csv"))
+    return "csv" if csv > jsonl else "jsonl"

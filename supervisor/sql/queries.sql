@@ -98,6 +98,16 @@ SELECT id, batch_id, key, status, payload, result, attempts, max_attempts,
  ORDER BY id
  LIMIT $4;
 
+-- name: item_results
+-- One page of a batch's outcomes for an export, in id order after the item id $3
+-- (keyset on items_by_batch: a page starts where the last one ended, however deep
+-- into the batch); $2 NULL: every status.
+SELECT id, key, status, attempts, result, errors -> -1 AS error
+  FROM @schema.items
+ WHERE batch_id = $1 AND id > $3 AND ($2::text[] IS NULL OR status = ANY ($2::text[]))
+ ORDER BY id
+ LIMIT $4;
+
 -- name: get_item
 -- One item with its whole error history, visible to the tenant.
 SELECT i.id, i.batch_id, i.key, i.status, i.payload, i.result, i.attempts, i.max_attempts,

@@ -16,7 +16,10 @@ After each, ``batch-supervisor doctor`` finds no drift. The server is always res
 from __future__ import annotations
 
 import collections
+import json
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,9 +27,10 @@ from typing import Any
 
 import pytest
 
+from supervisor.api import results
 from tests.chaos.common import ECHO, FAST_WORKER, TERMINAL, assert_no_drift, query
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon, check_invariants, request, wait_for
+from tests.daemon import ROOT, Daemon, check_invariants, request, wait_for
 from tests.pgharness import TestServer
 
 SCHEMA = "supervisor"
@@ -242,3 +246,51 @@ def test_claim_whose_reply_was_lost_is_handed_back(
     wait_for(handed_back, 20, 0.1, "orphaned claims released")
     assert "dispatcher.orphans_released items=3" in d.log()
     assert_no_drift(d)
+
+
+def test_crash_during_a_results_export_is_resumed_never_cut_short(
+    daemons: DaemonFactory, restore_server: TestServer
+) -> None:
+    """A results export whose database goes away part-way is cut before its final
+    chunk, never ended as if it were complete, and ``batch-supervisor results``
+    resumes after the last id it wrote: its output holds every item exactly once."""
+    d = daemons("export", handlers=ECHO, worker=FAST_WORKER)
+    n = 6 * results.PAGE_ROWS
+    # About 30 MB of results: more than the sockets and the pipe buffer, so the
+    # daemon is still streaming (blocked on its writes) when the server goes.
+    pad = "x" * 10_000
+    b = d.submit("echo", [{"n": i, "pad": pad} for i in range(n)])
+    d.wait_status(b["id"], "completed", 120)
+    want = [it["id"] for it in d.items(b["id"])]
+    assert len(want) == n
+
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "results", b["id"]],
+        cwd=ROOT,
+        env={**d.env, "BATCH_SUPERVISOR_URL": d.url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = cli.stdout, cli.stderr
+    assert out is not None and err is not None
+    try:
+        lines = [out.readline()]
+        restore_server.crash()
+        rest: list[bytes] = []
+        reader = threading.Thread(target=lambda: rest.append(out.read()), daemon=True)
+        reader.start()  # the daemon fetches its next page, fails and cuts the stream
+        wait_for(lambda: "api.results_aborted" in d.log(), 30, 0.05, "the export cut")
+        restore_server.start()
+        reader.join(120)
+        assert cli.wait(60) == 0, err.read()
+        stderr = err.read().decode()
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(10)
+    lines += rest[0].splitlines(keepends=True)
+    assert all(line.endswith(b"\n") for line in lines)
+    got = [json.loads(line)["id"] for line in lines]
+    assert got == want  # every item once, in order: resumed exactly after the cut
+    assert "resuming after item" in stderr, stderr
+    assert d.proc is not None and d.proc.poll() is None, d.log()
