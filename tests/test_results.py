@@ -163,7 +163,7 @@ def test_every_item_as_json_lines_and_as_csv(daemons: DaemonFactory) -> None:
     assert "api.internal_error" not in d.log() and "api.results_aborted" not in d.log()
 
 
-def test_bad_parameters_are_422_naming_them(daemons: DaemonFactory) -> None:
+def test_bad_parameters_are_400_naming_them(daemons: DaemonFactory) -> None:
     d = daemons()
     b = d.submit("echo", [1])
     base = f"/v1/batches/{b['id']}/results"
@@ -181,7 +181,7 @@ def test_bad_parameters_are_422_naming_them(daemons: DaemonFactory) -> None:
         ("after=1e3", "after"),
         ("after=9999999999999999999", "after"),
     ):
-        body = assert_problem(problem(d, f"{base}?{query}"), 422, field)
+        body = assert_problem(problem(d, f"{base}?{query}"), 400, field)
         assert body["detail"].startswith(f"{field}: "), body
     for bad in ("not-a-uuid", "00000000-0000-0000-0000-000000000000"):
         assert_problem(problem(d, f"/v1/batches/{bad}/results"), 404)

@@ -405,25 +405,32 @@ def text_param(name: str, value: str | None) -> str | None:
 
 def statuses_param(value: str | None, allowed: type[enum.StrEnum]) -> list[str] | None:
     """A ``status`` filter of comma-separated statuses (an item matches any of
-    them); empty means absent. Anything else is a 422 naming ``status``."""
+    them); empty means absent. Anything else is a 400 naming ``status``, like
+    every bad query parameter."""
     if not value:
         return None
     names = list(allowed.__members__.values())
     wanted = value.split(",")
     if any(s not in names for s in wanted):
         raise ValidationFailed(
-            [{"path": "status", "message": f"must be a comma-separated list of {', '.join(names)}"}]
+            [
+                {
+                    "path": "status",
+                    "message": f"must be a comma-separated list of {', '.join(names)}",
+                }
+            ],
+            400,
         )
     return sorted(set(wanted))
 
 
 def after_param(value: str | None) -> int:
     """An ``after`` cursor: an item id (ASCII digits that fit a bigint); absent is 0.
-    Anything else is a 422 naming ``after``."""
+    Anything else is a 400 naming ``after``."""
     if value is None:
         return 0
     if not re.fullmatch(r"[0-9]{1,18}", value):
-        raise ValidationFailed([{"path": "after", "message": "must be an item id (digits)"}])
+        raise ValidationFailed([{"path": "after", "message": "must be an item id (digits)"}], 400)
     return int(value)
 
 
@@ -452,13 +459,14 @@ def _accept_q(accept: str, media: str) -> float:
 
 
 def results_format(value: str | None, accept: str | None) -> str:
-    """``jsonl`` or ``csv``: the ``format`` parameter when given (else a 422 naming
+    """``jsonl`` or ``csv``: the ``format`` parameter when given (else a 400 naming
     it), else whichever the Accept header prefers; JSON Lines when it prefers
     neither, so a client that accepts anything, or names neither, still gets data."""
     if value is not None:
         if value not in RESULT_MEDIA:
             raise ValidationFailed(
-                [{"path": "format", "message": f"must be one of {', '.join(RESULT_MEDIA)}"}]
+                [{"path": "format", "message": f"must be one of {', '.join(RESULT_MEDIA)}"}],
+                400,
             )
         return value
     if not accept:
