@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 MAX_PARALLEL = 4
 
 
+def wakes_callbacks(payload: str, handlers: Mapping[str, object]) -> bool:
+    """Whether a wake-up may concern callbacks (see :meth:`Callbacks.wake`)."""
+    return payload == "callback" or payload not in handlers
+
+
 class Callbacks:
     def __init__(
         self,
@@ -52,8 +57,13 @@ class Callbacks:
         self._running = 0
         self._active: set[uuid.UUID] = set()  # batch ids whose callback runs here
 
-    def wake(self, _payload: str = "") -> None:
-        self._wakeup.set()
+    def wake(self, payload: str = "") -> None:
+        """A NOTIFY on the wake channel. One naming an item handler is sent for
+        every submission (new items, not callbacks) and is ignored: claiming
+        callbacks for each cost a round trip per batch. Anything else ('callback',
+        a lost listen session, a probe) may mean a callback to deliver."""
+        if wakes_callbacks(payload, self._handlers):
+            self._wakeup.set()
 
     def stop_claiming(self) -> None:
         self._claim_scope.cancel()
