@@ -86,6 +86,10 @@ async def _read_body(request: web.Request) -> bytes:
         )
     timeout = ctx.cfg.server.read_timeout_s
     try:
+        if request.content.is_eof():
+            # All of it arrived with the headers (small bodies usually do): nothing
+            # to wait for, and no deadline to set up on the hot path.
+            return await request.read()
         with anyio.fail_after(timeout):  # a slow sender must not hold its socket forever
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
