@@ -7,8 +7,9 @@ batches are POSTed (16 clients) up to each level (10, 100, 1,000, 3,000, 10,000;
 scaled by ``--scale``); at each level, on a connection of our own, ``claim_items``
 ('hold', 500 items: the daemon's ``claim_batch_size``) runs 20 times, each in a
 transaction that is rolled back (after a VACUUM: every call claims the same
-16 batches), and the median is reported; then again with the function's
-``plan_cache_mode = force_custom_plan`` reset, an experiment put back after. The
+16 batches), and the median is reported; then again with
+``plan_cache_mode = force_custom_plan`` set on the function (planning every
+statement of every call, as before migration 0011), an experiment reset after. The
 reference: the same call with one queued 5,000-item batch. The last call at
 each level runs under auto_explain (``log_analyze``, ``log_buffers``,
 ``log_nested_statements``): its statements' times are printed, their plans
@@ -55,14 +56,17 @@ async def _vacuum(conn: asyncpg.Connection) -> None:
     await conn.execute("VACUUM supervisor.batches")
 
 
-async def _timed_claims(conn: asyncpg.Connection, generic: bool = False) -> tuple[float, int]:
-    """Median seconds of CALLS claims, each rolled back. ``generic``: with the
-    function's ``plan_cache_mode = force_custom_plan`` reset for the experiment,
+async def _timed_claims(conn: asyncpg.Connection, custom: bool = False) -> tuple[float, int]:
+    """Median seconds of CALLS claims, each rolled back. ``custom``: with the
+    function's ``plan_cache_mode = force_custom_plan`` set for the experiment,
     and put back after (the daemon is not claiming: its one worker is busy)."""
     times: list[float] = []
     got = 0
-    if generic:
-        await conn.execute(f"ALTER FUNCTION supervisor.claim_items({CLAIM_ARGS}) RESET ALL")
+    if custom:
+        await conn.execute(
+            f"ALTER FUNCTION supervisor.claim_items({CLAIM_ARGS}) "
+            "SET plan_cache_mode = force_custom_plan"
+        )
     try:
         for _ in range(CALLS):
             await _vacuum(conn)
@@ -73,11 +77,8 @@ async def _timed_claims(conn: asyncpg.Connection, generic: bool = False) -> tupl
             times.append(time.perf_counter() - t0)
             await tx.rollback()
     finally:
-        if generic:
-            await conn.execute(
-                f"ALTER FUNCTION supervisor.claim_items({CLAIM_ARGS}) "
-                "SET plan_cache_mode = force_custom_plan"
-            )
+        if custom:
+            await conn.execute(f"ALTER FUNCTION supervisor.claim_items({CLAIM_ARGS}) RESET ALL")
     return statistics.median(times), got
 
 
@@ -185,13 +186,13 @@ async def run(ctx: Ctx, results: Results) -> None:
                             1e6 * med / max(1, got),
                             higher=False,
                         )
-                        generic, _ = await _timed_claims(conn, generic=True)
+                        custom, _ = await _timed_claims(conn, custom=True)
                         results.add(
-                            f"claim_cost.{level}.generic",
-                            f"claim_cost: the same, plan_cache_mode reset (experiment), "
-                            f"{level:,} batches",
+                            f"claim_cost.{level}.custom",
+                            "claim_cost: the same, plan_cache_mode = force_custom_plan "
+                            f"(experiment), {level:,} batches",
                             "ms",
-                            1000 * generic,
+                            1000 * custom,
                             higher=False,
                         )
                         plans = await _explained_claim(conn)
