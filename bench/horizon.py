@@ -36,6 +36,11 @@ their counters about once a second), plus the sizes of the partial indexes
 to the end of the first 5-s window (by batch creation) whose p95 is within 1.5x
 the clean p95 (5 s: the first window after the release already was).
 
+Peer (``pgqueuer`` in ``--peers``): PgQueuer 1.6.0 with the same offered load, one
+job per ``enqueue`` call from the same number of connections, the same phases and
+hold (``bench.peer_worker pgqueuer_horizon``); pick-up = the entrypoint's start
+(wall clock) - the enqueue call's start (in the payload).
+
 Phase lengths: ``--horizon-phases CLEAN,HOLD,AFTER`` seconds at ``--scale 1``
 (default 600,600,600), multiplied by ``--scale`` (0.1 with ``--quick``: 3 minutes
 per shape); the offered load ``--horizon-rate`` items/s (default 500).
@@ -56,6 +61,7 @@ import asyncpg
 
 from bench.context import Ctx
 from bench.harness import BENCH_HANDLERS, Results, percentile, running_daemon
+from bench.peers import run_peer
 
 CLIENTS = 4
 MAX_INFLIGHT = 64  # per client: beyond it the schedule slips (reported as lag)
@@ -458,6 +464,23 @@ def _report(
     )
 
 
+async def peer(ctx: Ctx) -> tuple[dict[str, Any], dict[str, Any]]:
+    clean, hold, after = phase_lengths(ctx)
+    dsn = await ctx.server.new_database("horizon_pgqueuer")
+    try:
+        argv = ["pgqueuer_horizon", str(ctx.horizon_rate), str(clean), str(hold), str(after)]
+        limit = clean + hold + after + DRAIN_S + 600
+        r: dict[str, Any] = dict(await run_peer(dsn, argv, 0, timeout_s=limit))
+    finally:
+        await ctx.server.drop_database(dsn)
+    tl = Timeline(*r["timeline"])
+    samples = [(c, s, f) for c, s, f in r["samples"]]
+    calls = [(w, lag, took) for w, lag, took in r["calls"]]
+    summary = summarise(samples, calls, tl, r["cutoff"], 1)
+    summary["posts"] = r["posts"]
+    return summary, r["stats"]
+
+
 def _print(label: str, summary: dict[str, Any], stats: dict[str, Any]) -> None:
     """The per-window p95s and the phase-end table stats (not medians: one run's)."""
     print(f"    {label}: POSTs {summary['posts']}")
@@ -487,3 +510,15 @@ async def run(ctx: Ctx, results: Results) -> None:
             summary, stats = await ours(ctx, size)
             _print(label, summary, stats)
             _report(results, key, label, summary, stats, ctx.horizon_rate)
+        if "pgqueuer" in ctx.peers:
+            summary, stats = await peer(ctx)
+            _print("horizon PgQueuer", summary, stats)
+            _report(
+                results,
+                "horizon_pgq",
+                "horizon PgQueuer 1 job/call",
+                summary,
+                stats,
+                ctx.horizon_rate,
+                call="enqueue call",
+            )
