@@ -494,7 +494,7 @@ def _print(label: str, summary: dict[str, Any], stats: dict[str, Any]) -> None:
                 if "dead" in v
                 else ""
             )
-            + f"{v['size_mb']:.1f} MB"
+            + f"{v['size_mb']:.2f} MB"
             for t, v in stats.get(phase, {}).items()
         )
         print(f"    {label}: {phase} end: {row}")
