@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from bench import (
     claim_cost,
     export,
+    horizon,
     iobound,
     latency,
     latency_small,
@@ -50,6 +51,7 @@ SCENARIOS: dict[str, Callable[[Ctx, Results], Awaitable[None]]] = {
     "io": iobound.run,
     "claim_cost": claim_cost.run,
     "results": export.run,
+    "horizon": horizon.run,
 }
 DEFAULT_SCENARIOS = ["throughput", "submission", "latency", "status", "streams", "memory", "peers"]
 
@@ -114,6 +116,10 @@ RATIOS: list[tuple[str, str, str, float | None]] = [
 ]
 # (metric key, limit, "max" or "min") -- the absolute targets.
 TARGETS: list[tuple[str, float, str]] = [
+    ("horizon1.hold_ratio", 1.5, "max"),
+    ("horizon10.hold_ratio", 1.5, "max"),
+    ("horizon1.recovery", 60.0, "max"),
+    ("horizon10.recovery", 60.0, "max"),
     ("submission.post", 1.0, "max"),
     ("latency.p50", 20.0, "max"),
     ("latency.p99", 50.0, "max"),
@@ -243,6 +249,8 @@ async def amain(args: argparse.Namespace) -> int:
             scale=args.scale if args.scale is not None else (0.1 if args.quick else 1.0),
             clients=args.clients,
             peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()),
+            horizon_phases=args.horizon_phases,
+            horizon_rate=args.horizon_rate,
         )
         if ctx.profile_dir is not None:
             ctx.profile_dir.mkdir(parents=True, exist_ok=True)
@@ -274,6 +282,13 @@ async def amain(args: argparse.Namespace) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _phases(text: str) -> tuple[float, float, float]:
+    parts = [float(x) for x in text.split(",")]
+    if len(parts) != 3 or min(parts) <= 0:
+        raise argparse.ArgumentTypeError("three positive numbers of seconds: CLEAN,HOLD,AFTER")
+    return parts[0], parts[1], parts[2]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--runs", type=int, default=None, help="runs per scenario (default 3)")
@@ -294,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=None,
         help="multiply the item and batch counts of small, small1, latency_small, io, "
-        "claim_cost and results (default 1; 0.1 with --quick)",
+        "claim_cost and results, and the phase lengths of horizon (default 1; 0.1 with --quick)",
     )
     p.add_argument(
         "--clients",
@@ -311,6 +326,20 @@ def main(argv: list[str] | None = None) -> int:
         "--profile",
         metavar="DIR",
         help="py-spy (raw collapsed stacks) of the daemon's first throughput run",
+    )
+    p.add_argument(
+        "--horizon-phases",
+        type=_phases,
+        default=(600.0, 600.0, 600.0),
+        metavar="CLEAN,HOLD,AFTER",
+        help="horizon: seconds of the clean, held-horizon and after-release phases at "
+        "scale 1, multiplied by --scale (default 600,600,600)",
+    )
+    p.add_argument(
+        "--horizon-rate",
+        type=float,
+        default=500.0,
+        help="horizon: offered load in items/s, for both shapes (default 500)",
     )
     p.add_argument("--json", metavar="PATH", help="also write every sample as JSON")
     return asyncio.run(amain(p.parse_args(argv)))

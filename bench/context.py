@@ -22,6 +22,10 @@ class Ctx:
     scale: float = 1.0
     clients: int = 16
     peers: tuple[str, ...] = ("pgqueuer", "procrastinate")
+    # ``horizon``: clean, hold and after-release seconds at scale 1 (times ``scale``)
+    # and the offered load in items/s.
+    horizon_phases: tuple[float, float, float] = (600.0, 600.0, 600.0)
+    horizon_rate: float = 500.0
 
     @property
     def throughput_items(self) -> int:

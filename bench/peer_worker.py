@@ -14,6 +14,10 @@ The shapes of the small-batch and I/O scenarios:
 - ``pgqueuer_sleep`` N SECONDS CONCURRENCY: N jobs whose async entrypoint sleeps
   SECONDS, enqueued in one call, drained at CONCURRENCY; also reports the
   process's peak RSS (``maxrss_mb``).
+- ``pgqueuer_horizon`` 0 RATE CLEAN HOLD AFTER: the ``horizon`` scenario's load
+  (RATE single-job enqueue calls a second, open-loop) for CLEAN seconds, then HOLD
+  seconds with the xmin horizon held, then AFTER; prints the phase times, every
+  job's (enqueue, start, end) wall times, the POSTs' counterpart and table stats.
 """
 
 from __future__ import annotations
@@ -338,6 +342,102 @@ async def pgqueuer_sleep(dsn: str, n: int, seconds: float, concurrency: int) -> 
     }
 
 
+async def pgqueuer_horizon(
+    dsn: str, rate: float, clean: float, hold: float, after: float
+) -> dict[str, Any]:
+    from pgqueuer.db import AsyncpgDriver
+    from pgqueuer.models import Job
+    from pgqueuer.qm import QueueManager
+    from pgqueuer.queries import Queries
+
+    from bench import horizon
+
+    conn = await asyncpg.connect(dsn)
+    queries = Queries(AsyncpgDriver(conn))
+    await queries.install()
+    qm = QueueManager(queries)
+    enqueued: dict[int, float] = {}
+    ran: dict[int, tuple[float, float]] = {}
+
+    @qm.entrypoint("stamp")
+    async def stamp(job: Job) -> None:
+        started = time.time()
+        assert job.payload is not None
+        seq = int(job.payload.split(b" ")[0])
+        ran[seq] = (started, time.time())
+
+    # Each open-loop client has its own connections (an asyncpg connection runs one
+    # query at a time), as many as the client may have calls in flight.
+    free: list[asyncio.Queue[Queries]] = []
+    opened: list[asyncpg.Connection] = []
+    for _ in range(horizon.CLIENTS):
+        q: asyncio.Queue[Queries] = asyncio.Queue()
+        for _ in range(8):
+            c = await asyncpg.connect(dsn)
+            opened.append(c)
+            q.put_nowait(Queries(AsyncpgDriver(c)))
+        free.append(q)
+    counter = itertools.count()
+
+    async def send(client: int) -> str | None:
+        qs = await free[client].get()
+        try:
+            seq = next(counter)
+            t = time.time()
+            enqueued[seq] = t
+            await qs.enqueue("stamp", f"{seq} {t}".encode(), 0)
+        finally:
+            free[client].put_nowait(qs)
+        return None
+
+    worker = asyncio.create_task(
+        qm.run(
+            dequeue_timeout=timedelta(seconds=1),
+            batch_size=CONCURRENCY // 2,
+            max_concurrent_tasks=CONCURRENCY,
+        )
+    )
+    probe = await asyncpg.connect(dsn)
+    tables = ("pgqueuer", "pgqueuer_log", "pgqueuer_statistics")
+    stats: dict[str, Any] = {}
+    loop = asyncio.get_running_loop()
+    t0, wall0 = loop.time() + 0.2, time.time() + 0.2
+    load = asyncio.create_task(
+        horizon.open_loop(rate, t0, t0 + clean + hold + after, horizon.CLIENTS, send)
+    )
+    await asyncio.sleep(t0 + clean - loop.time())
+    stats["clean"] = await horizon.table_stats(probe, "public", tables, ())
+    async with horizon.held_horizon(dsn, "pgqueuer") as xmin_age:
+        wall_hold = time.time()
+        await asyncio.sleep(t0 + clean + hold - loop.time())
+        stats["hold"] = await horizon.table_stats(probe, "public", tables, ())
+        stats["hold_xmin_age"] = await xmin_age()
+    wall_release = time.time()
+    await asyncio.sleep(max(0.0, t0 + clean + hold + after - loop.time()))
+    stats["after"] = await horizon.table_stats(probe, "public", tables, ())
+    wall_end = time.time()
+    offered = await load
+    deadline = time.monotonic() + horizon.DRAIN_S
+    while time.monotonic() < deadline:
+        if len(ran) >= len(enqueued):
+            break
+        await asyncio.sleep(0.2)
+    cutoff = time.time()
+    qm.shutdown.set()
+    await worker
+    for c in (*opened, probe, conn):
+        await c.close()
+    samples = [(t, *ran.get(seq, (None, None))) for seq, t in enqueued.items()]
+    return {
+        "timeline": [wall0, wall_hold, wall_release, wall_end],
+        "samples": samples,
+        "cutoff": cutoff,
+        "posts": offered.summary(),
+        "calls": offered.calls,
+        "stats": stats,
+    }
+
+
 def main(argv: list[str]) -> int:
     kind, dsn, n = argv[0], argv[1], int(argv[2])
     result: Any
@@ -351,6 +451,9 @@ def main(argv: list[str]) -> int:
         result = asyncio.run(pgqueuer_groups(dsn, n, int(argv[3]), int(argv[4])))
     elif kind == "procrastinate_groups":
         result = asyncio.run(procrastinate_groups(dsn, n, int(argv[3]), int(argv[4])))
+    elif kind == "pgqueuer_horizon":
+        rate, clean, hold, after = (float(x) for x in argv[3:7])
+        result = asyncio.run(pgqueuer_horizon(dsn, rate, clean, hold, after))
     elif kind == "pgqueuer_sleep":
         result = asyncio.run(pgqueuer_sleep(dsn, n, float(argv[3]), int(argv[4])))
     else:

@@ -20,7 +20,7 @@ PEERS: list[tuple[str, str, list[str]]] = [
 ]
 
 
-async def run_peer(dsn: str, argv: list[str], n: int) -> dict[str, float]:
+async def run_peer(dsn: str, argv: list[str], n: int, timeout_s: float = 1800) -> dict[str, float]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -33,7 +33,7 @@ async def run_peer(dsn: str, argv: list[str], n: int) -> dict[str, float]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=1800)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"peer {argv} failed:\n{err.decode()[-3000:]}")
     result: dict[str, float] = json.loads(out.decode().strip().splitlines()[-1])
