@@ -176,20 +176,32 @@ async def _refused(
     when the row that refused it has finished or been deleted since (try again).
     The idempotency key first: a repeat of the request whose batch holds the
     exclusive key is that batch, not a conflict with it."""
-    if nb.idempotency_key is not None:
-        found = await q.find_idempotent_batch(tenant=tenant, idempotency_key=nb.idempotency_key)
-        if found is not None:
-            existing_id, existing_hash = found
-            if existing_hash != digest:
-                raise IdempotencyConflict(str(existing_id))
-            existing = await q.get_batch(existing_id, tenant=tenant)
-            if existing is not None:  # else deleted just now: the key is free
-                return Submitted(models.batch_json(existing), created=False)
+    repeat = await _repeat(q, nb, tenant=tenant, digest=digest)
+    if repeat is not None:
+        return repeat
     if nb.exclusive_key is not None:
         holder = await q.find_exclusive_holder(tenant=tenant, exclusive_key=nb.exclusive_key)
         if holder is not None:
             raise ExclusiveKeyBusy(nb.exclusive_key, *holder)
     return None
+
+
+async def _repeat(
+    q: store.Queries, nb: NewBatch, *, tenant: str, digest: str | None
+) -> Submitted | None:
+    """The batch an earlier request with this idempotency key created, if any;
+    :class:`IdempotencyConflict` when that request had other content."""
+    if nb.idempotency_key is None:
+        return None
+    found = await q.find_idempotent_batch(tenant=tenant, idempotency_key=nb.idempotency_key)
+    if found is None:
+        return None
+    existing_id, existing_hash = found
+    if existing_hash != digest:
+        raise IdempotencyConflict(str(existing_id))
+    existing = await q.get_batch(existing_id, tenant=tenant)
+    # None: deleted just now, and the key is free
+    return None if existing is None else Submitted(models.batch_json(existing), created=False)
 
 
 async def retry(
