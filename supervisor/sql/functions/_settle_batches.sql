@@ -2,7 +2,10 @@
 -- its counter deltas, enforces the failure budget, derives the status from the
 -- counters (_batch_status), bumps the version once, moves the claim cursor (claims
 -- only: a NULL keeps it), writes the 'started' / 'finished' events and notifies.
--- Returns one row per batch that became terminal.
+-- A batch that becomes terminal releases or cancels the batches waiting for it
+-- (after / after_policy), in this transaction: see "Dependencies" below.
+-- Returns one row per batch that became terminal (those cancelled for a
+-- dependency included).
 -- Callers hold the batch rows' locks, have already moved the items, and name each
 -- batch once.
 --
@@ -37,6 +40,11 @@ DECLARE
     v_stop_running boolean[];
     v_seconds double precision[];
     v_callback boolean;
+    v_done uuid[];
+    v_locked uuid[];
+    v_dep_ids uuid[];
+    v_dep_cancel boolean[];
+    v_dep_n integer[];
 BEGIN
     -- Callers hold the row locks already; FOR UPDATE makes a caller that does not
     -- wait here, before reading, instead of overwriting a concurrent change. The
@@ -87,6 +95,7 @@ BEGIN
                    AS terminal,
                CASE WHEN d.over THEN 'max_failures' WHEN p_reopen THEN NULL
                     ELSE bt.stop_reason END AS stop_reason,
+               bt.waiting,
                bt.paused AND NOT (p_reopen AND bt.status IN
                    ('completed', 'completed_with_errors', 'failed', 'cancelled')) AS paused,
                CASE WHEN p_reopen THEN 'none' ELSE bt.callback_state END AS callback_state,
@@ -96,7 +105,7 @@ BEGIN
         SELECT n.*,
                -- a terminal batch never changes its status (unless reopened)
                CASE WHEN n.terminal AND NOT p_reopen THEN n.old_status
-                    ELSE @schema._batch_status(n.paused, n.q, n.r, n.s, n.f, n.c,
+                    ELSE @schema._batch_status(n.waiting, n.paused, n.q, n.r, n.s, n.f, n.c,
                                                n.stop_reason, n.started_at IS NOT NULL)
                END AS new_status,
                (p_reopen OR NOT n.terminal) AND n.q + n.r = 0 AS finishing,
@@ -107,6 +116,8 @@ BEGIN
             status = m.new_status, queued = m.q, running = m.r, succeeded = m.s,
             failed = m.f, cancelled = m.c, version = m.version, stop_reason = m.stop_reason,
             paused = m.paused,
+            -- an ended batch waits for nothing (a retry runs it at once)
+            waiting = m.waiting AND NOT m.finishing,
             started_at = CASE WHEN m.starting THEN now() ELSE bt.started_at END,
             finished_at = CASE WHEN m.finishing THEN now() WHEN p_reopen THEN NULL
                                ELSE bt.finished_at END,
@@ -170,6 +181,112 @@ BEGIN
     END IF;
     PERFORM pg_notify('@sname_batch', x.id::text || ':' || x.version::text || ':' || x.status)
        FROM unnest(v_ids, v_versions, v_status) AS x (id, version, status);
+
+    -- Dependencies: the batches waiting for one that ended here are released
+    -- (queued) or, when their after_policy forbids how it ended, cancelled, in
+    -- this transaction, so no moment exists where a dependency is terminal and
+    -- its dependent still waits for it.
+    SELECT array_agg(x.id) INTO v_done
+      FROM unnest(v_ids, v_finishing) AS x (id, fin) WHERE x.fin;
+    IF v_done IS NOT NULL AND EXISTS (
+        SELECT 1 FROM @schema.batch_dependencies bd WHERE bd.depends_on = ANY (v_done)) THEN
+        -- Lock order. Our caller holds its batches (locked in id order, first);
+        -- the waiting batches are locked after them, all that this change may
+        -- reach (dependents, their dependents, ...) in one statement in id order,
+        -- even those it will leave waiting. That is safe because a waiting batch
+        -- has no running items: claims take only queued and running batches, and
+        -- outcome writes and the reaper only batches with running items, so none
+        -- of them holds a waiting batch while waiting for one of ours. The only
+        -- other lockers of waiting batches are another settle doing the same (its
+        -- set in id order too), a control on one waiting batch (cancel_batch
+        -- locks it together with its waiting dependents in id order; pause and
+        -- patch lock that one row and nothing after), and a submission naming it
+        -- in `after` (a share lock, taken before anything else it locks). A
+        -- submission that commits while this statement waits can add a dependent
+        -- it did not see: the cascade below locks that one later, the one order
+        -- this does not keep; PostgreSQL's deadlock detection is the backstop.
+        SELECT array_agg(l.id) INTO v_locked FROM (
+            SELECT bt.id FROM @schema.batches bt
+             WHERE bt.id = ANY (@schema._waiting_dependents(v_done)) AND bt.status = 'waiting'
+             ORDER BY bt.id FOR UPDATE OF bt) l;
+        -- A new statement, so a new snapshot: it sees what the settles we waited
+        -- for above committed (their dependencies' ends). Each direct dependent is
+        -- judged on all its dependencies: cancelled when one ended as its policy
+        -- forbids ('completed': any end but completed), released when all ended.
+        WITH e AS (
+            SELECT d.id, d.handler, d.after_policy,
+                   bool_or(dep.status IN ('completed', 'completed_with_errors', 'failed',
+                                          'cancelled')
+                           AND d.after_policy = 'completed' AND dep.status <> 'completed')
+                       AS forbidden,
+                   bool_and(dep.status IN ('completed', 'completed_with_errors', 'failed',
+                                           'cancelled')) AS ended,
+                   (array_agg(jsonb_build_object('dependency', dep.id, 'status', dep.status,
+                                                 'after_policy', d.after_policy)
+                              ORDER BY dep.finished_at, dep.id)
+                        FILTER (WHERE dep.status IN ('completed_with_errors', 'failed',
+                                                     'cancelled')
+                                  AND d.after_policy = 'completed'))[1] AS culprit,
+                   jsonb_agg(jsonb_build_object('dependency', dep.id, 'status', dep.status)
+                             ORDER BY dep.id) AS deps
+              FROM @schema.batches d
+              JOIN @schema.batch_dependencies bd ON bd.batch_id = d.id
+              JOIN @schema.batches dep ON dep.id = bd.depends_on
+             WHERE d.id = ANY (v_locked) AND d.status = 'waiting'
+               AND d.id IN (SELECT bd0.batch_id FROM @schema.batch_dependencies bd0
+                             WHERE bd0.depends_on = ANY (v_done))
+             GROUP BY d.id, d.handler, d.after_policy
+        ), judged AS (
+            SELECT e.* FROM e WHERE e.forbidden OR e.ended
+        ), ev AS (
+            INSERT INTO @schema.batch_events (batch_id, action, actor, detail)
+            SELECT j.id, CASE WHEN j.forbidden THEN 'dependency_failed'
+                              ELSE 'dependencies_met' END, p_actor,
+                   CASE WHEN j.forbidden THEN j.culprit
+                        ELSE jsonb_build_object('dependencies', j.deps,
+                                                'after_policy', j.after_policy) END
+              FROM judged j ORDER BY j.id
+        ), woken AS (
+            SELECT pg_notify('@sname_wake', h.handler)
+              FROM (SELECT DISTINCT j.handler FROM judged j WHERE NOT j.forbidden) h
+        )
+        SELECT array_agg(j.id ORDER BY j.id), array_agg(j.forbidden ORDER BY j.id)
+          INTO v_dep_ids, v_dep_cancel
+          FROM judged j CROSS JOIN (SELECT count(*) FROM woken) w;
+        IF v_dep_ids IS NOT NULL THEN
+            -- The cancelled ones lose their queued items (they have nothing else).
+            WITH x AS (
+                UPDATE @schema.items it SET status = 'cancelled', finished_at = now(),
+                       finished_version = bt.version + 1
+                  FROM @schema.batches bt
+                 WHERE bt.id = ANY (v_dep_ids) AND it.batch_id = bt.id
+                   AND it.status = 'queued'
+                   AND bt.id IN (SELECT c.id FROM unnest(v_dep_ids, v_dep_cancel) AS c (id, cx)
+                                  WHERE c.cx)
+                RETURNING it.batch_id
+            )
+            SELECT array_agg(coalesce(n.n, 0) ORDER BY d.o) INTO v_dep_n
+              FROM unnest(v_dep_ids) WITH ORDINALITY AS d (id, o)
+              LEFT JOIN (SELECT x.batch_id, count(*)::integer AS n FROM x GROUP BY x.batch_id) n
+                ON n.batch_id = d.id;
+            -- The inputs of the status rule, as a control writes its input; the
+            -- settle below derives queued (or paused) and cancelled from them.
+            UPDATE @schema.batches bt
+               SET waiting = false,
+                   stop_reason = CASE WHEN c.cx THEN 'dependency' ELSE bt.stop_reason END
+              FROM unnest(v_dep_ids, v_dep_cancel) AS c (id, cx)
+             WHERE bt.id = c.id;
+            -- Those cancelled end here, so their own dependents are judged in turn.
+            RETURN QUERY SELECT s.batch_id, s.finished, s.seconds
+              FROM @schema._settle_batches(
+                       v_dep_ids, (SELECT array_agg(-n ORDER BY o) FROM unnest(v_dep_n)
+                                        WITH ORDINALITY AS u (n, o)),
+                       array_fill(0, ARRAY[cardinality(v_dep_ids)]),
+                       array_fill(0, ARRAY[cardinality(v_dep_ids)]),
+                       array_fill(0, ARRAY[cardinality(v_dep_ids)]),
+                       v_dep_n, p_actor) s;
+        END IF;
+    END IF;
 
     RETURN QUERY SELECT x.id, x.status, x.seconds
                    FROM unnest(v_ids, v_status, v_finishing, v_seconds)
