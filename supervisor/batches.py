@@ -23,7 +23,7 @@ ITEM_COLUMNS = ("batch_id", "seq", "key", "handler", "payload", "max_attempts")
 INLINE_ITEMS = 1000
 # Fields added after idempotency digests were first stored: left out of the digest
 # while unset, so a repeat of a request made before they existed still matches it.
-_DIGEST_WHEN_SET = frozenset({"exclusive_key"})
+_DIGEST_WHEN_SET = frozenset({"exclusive_key", "after", "after_policy"})
 # A refused write looks up who refused it; that one may have finished (or been
 # deleted) in between, and then the write is tried again, this many times at most.
 KEY_ROUNDS = 5
@@ -43,6 +43,8 @@ class NewBatch:
     idempotency_key: str | None = None
     on_complete: str | None = None
     exclusive_key: str | None = None  # at most one unfinished batch per (tenant, key)
+    after: tuple[uuid.UUID, ...] | None = None  # runs once these have ended (as after_policy says)
+    after_policy: states.AfterPolicy | None = None  # set exactly when ``after`` is
 
     def request_hash(self) -> str:
         """Digest of the content, to tell an idempotent repeat from a conflicting one."""
@@ -78,6 +80,27 @@ class IdempotencyConflict(Exception):
     def __init__(self, batch_id: str) -> None:
         super().__init__(f"idempotency key already used by batch {batch_id} with different content")
         self.batch_id = batch_id
+
+
+class UnknownDependencies(Exception):
+    """``after`` names batches the tenant does not have (a 422 naming ``after``)."""
+
+    def __init__(self, ids: Sequence[uuid.UUID]) -> None:
+        super().__init__("no such batch: " + ", ".join(str(i) for i in ids))
+        self.ids = list(ids)
+
+
+class DependencyEnded(Exception):
+    """A dependency has already ended in a way ``after_policy`` forbids: the batch
+    could only be created cancelled, so it is refused instead (a 409 naming it)."""
+
+    def __init__(self, dependency: uuid.UUID, status: str, policy: str) -> None:
+        super().__init__(
+            f"dependency {dependency} has already ended {status}, and after_policy "
+            f"{policy!r} runs a batch only once every dependency is completed"
+        )
+        self.dependency = dependency
+        self.status = status
 
 
 class ExclusiveKeyBusy(Exception):
@@ -124,11 +147,21 @@ async def submit(
         created_by=actor,
         callback_handler=callback_handler,
         exclusive_key=nb.exclusive_key,
+        after_ids=nb.after or (),
+        after_policy=nb.after_policy,
     )
     for _ in range(KEY_ROUNDS):
-        batch = await _insert(db, nb, row, budget=nb.max_attempts or attempt_budget)
+        try:
+            batch = await _insert(db, nb, row, budget=nb.max_attempts or attempt_budget)
+        except (UnknownDependencies, DependencyEnded):
+            # A repeat of a request that created its batch answers with that batch,
+            # whatever its dependencies have become since.
+            repeat = await _repeat(store.Queries(db), nb, tenant=tenant, digest=digest)
+            if repeat is None:
+                raise
+            return repeat
         if batch is not None:
-            return Submitted(models.batch_json(batch), created=True)
+            return Submitted(await describe(store.Queries(db), batch), created=True)
         earlier = await _refused(store.Queries(db), nb, tenant=tenant, digest=digest)
         if earlier is not None:
             return earlier
@@ -143,6 +176,8 @@ async def _insert(
     """The batch with its items, event and wake-ups; None when a unique index
     refused it (nothing was written)."""
     created = json.dumps({"items": len(nb.items), "handler": nb.handler})
+    if nb.after:
+        return await _insert_after(db, nb, row, budget=budget, created=created)
     if len(nb.items) <= INLINE_ITEMS:
         # One statement, atomic on its own: one round trip for the whole submission.
         return await store.Queries(db).submit_batch(
@@ -157,6 +192,43 @@ async def _insert(
             row, item_max_attempts=budget, keys=(), payloads=(), created=created
         )
         if batch is not None:
+            await tx.copy_items(
+                db.schema,
+                ITEM_COLUMNS,
+                [
+                    (row.id, i, key, nb.handler, payload, budget)
+                    for i, (key, payload) in enumerate(nb.items)
+                ],
+            )
+    return batch
+
+
+async def _insert_after(
+    db: dbm.Database, nb: NewBatch, row: store.NewBatchRow, *, budget: int, created: str
+) -> store.BatchRow | None:
+    """A batch with dependencies: they are share-locked and read in its
+    transaction, so none of them can end between the read that decides whether it
+    starts waiting and the commit that makes its edges visible to their settles."""
+    assert nb.after is not None and nb.after_policy is not None
+    async with db.transaction("submit") as tx:
+        q = store.Queries(tx)
+        found = await q.lock_dependencies(nb.after, tenant=row.tenant)
+        missing = [a for a in nb.after if a not in found]
+        if missing:
+            raise UnknownDependencies(missing)
+        verdicts = {a: states.after_allows(nb.after_policy, found[a]) for a in nb.after}
+        for a, allows in verdicts.items():
+            if allows is False:
+                raise DependencyEnded(a, found[a], nb.after_policy)
+        row = dataclasses.replace(row, runnable=all(verdicts.values()))
+        batch = await q.submit_batch(
+            row,
+            item_max_attempts=budget,
+            keys=[key for key, _ in nb.items] if len(nb.items) <= INLINE_ITEMS else (),
+            payloads=[p for _, p in nb.items] if len(nb.items) <= INLINE_ITEMS else (),
+            created=created,
+        )
+        if batch is not None and len(nb.items) > INLINE_ITEMS:
             await tx.copy_items(
                 db.schema,
                 ITEM_COLUMNS,
@@ -201,7 +273,7 @@ async def _repeat(
         raise IdempotencyConflict(str(existing_id))
     existing = await q.get_batch(existing_id, tenant=tenant)
     # None: deleted just now, and the key is free
-    return None if existing is None else Submitted(models.batch_json(existing), created=False)
+    return None if existing is None else Submitted(await describe(q, existing), created=False)
 
 
 async def retry(
@@ -230,6 +302,13 @@ async def retry(
                     raise ExclusiveKeyBusy(b.exclusive_key, *holder) from None
             # Deleted, or the holder finished in between: the next round says which.
     raise RuntimeError(f"retry refused {KEY_ROUNDS} times by a batch that was gone when looked up")
+
+
+async def describe(q: store.Queries, b: store.BatchRow) -> dict[str, Any]:
+    """One batch's JSON, with what it still waits for when it is waiting (a
+    lookup of its own, so listings, which do not show it, do not pay for it)."""
+    waiting_on = await q.waiting_on(b.id) if b.status == states.BatchStatus.WAITING else None
+    return models.batch_json(b, waiting_on=waiting_on)
 
 
 def parse_id(batch_id: str) -> uuid.UUID | None:

@@ -78,6 +78,8 @@ class BatchRow(_FromRecord):
     idempotency_key: str | None
     request_hash: str | None
     exclusive_key: str | None  # at most one unfinished batch per (tenant, key); 0012
+    after_ids: list[uuid.UUID] | None  # the batches it runs after; 0013
+    after_policy: str | None  # states.AfterPolicy, when after_ids is set
     total: int
     queued: int
     running: int
@@ -380,6 +382,9 @@ class NewBatchRow:
     created_by: str
     callback_handler: str | None
     exclusive_key: str | None
+    after_ids: Sequence[uuid.UUID] = ()
+    after_policy: str | None = None
+    runnable: bool = True  # False: created waiting for after_ids
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -444,8 +449,23 @@ class Queries:
             payloads,
             created,
             b.exclusive_key,
+            list(b.after_ids),
+            b.after_policy,
+            b.runnable,
         )
         return None if r is None else BatchRow.of(r)
+
+    async def lock_dependencies(
+        self, ids: Sequence[uuid.UUID], *, tenant: str
+    ) -> dict[uuid.UUID, str]:
+        """Status of each of ``ids`` that is the tenant's, share-locked until the
+        transaction ends (run it in the submission's transaction)."""
+        rows = await self._ex.fetch("lock_dependencies", list(ids), tenant)
+        return {r["id"]: r["status"] for r in rows}
+
+    async def waiting_on(self, batch_id: uuid.UUID) -> list[uuid.UUID]:
+        """The dependencies of the batch that have not ended yet."""
+        return [r["id"] for r in await self._ex.fetch("waiting_on", batch_id)]
 
     async def find_idempotent_batch(
         self, *, tenant: str, idempotency_key: str
