@@ -45,6 +45,8 @@ DECLARE
     v_dep_ids uuid[];
     v_dep_cancel boolean[];
     v_dep_n integer[];
+    v_dep_detail jsonb[];
+    v_keyed boolean;
 BEGIN
     -- Callers hold the row locks already; FOR UPDATE makes a caller that does not
     -- wait here, before reading, instead of overwriting a concurrent change. The
@@ -205,28 +207,53 @@ BEGIN
         -- submission that commits while this statement waits can add a dependent
         -- it did not see: the cascade below locks that one later, the one order
         -- this does not keep; PostgreSQL's deadlock detection is the backstop.
+        -- Exclusive keys' advisory locks come after all row locks, in every
+        -- transaction that takes them (see _exclusive_key_lock), in hash order
+        -- within one statement; a cascade that releases batches of another key
+        -- one level deeper takes that key later, the other order not kept.
         SELECT array_agg(l.id) INTO v_locked FROM (
             SELECT bt.id FROM @schema.batches bt
              WHERE bt.id = ANY (@schema._waiting_dependents(v_done)) AND bt.status = 'waiting'
              ORDER BY bt.id FOR UPDATE OF bt) l;
+        -- A batch of an exclusive key that ends takes the key's lock before it
+        -- looks for its dependents: a release that queues a batch behind it adds
+        -- that edge under the lock (below), so the edge is seen here. Those
+        -- dependents were not in the set above; they are locked now (id order).
+        IF EXISTS (SELECT 1 FROM @schema.batches bt
+                    WHERE bt.id = ANY (v_done) AND bt.exclusive_key IS NOT NULL) THEN
+            PERFORM @schema._exclusive_key_lock(k.tenant, k.exclusive_key)
+               FROM (SELECT DISTINCT bt.tenant, bt.exclusive_key FROM @schema.batches bt
+                      WHERE bt.id = ANY (v_done) AND bt.exclusive_key IS NOT NULL) k
+              ORDER BY hashtextextended('@sname:key:' || k.tenant || chr(31) || k.exclusive_key,
+                                        0);
+            SELECT v_locked || array_agg(l.id) INTO v_locked FROM (
+                SELECT bt.id FROM @schema.batches bt
+                 WHERE bt.id IN (SELECT bd.batch_id FROM @schema.batch_dependencies bd
+                                  WHERE bd.depends_on = ANY (v_done))
+                   AND bt.status = 'waiting' AND NOT bt.id = ANY (coalesce(v_locked, '{}'))
+                 ORDER BY bt.id FOR UPDATE OF bt) l;
+        END IF;
         -- A new statement, so a new snapshot: it sees what the settles we waited
         -- for above committed (their dependencies' ends). Each direct dependent is
-        -- judged on all its dependencies: cancelled when one ended as its policy
-        -- forbids ('completed': any end but completed), released when all ended.
+        -- judged on all its dependencies, each edge by its policy (the batch's
+        -- after_policy, or 'terminal' for the edge an exclusive key's queue adds):
+        -- cancelled when one ended as its policy forbids ('completed': any end but
+        -- completed), released when all ended.
         WITH e AS (
-            SELECT d.id, d.handler, d.after_policy,
-                   bool_or(dep.status IN ('completed', 'completed_with_errors', 'failed',
-                                          'cancelled')
-                           AND d.after_policy = 'completed' AND dep.status <> 'completed')
+            SELECT d.id, d.handler, d.tenant, d.exclusive_key, d.created_at,
+                   bool_or(dep.status IN ('completed_with_errors', 'failed', 'cancelled')
+                           AND coalesce(bd.policy, d.after_policy) = 'completed')
                        AS forbidden,
                    bool_and(dep.status IN ('completed', 'completed_with_errors', 'failed',
                                            'cancelled')) AS ended,
                    (array_agg(jsonb_build_object('dependency', dep.id, 'status', dep.status,
-                                                 'after_policy', d.after_policy)
+                                                 'after_policy',
+                                                 coalesce(bd.policy, d.after_policy))
                               ORDER BY dep.finished_at, dep.id)
                         FILTER (WHERE dep.status IN ('completed_with_errors', 'failed',
                                                      'cancelled')
-                                  AND d.after_policy = 'completed'))[1] AS culprit,
+                                  AND coalesce(bd.policy, d.after_policy) = 'completed'))[1]
+                       AS culprit,
                    jsonb_agg(jsonb_build_object('dependency', dep.id, 'status', dep.status)
                              ORDER BY dep.id) AS deps
               FROM @schema.batches d
@@ -235,25 +262,74 @@ BEGIN
              WHERE d.id = ANY (v_locked) AND d.status = 'waiting'
                AND d.id IN (SELECT bd0.batch_id FROM @schema.batch_dependencies bd0
                              WHERE bd0.depends_on = ANY (v_done))
-             GROUP BY d.id, d.handler, d.after_policy
-        ), judged AS (
-            SELECT e.* FROM e WHERE e.forbidden OR e.ended
-        ), ev AS (
-            INSERT INTO @schema.batch_events (batch_id, action, actor, detail)
-            SELECT j.id, CASE WHEN j.forbidden THEN 'dependency_failed'
-                              ELSE 'dependencies_met' END, p_actor,
-                   CASE WHEN j.forbidden THEN j.culprit
-                        ELSE jsonb_build_object('dependencies', j.deps,
-                                                'after_policy', j.after_policy) END
-              FROM judged j ORDER BY j.id
-        ), woken AS (
-            SELECT pg_notify('@sname_wake', h.handler)
-              FROM (SELECT DISTINCT j.handler FROM judged j WHERE NOT j.forbidden) h
+             GROUP BY d.id, d.handler, d.tenant, d.exclusive_key, d.created_at
         )
-        SELECT array_agg(j.id ORDER BY j.id), array_agg(j.forbidden ORDER BY j.id)
-          INTO v_dep_ids, v_dep_cancel
-          FROM judged j CROSS JOIN (SELECT count(*) FROM woken) w;
+        SELECT array_agg(e.id ORDER BY e.id), array_agg(e.forbidden ORDER BY e.id),
+               array_agg(CASE WHEN e.forbidden THEN e.culprit
+                              ELSE jsonb_build_object('dependencies', e.deps) END
+                         ORDER BY e.id),
+               coalesce(bool_or(NOT e.forbidden AND e.exclusive_key IS NOT NULL), false)
+          INTO v_dep_ids, v_dep_cancel, v_dep_detail, v_keyed
+          FROM e WHERE e.forbidden OR e.ended;
+
+        -- Exclusive keys: a waiting batch does not hold its key, so one released
+        -- must find it free. Under the key's lock (after every row lock, see
+        -- _exclusive_key_lock; keys in a fixed order), a released batch whose key
+        -- another batch holds, or an older batch of its key released here, keeps
+        -- waiting behind that one (a 'terminal' edge): one runs, the rest stay a
+        -- chain in submission order.
+        IF v_keyed THEN
+            PERFORM @schema._exclusive_key_lock(k.tenant, k.exclusive_key)
+               FROM (SELECT DISTINCT bt.tenant, bt.exclusive_key FROM @schema.batches bt
+                       JOIN unnest(v_dep_ids, v_dep_cancel) AS c (id, cx) ON c.id = bt.id
+                      WHERE NOT c.cx AND bt.exclusive_key IS NOT NULL) k
+              ORDER BY hashtextextended('@sname:key:' || k.tenant || chr(31) || k.exclusive_key,
+                                        0);
+            -- A new statement: it sees the key's holders committed before the lock.
+            WITH r AS (
+                SELECT bt.id, bt.tenant, bt.exclusive_key,
+                       lag(bt.id) OVER (PARTITION BY bt.tenant, bt.exclusive_key
+                                        ORDER BY bt.created_at, bt.id) AS before
+                  FROM @schema.batches bt
+                  JOIN unnest(v_dep_ids, v_dep_cancel) AS c (id, cx) ON c.id = bt.id
+                 WHERE NOT c.cx AND bt.exclusive_key IS NOT NULL
+            ), behind AS (
+                SELECT r.id, coalesce(r.before, (
+                           SELECT h.id FROM @schema.batches h
+                            WHERE h.tenant = r.tenant AND h.exclusive_key = r.exclusive_key
+                              AND h.exclusive_key IS NOT NULL
+                              AND h.status NOT IN ('waiting', 'completed',
+                                                   'completed_with_errors', 'failed',
+                                                   'cancelled'))) AS holder
+                  FROM r
+            ), edge AS (
+                INSERT INTO @schema.batch_dependencies (batch_id, depends_on, policy)
+                SELECT b.id, b.holder, 'terminal' FROM behind b WHERE b.holder IS NOT NULL
+                ON CONFLICT (batch_id, depends_on) DO UPDATE SET policy = 'terminal'
+                RETURNING batch_id, depends_on
+            ), ev AS (
+                INSERT INTO @schema.batch_events (batch_id, action, actor, detail)
+                SELECT edge.batch_id, 'exclusive_key_queued', p_actor,
+                       jsonb_build_object('behind', edge.depends_on)
+                  FROM edge ORDER BY edge.batch_id
+            )
+            SELECT array_agg(x.id ORDER BY x.id), array_agg(x.cx ORDER BY x.id),
+                   array_agg(x.detail ORDER BY x.id)
+              INTO v_dep_ids, v_dep_cancel, v_dep_detail
+              FROM unnest(v_dep_ids, v_dep_cancel, v_dep_detail) AS x (id, cx, detail)
+             WHERE x.id NOT IN (SELECT b.id FROM behind b WHERE b.holder IS NOT NULL);
+        END IF;
+
         IF v_dep_ids IS NOT NULL THEN
+            INSERT INTO @schema.batch_events (batch_id, action, actor, detail)
+            SELECT x.id, CASE WHEN x.cx THEN 'dependency_failed' ELSE 'dependencies_met' END,
+                   p_actor, x.detail
+              FROM unnest(v_dep_ids, v_dep_cancel, v_dep_detail) AS x (id, cx, detail)
+             ORDER BY x.id;
+            PERFORM pg_notify('@sname_wake', h.handler)
+               FROM (SELECT DISTINCT bt.handler FROM @schema.batches bt
+                       JOIN unnest(v_dep_ids, v_dep_cancel) AS c (id, cx) ON c.id = bt.id
+                      WHERE NOT c.cx) h;
             -- The cancelled ones lose their queued items (they have nothing else).
             WITH x AS (
                 UPDATE @schema.items it SET status = 'cancelled', finished_at = now(),
