@@ -23,7 +23,7 @@ ITEM_COLUMNS = ("batch_id", "seq", "key", "handler", "payload", "max_attempts")
 INLINE_ITEMS = 1000
 # Fields added after idempotency digests were first stored: left out of the digest
 # while unset, so a repeat of a request made before they existed still matches it.
-_DIGEST_WHEN_SET = frozenset({"exclusive_key", "after", "after_policy"})
+_DIGEST_WHEN_SET = frozenset({"exclusive_key", "after", "after_policy", "on_conflict"})
 # A refused write looks up who refused it; that one may have finished (or been
 # deleted) in between, and then the write is tried again, this many times at most.
 KEY_ROUNDS = 5
@@ -45,6 +45,7 @@ class NewBatch:
     exclusive_key: str | None = None  # at most one unfinished batch per (tenant, key)
     after: tuple[uuid.UUID, ...] | None = None  # runs once these have ended (as after_policy says)
     after_policy: states.AfterPolicy | None = None  # set exactly when ``after`` is
+    on_conflict: str | None = None  # "queue": wait behind the key's batches; else refused
 
     def request_hash(self) -> str:
         """Digest of the content, to tell an idempotent repeat from a conflicting one."""
@@ -153,7 +154,9 @@ async def submit(
     for _ in range(KEY_ROUNDS):
         try:
             batch = await _insert(db, nb, row, budget=nb.max_attempts or attempt_budget)
-        except (UnknownDependencies, DependencyEnded):
+        except _TailMoved:
+            continue
+        except (UnknownDependencies, DependencyEnded, ExclusiveKeyBusy):
             # A repeat of a request that created its batch answers with that batch,
             # whatever its dependencies have become since.
             repeat = await _repeat(store.Queries(db), nb, tenant=tenant, digest=digest)
@@ -176,8 +179,8 @@ async def _insert(
     """The batch with its items, event and wake-ups; None when a unique index
     refused it (nothing was written)."""
     created = json.dumps({"items": len(nb.items), "handler": nb.handler})
-    if nb.after:
-        return await _insert_after(db, nb, row, budget=budget, created=created)
+    if nb.after or nb.exclusive_key is not None:
+        return await _insert_locked(db, nb, row, budget=budget, created=created)
     if len(nb.items) <= INLINE_ITEMS:
         # One statement, atomic on its own: one round trip for the whole submission.
         return await store.Queries(db).submit_batch(
@@ -203,24 +206,58 @@ async def _insert(
     return batch
 
 
-async def _insert_after(
+class _TailMoved(Exception):
+    """The exclusive key's newest batch changed between the read outside the
+    transaction and the one under the key's lock: submit again."""
+
+
+async def _insert_locked(
     db: dbm.Database, nb: NewBatch, row: store.NewBatchRow, *, budget: int, created: str
 ) -> store.BatchRow | None:
-    """A batch with dependencies: they are share-locked and read in its
-    transaction, so none of them can end between the read that decides whether it
-    starts waiting and the commit that makes its edges visible to their settles."""
-    assert nb.after is not None and nb.after_policy is not None
+    """A batch with dependencies or an exclusive key. The dependencies (and the
+    batch of the key it would queue behind) are share-locked and read in its
+    transaction, so none can end between the read that decides whether it starts
+    waiting and the commit that makes its edges visible to their settles. The key
+    is then locked (_exclusive_key_lock; after the row locks, as everywhere), so
+    the key's batches cannot change until commit: with one unfinished, the
+    submission is refused (ExclusiveKeyBusy) or, with on_conflict "queue", waits
+    behind the newest (a 'terminal' edge)."""
+    deps = list(nb.after or ())
+    queue = nb.exclusive_key is not None and nb.on_conflict == "queue"
+    seen = None
+    if queue and nb.exclusive_key is not None:
+        seen = await store.Queries(db).exclusive_tail(
+            tenant=row.tenant, exclusive_key=nb.exclusive_key
+        )
     async with db.transaction("submit") as tx:
         q = store.Queries(tx)
-        found = await q.lock_dependencies(nb.after, tenant=row.tenant)
-        missing = [a for a in nb.after if a not in found]
+        locks = deps + ([seen[0]] if seen is not None and seen[0] not in deps else [])
+        found = await q.lock_dependencies(locks, tenant=row.tenant) if locks else {}
+        missing = [a for a in deps if a not in found]
         if missing:
             raise UnknownDependencies(missing)
-        verdicts = {a: states.after_allows(nb.after_policy, found[a]) for a in nb.after}
+        policy = nb.after_policy or states.AfterPolicy.COMPLETED
+        verdicts = {a: states.after_allows(policy, found[a]) for a in deps}
         for a, allows in verdicts.items():
             if allows is False:
-                raise DependencyEnded(a, found[a], nb.after_policy)
-        row = dataclasses.replace(row, runnable=all(verdicts.values()))
+                raise DependencyEnded(a, found[a], policy)
+        key_after = None
+        if nb.exclusive_key is not None:
+            await q.lock_exclusive_key(tenant=row.tenant, exclusive_key=nb.exclusive_key)
+            tail = await q.exclusive_tail(tenant=row.tenant, exclusive_key=nb.exclusive_key)
+            if tail is not None and not queue:
+                holder = await q.find_exclusive_holder(
+                    tenant=row.tenant, exclusive_key=nb.exclusive_key
+                )
+                raise ExclusiveKeyBusy(nb.exclusive_key, *(holder or tail))
+            if tail is not None:
+                if seen is None or tail[0] != seen[0]:
+                    raise _TailMoved
+                if tail[0] not in deps:
+                    key_after = tail[0]
+        row = dataclasses.replace(
+            row, runnable=all(verdicts.values()) and key_after is None, key_after=key_after
+        )
         batch = await q.submit_batch(
             row,
             item_max_attempts=budget,

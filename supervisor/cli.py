@@ -210,6 +210,11 @@ def parser() -> argparse.ArgumentParser:
         help="completed (default): run once every --after batch completed, else cancelled; "
         "terminal: once every one ended, however",
     )
+    s.add_argument(
+        "--on-conflict",
+        choices=("reject", "queue"),
+        help="with --exclusive-key: reject (default, 409) or queue behind the key's batches",
+    )
     s.add_argument("--on-complete", help="handler to call once the batch is terminal")
     s.add_argument("--metadata", help="a JSON object stored with the batch")
     s.add_argument(

@@ -491,6 +491,7 @@ def _submission(args: argparse.Namespace) -> dict[str, Any]:
         "exclusive_key",
         "after",
         "after_policy",
+        "on_conflict",
     ):
         if getattr(args, field, None) is not None:
             body[field] = getattr(args, field)

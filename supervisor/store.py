@@ -385,6 +385,7 @@ class NewBatchRow:
     after_ids: Sequence[uuid.UUID] = ()
     after_policy: str | None = None
     runnable: bool = True  # False: created waiting for after_ids
+    key_after: uuid.UUID | None = None  # queued behind this batch of its exclusive key
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -452,6 +453,7 @@ class Queries:
             list(b.after_ids),
             b.after_policy,
             b.runnable,
+            b.key_after,
         )
         return None if r is None else BatchRow.of(r)
 
@@ -480,6 +482,17 @@ class Queries:
         """(batch id, status) of the unfinished batch holding the key, if any."""
         r = await self._ex.fetchrow("find_exclusive_holder", tenant, exclusive_key)
         return None if r is None else (r["id"], r["status"])
+
+    async def exclusive_tail(
+        self, *, tenant: str, exclusive_key: str
+    ) -> tuple[uuid.UUID, str] | None:
+        """(batch id, status) of the key's newest unfinished batch, waiting or not."""
+        r = await self._ex.fetchrow("exclusive_tail", tenant, exclusive_key)
+        return None if r is None else (r["id"], r["status"])
+
+    async def lock_exclusive_key(self, *, tenant: str, exclusive_key: str) -> None:
+        """The key's advisory lock, until the transaction ends."""
+        await self._ex.fetchval("lock_exclusive_key", tenant, exclusive_key)
 
     async def notify_wake(self, channel_payload: str) -> None:
         """Wake idle daemons: a handler name, ``callback`` or a probe."""

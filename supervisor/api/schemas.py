@@ -32,6 +32,7 @@ SUBMIT_FIELDS = (
     "exclusive_key",
     "after",
     "after_policy",
+    "on_conflict",
 )
 AFTER_MAX = 100  # dependencies of one batch
 PATCH_FIELDS = ("priority", "max_concurrency", "max_failures")
@@ -325,6 +326,14 @@ def submission(
         exclusive_key = None
 
     after, after_policy = _after(body, errors)
+    on_conflict = body.get("on_conflict")
+    if on_conflict is not None and on_conflict not in ("reject", "queue"):
+        errors.append({"path": "/on_conflict", "message": 'must be "reject" or "queue"'})
+        on_conflict = None
+    elif on_conflict is not None and body.get("exclusive_key") is None:
+        errors.append({"path": "/on_conflict", "message": "needs an exclusive_key"})
+    if on_conflict == "reject":
+        on_conflict = None  # the default: digests of requests that did not say so match
 
     nb_priority = _priority(body, errors)
     max_concurrency = _opt_int(body, "max_concurrency", errors, minimum=1)
@@ -345,6 +354,7 @@ def submission(
         exclusive_key=exclusive_key,
         after=after,
         after_policy=after_policy,
+        on_conflict=on_conflict,
     )
 
 

@@ -40,7 +40,8 @@ INSERT INTO @schema.schema_migrations (version, name) VALUES ($1, $2);
 -- never in an error. The NOTIFYs are delivered at commit. $21: the batches it
 -- runs after (empty: none), $22 its after_policy, $23 whether they let it run yet
 -- (false: it is created waiting; the caller holds share locks on them, see
--- lock_dependencies).
+-- lock_dependencies). $24: the batch of its exclusive key it is queued behind
+-- (on_conflict "queue"; an edge of policy 'terminal'), or NULL.
 WITH b AS (
     INSERT INTO @schema.batches (
         id, tenant, handler, status, priority, max_concurrency, max_attempts, attempt_budget,
@@ -52,8 +53,10 @@ WITH b AS (
     ON CONFLICT DO NOTHING
     RETURNING *
 ), deps AS (
-    INSERT INTO @schema.batch_dependencies (batch_id, depends_on)
-    SELECT b.id, u.id FROM b, unnest($21::uuid[]) AS u (id)
+    INSERT INTO @schema.batch_dependencies (batch_id, depends_on, policy)
+    SELECT b.id, u.id, NULL FROM b, unnest($21::uuid[]) AS u (id)
+    UNION ALL
+    SELECT b.id, $24::uuid, 'terminal' FROM b WHERE $24::uuid IS NOT NULL
 ), new_items AS (
     INSERT INTO @schema.items (batch_id, seq, key, handler, payload, max_attempts)
     SELECT b.id, u.seq - 1, u.key, b.handler, u.payload, $16
@@ -92,10 +95,26 @@ SELECT dep.id FROM @schema.batch_dependencies bd
 SELECT id, request_hash FROM @schema.batches WHERE tenant = $1 AND idempotency_key = $2;
 
 -- name: find_exclusive_holder
--- The unfinished batch holding an exclusive key, if any (index batches_exclusive).
+-- The unfinished batch holding an exclusive key, if any: the one that may run
+-- (index batches_exclusive), else the oldest waiting one.
 SELECT id, status FROM @schema.batches
  WHERE tenant = $1 AND exclusive_key = $2
-   AND status NOT IN ('completed', 'completed_with_errors', 'failed', 'cancelled');
+   AND status NOT IN ('completed', 'completed_with_errors', 'failed', 'cancelled')
+ ORDER BY status = 'waiting', created_at, id
+ LIMIT 1;
+
+-- name: exclusive_tail
+-- The newest unfinished batch of an exclusive key, waiting ones included: the
+-- one a submission queued on the key waits behind (index batches_exclusive_listing).
+SELECT id, status FROM @schema.batches
+ WHERE tenant = $1 AND exclusive_key = $2
+   AND status NOT IN ('completed', 'completed_with_errors', 'failed', 'cancelled')
+ ORDER BY created_at DESC, id DESC
+ LIMIT 1;
+
+-- name: lock_exclusive_key
+-- The key's advisory lock until the transaction ends (see _exclusive_key_lock).
+SELECT @schema._exclusive_key_lock($1, $2);
 
 -- name: notify_wake
 -- Wake idle daemons: new runnable work for a handler.
