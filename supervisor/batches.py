@@ -23,7 +23,7 @@ ITEM_COLUMNS = ("batch_id", "seq", "key", "handler", "payload", "max_attempts")
 INLINE_ITEMS = 1000
 # Fields added after idempotency digests were first stored: left out of the digest
 # while unset, so a repeat of a request made before they existed still matches it.
-_DIGEST_WHEN_SET = frozenset({"exclusive_key"})
+_DIGEST_WHEN_SET = frozenset({"exclusive_key", "after", "after_policy", "on_conflict"})
 # A refused write looks up who refused it; that one may have finished (or been
 # deleted) in between, and then the write is tried again, this many times at most.
 KEY_ROUNDS = 5
@@ -43,6 +43,9 @@ class NewBatch:
     idempotency_key: str | None = None
     on_complete: str | None = None
     exclusive_key: str | None = None  # at most one unfinished batch per (tenant, key)
+    after: tuple[uuid.UUID, ...] | None = None  # runs once these have ended (as after_policy says)
+    after_policy: states.AfterPolicy | None = None  # set exactly when ``after`` is
+    on_conflict: str | None = None  # "queue": wait behind the key's batches; else refused
 
     def request_hash(self) -> str:
         """Digest of the content, to tell an idempotent repeat from a conflicting one."""
@@ -78,6 +81,27 @@ class IdempotencyConflict(Exception):
     def __init__(self, batch_id: str) -> None:
         super().__init__(f"idempotency key already used by batch {batch_id} with different content")
         self.batch_id = batch_id
+
+
+class UnknownDependencies(Exception):
+    """``after`` names batches the tenant does not have (a 422 naming ``after``)."""
+
+    def __init__(self, ids: Sequence[uuid.UUID]) -> None:
+        super().__init__("no such batch: " + ", ".join(str(i) for i in ids))
+        self.ids = list(ids)
+
+
+class DependencyEnded(Exception):
+    """A dependency has already ended in a way ``after_policy`` forbids: the batch
+    could only be created cancelled, so it is refused instead (a 409 naming it)."""
+
+    def __init__(self, dependency: uuid.UUID, status: str, policy: str) -> None:
+        super().__init__(
+            f"dependency {dependency} has already ended {status}, and after_policy "
+            f"{policy!r} runs a batch only once every dependency is completed"
+        )
+        self.dependency = dependency
+        self.status = status
 
 
 class ExclusiveKeyBusy(Exception):
@@ -124,11 +148,23 @@ async def submit(
         created_by=actor,
         callback_handler=callback_handler,
         exclusive_key=nb.exclusive_key,
+        after_ids=nb.after or (),
+        after_policy=nb.after_policy,
     )
     for _ in range(KEY_ROUNDS):
-        batch = await _insert(db, nb, row, budget=nb.max_attempts or attempt_budget)
+        try:
+            batch = await _insert(db, nb, row, budget=nb.max_attempts or attempt_budget)
+        except _TailMoved:
+            continue
+        except (UnknownDependencies, DependencyEnded, ExclusiveKeyBusy):
+            # A repeat of a request that created its batch answers with that batch,
+            # whatever its dependencies have become since.
+            repeat = await _repeat(store.Queries(db), nb, tenant=tenant, digest=digest)
+            if repeat is None:
+                raise
+            return repeat
         if batch is not None:
-            return Submitted(models.batch_json(batch), created=True)
+            return Submitted(await describe(store.Queries(db), batch), created=True)
         earlier = await _refused(store.Queries(db), nb, tenant=tenant, digest=digest)
         if earlier is not None:
             return earlier
@@ -143,6 +179,8 @@ async def _insert(
     """The batch with its items, event and wake-ups; None when a unique index
     refused it (nothing was written)."""
     created = json.dumps({"items": len(nb.items), "handler": nb.handler})
+    if nb.after or nb.exclusive_key is not None:
+        return await _insert_locked(db, nb, row, budget=budget, created=created)
     if len(nb.items) <= INLINE_ITEMS:
         # One statement, atomic on its own: one round trip for the whole submission.
         return await store.Queries(db).submit_batch(
@@ -168,6 +206,77 @@ async def _insert(
     return batch
 
 
+class _TailMoved(Exception):
+    """The exclusive key's newest batch changed between the read outside the
+    transaction and the one under the key's lock: submit again."""
+
+
+async def _insert_locked(
+    db: dbm.Database, nb: NewBatch, row: store.NewBatchRow, *, budget: int, created: str
+) -> store.BatchRow | None:
+    """A batch with dependencies or an exclusive key. The dependencies (and the
+    batch of the key it would queue behind) are share-locked and read in its
+    transaction, so none can end between the read that decides whether it starts
+    waiting and the commit that makes its edges visible to their settles. The key
+    is then locked (_exclusive_key_lock; after the row locks, as everywhere), so
+    the key's batches cannot change until commit: with one unfinished, the
+    submission is refused (ExclusiveKeyBusy) or, with on_conflict "queue", waits
+    behind the newest (a 'terminal' edge)."""
+    deps = list(nb.after or ())
+    queue = nb.exclusive_key is not None and nb.on_conflict == "queue"
+    seen = None
+    if queue and nb.exclusive_key is not None:
+        seen = await store.Queries(db).exclusive_tail(
+            tenant=row.tenant, exclusive_key=nb.exclusive_key
+        )
+    async with db.transaction("submit") as tx:
+        q = store.Queries(tx)
+        locks = deps + ([seen[0]] if seen is not None and seen[0] not in deps else [])
+        found = await q.lock_dependencies(locks, tenant=row.tenant) if locks else {}
+        missing = [a for a in deps if a not in found]
+        if missing:
+            raise UnknownDependencies(missing)
+        policy = nb.after_policy or states.AfterPolicy.COMPLETED
+        verdicts = {a: states.after_allows(policy, found[a]) for a in deps}
+        for a, allows in verdicts.items():
+            if allows is False:
+                raise DependencyEnded(a, found[a], policy)
+        key_after = None
+        if nb.exclusive_key is not None:
+            await q.lock_exclusive_key(tenant=row.tenant, exclusive_key=nb.exclusive_key)
+            tail = await q.exclusive_tail(tenant=row.tenant, exclusive_key=nb.exclusive_key)
+            if tail is not None and not queue:
+                holder = await q.find_exclusive_holder(
+                    tenant=row.tenant, exclusive_key=nb.exclusive_key
+                )
+                raise ExclusiveKeyBusy(nb.exclusive_key, *(holder or tail))
+            if tail is not None:
+                if seen is None or tail[0] != seen[0]:
+                    raise _TailMoved
+                if tail[0] not in deps:
+                    key_after = tail[0]
+        row = dataclasses.replace(
+            row, runnable=all(verdicts.values()) and key_after is None, key_after=key_after
+        )
+        batch = await q.submit_batch(
+            row,
+            item_max_attempts=budget,
+            keys=[key for key, _ in nb.items] if len(nb.items) <= INLINE_ITEMS else (),
+            payloads=[p for _, p in nb.items] if len(nb.items) <= INLINE_ITEMS else (),
+            created=created,
+        )
+        if batch is not None and len(nb.items) > INLINE_ITEMS:
+            await tx.copy_items(
+                db.schema,
+                ITEM_COLUMNS,
+                [
+                    (row.id, i, key, nb.handler, payload, budget)
+                    for i, (key, payload) in enumerate(nb.items)
+                ],
+            )
+    return batch
+
+
 async def _refused(
     q: store.Queries, nb: NewBatch, *, tenant: str, digest: str | None
 ) -> Submitted | None:
@@ -176,20 +285,32 @@ async def _refused(
     when the row that refused it has finished or been deleted since (try again).
     The idempotency key first: a repeat of the request whose batch holds the
     exclusive key is that batch, not a conflict with it."""
-    if nb.idempotency_key is not None:
-        found = await q.find_idempotent_batch(tenant=tenant, idempotency_key=nb.idempotency_key)
-        if found is not None:
-            existing_id, existing_hash = found
-            if existing_hash != digest:
-                raise IdempotencyConflict(str(existing_id))
-            existing = await q.get_batch(existing_id, tenant=tenant)
-            if existing is not None:  # else deleted just now: the key is free
-                return Submitted(models.batch_json(existing), created=False)
+    repeat = await _repeat(q, nb, tenant=tenant, digest=digest)
+    if repeat is not None:
+        return repeat
     if nb.exclusive_key is not None:
         holder = await q.find_exclusive_holder(tenant=tenant, exclusive_key=nb.exclusive_key)
         if holder is not None:
             raise ExclusiveKeyBusy(nb.exclusive_key, *holder)
     return None
+
+
+async def _repeat(
+    q: store.Queries, nb: NewBatch, *, tenant: str, digest: str | None
+) -> Submitted | None:
+    """The batch an earlier request with this idempotency key created, if any;
+    :class:`IdempotencyConflict` when that request had other content."""
+    if nb.idempotency_key is None:
+        return None
+    found = await q.find_idempotent_batch(tenant=tenant, idempotency_key=nb.idempotency_key)
+    if found is None:
+        return None
+    existing_id, existing_hash = found
+    if existing_hash != digest:
+        raise IdempotencyConflict(str(existing_id))
+    existing = await q.get_batch(existing_id, tenant=tenant)
+    # None: deleted just now, and the key is free
+    return None if existing is None else Submitted(await describe(q, existing), created=False)
 
 
 async def retry(
@@ -218,6 +339,13 @@ async def retry(
                     raise ExclusiveKeyBusy(b.exclusive_key, *holder) from None
             # Deleted, or the holder finished in between: the next round says which.
     raise RuntimeError(f"retry refused {KEY_ROUNDS} times by a batch that was gone when looked up")
+
+
+async def describe(q: store.Queries, b: store.BatchRow) -> dict[str, Any]:
+    """One batch's JSON, with what it still waits for when it is waiting (a
+    lookup of its own, so listings, which do not show it, do not pay for it)."""
+    waiting_on = await q.waiting_on(b.id) if b.status == states.BatchStatus.WAITING else None
+    return models.batch_json(b, waiting_on=waiting_on)
 
 
 def parse_id(batch_id: str) -> uuid.UUID | None:

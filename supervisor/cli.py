@@ -198,6 +198,23 @@ def parser() -> argparse.ArgumentParser:
         "--exclusive-key",
         help="refused (409, naming it) while an unfinished batch has this key, e.g. portfolio:123",
     )
+    s.add_argument(
+        "--after",
+        action="append",
+        metavar="BATCH_ID",
+        help="waiting until this batch has ended (repeat for several); see --after-policy",
+    )
+    s.add_argument(
+        "--after-policy",
+        choices=("completed", "terminal"),
+        help="completed (default): run once every --after batch completed, else cancelled; "
+        "terminal: once every one ended, however",
+    )
+    s.add_argument(
+        "--on-conflict",
+        choices=("reject", "queue"),
+        help="with --exclusive-key: reject (default, 409) or queue behind the key's batches",
+    )
     s.add_argument("--on-complete", help="handler to call once the batch is terminal")
     s.add_argument("--metadata", help="a JSON object stored with the batch")
     s.add_argument(

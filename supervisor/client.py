@@ -489,6 +489,9 @@ def _submission(args: argparse.Namespace) -> dict[str, Any]:
         "idempotency_key",
         "on_complete",
         "exclusive_key",
+        "after",
+        "after_policy",
+        "on_conflict",
     ):
         if getattr(args, field, None) is not None:
             body[field] = getattr(args, field)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import json.encoder as json_encoder
+import uuid
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -83,7 +84,9 @@ def counts(b: BatchRow) -> dict[str, int]:
     }
 
 
-def batch_json(b: BatchRow) -> dict[str, Any]:
+def batch_json(b: BatchRow, *, waiting_on: list[uuid.UUID] | None = None) -> dict[str, Any]:
+    """A batch for clients; ``waiting_on`` (the dependencies it still waits for)
+    is looked up by the routes that show one batch, null elsewhere."""
     c = counts(b)
     done = c["succeeded"] + c["failed"] + c["cancelled"]
     return {
@@ -100,6 +103,9 @@ def batch_json(b: BatchRow) -> dict[str, Any]:
         "metadata": loads(b.metadata),
         "idempotency_key": b.idempotency_key,
         "exclusive_key": b.exclusive_key,
+        "after": [str(a) for a in b.after_ids or ()],
+        "after_policy": b.after_policy,
+        "waiting_on": None if waiting_on is None else [str(a) for a in waiting_on],
         "version": b.version,
         "created_at": rfc3339(b.created_at),
         "started_at": rfc3339(b.started_at),

@@ -20,6 +20,7 @@ class ItemStatus(enum.StrEnum):
 
 
 class BatchStatus(enum.StrEnum):
+    WAITING = "waiting"  # for its `after` dependencies to end (0013)
     QUEUED = "queued"
     RUNNING = "running"
     PAUSED = "paused"
@@ -72,6 +73,22 @@ ITEM_TRANSITIONS: dict[ItemStatus, frozenset[ItemStatus]] = {
     ItemStatus.FAILED: frozenset({ItemStatus.QUEUED}),  # batch retry
     ItemStatus.CANCELLED: frozenset({ItemStatus.QUEUED}),  # batch retry with include_cancelled
 }
+
+
+class AfterPolicy(enum.StrEnum):
+    """When a batch's dependencies let it run (batches.after_policy)."""
+
+    COMPLETED = "completed"  # every dependency completed; any other end cancels it
+    TERMINAL = "terminal"  # every dependency ended, however
+
+
+def after_allows(policy: AfterPolicy, status: str) -> bool | None:
+    """Whether a dependency in ``status`` lets its dependent run: True, False
+    (the dependent is cancelled) or None (not ended yet). The same rule as
+    _settle_batches, for a dependency already ended at submission."""
+    if not is_batch_terminal(status):
+        return None
+    return policy is AfterPolicy.TERMINAL or status == BatchStatus.COMPLETED
 
 
 def item_transition_allowed(old: ItemStatus, new: ItemStatus) -> bool:

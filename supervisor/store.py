@@ -78,6 +78,8 @@ class BatchRow(_FromRecord):
     idempotency_key: str | None
     request_hash: str | None
     exclusive_key: str | None  # at most one unfinished batch per (tenant, key); 0012
+    after_ids: list[uuid.UUID] | None  # the batches it runs after; 0013
+    after_policy: str | None  # states.AfterPolicy, when after_ids is set
     total: int
     queued: int
     running: int
@@ -380,6 +382,10 @@ class NewBatchRow:
     created_by: str
     callback_handler: str | None
     exclusive_key: str | None
+    after_ids: Sequence[uuid.UUID] = ()
+    after_policy: str | None = None
+    runnable: bool = True  # False: created waiting for after_ids
+    key_after: uuid.UUID | None = None  # queued behind this batch of its exclusive key
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -444,8 +450,24 @@ class Queries:
             payloads,
             created,
             b.exclusive_key,
+            list(b.after_ids),
+            b.after_policy,
+            b.runnable,
+            b.key_after,
         )
         return None if r is None else BatchRow.of(r)
+
+    async def lock_dependencies(
+        self, ids: Sequence[uuid.UUID], *, tenant: str
+    ) -> dict[uuid.UUID, str]:
+        """Status of each of ``ids`` that is the tenant's, share-locked until the
+        transaction ends (run it in the submission's transaction)."""
+        rows = await self._ex.fetch("lock_dependencies", list(ids), tenant)
+        return {r["id"]: r["status"] for r in rows}
+
+    async def waiting_on(self, batch_id: uuid.UUID) -> list[uuid.UUID]:
+        """The dependencies of the batch that have not ended yet."""
+        return [r["id"] for r in await self._ex.fetch("waiting_on", batch_id)]
 
     async def find_idempotent_batch(
         self, *, tenant: str, idempotency_key: str
@@ -460,6 +482,17 @@ class Queries:
         """(batch id, status) of the unfinished batch holding the key, if any."""
         r = await self._ex.fetchrow("find_exclusive_holder", tenant, exclusive_key)
         return None if r is None else (r["id"], r["status"])
+
+    async def exclusive_tail(
+        self, *, tenant: str, exclusive_key: str
+    ) -> tuple[uuid.UUID, str] | None:
+        """(batch id, status) of the key's newest unfinished batch, waiting or not."""
+        r = await self._ex.fetchrow("exclusive_tail", tenant, exclusive_key)
+        return None if r is None else (r["id"], r["status"])
+
+    async def lock_exclusive_key(self, *, tenant: str, exclusive_key: str) -> None:
+        """The key's advisory lock, until the transaction ends."""
+        await self._ex.fetchval("lock_exclusive_key", tenant, exclusive_key)
 
     async def notify_wake(self, channel_payload: str) -> None:
         """Wake idle daemons: a handler name, ``callback`` or a probe."""

@@ -164,10 +164,14 @@ async def callback_fails_timed(item: Item) -> Any:
 async def until_file(item: Item) -> Any:
     """Runs until the file named by payload["file"] exists: a test decides when
     the item (and so its batch) finishes, without guessing a duration. With
-    payload["fail_first"], attempt 1 fails at once (a batch to retry)."""
+    payload["fail_first"], attempt 1 fails at once (a batch to retry); with
+    payload["then_fail"], it fails once the file exists (a batch that ends failed
+    when the test says so)."""
     if item.attempt == 1 and item.payload.get("fail_first"):
         raise PermanentError("first attempt fails, as asked")
     path = str(item.payload["file"])
     while not os.path.exists(path):
         await asyncio.sleep(0.02)
+    if item.payload.get("then_fail"):
+        raise PermanentError("failed once released, as asked")
     return {"released": path}

@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import pathlib
 import uuid
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -297,3 +298,69 @@ def test_the_key_holds_across_daemons_and_restarts(daemons: DaemonFactory) -> No
     d1.wait_status(first["id"], "cancelled")
     created = d2.submit("echo", [1], exclusive_key=KEY)
     uuid.UUID(created["id"])
+
+
+def test_on_conflict_queue_waits_behind_the_holder_and_runs_the_key_as_a_chain(
+    daemons: DaemonFactory, db_url: str, tmp_path: pathlib.Path
+) -> None:
+    d = daemons(handlers=HANDLERS)
+    f1, f2 = tmp_path / "one", tmp_path / "two"
+    holder = d.submit("until_file", [{"file": str(f1), "then_fail": True}], exclusive_key=KEY)
+    q1 = d.submit("until_file", [{"file": str(f2)}], exclusive_key=KEY, on_conflict="queue")
+    q2 = d.submit("echo", [1, 2], exclusive_key=KEY, on_conflict="queue")
+    assert q1["status"] == "waiting" and q1["waiting_on"] == [holder["id"]], q1
+    assert q2["status"] == "waiting" and q2["waiting_on"] == [q1["id"]], q2
+    # The default is still a refusal, naming the batch that runs.
+    assert_busy(post(d, {"handler": "echo", "items": [1], "exclusive_key": KEY}), holder["id"])
+    assert_problem(
+        post(d, {"handler": "echo", "items": [1], "on_conflict": "queue"}), 422, "/on_conflict"
+    )
+    assert_problem(
+        post(d, {"handler": "echo", "items": [1], "exclusive_key": KEY, "on_conflict": "x"}),
+        422,
+        "/on_conflict",
+    )
+
+    f1.touch()  # the holder fails: a queue waits for the end, whatever it is
+    d.wait_status(holder["id"], "failed")
+    d.wait_status(q1["id"], "running")
+    assert d.batch(q2["id"])["status"] == "waiting"  # one at a time
+    f2.touch()
+    q1_done = d.wait_status(q1["id"], "completed")
+    d.wait_status(q2["id"], "completed")
+    started = min(datetime.fromisoformat(it["started_at"]) for it in d.items(q2["id"]))
+    assert started >= datetime.fromisoformat(q1_done["finished_at"]), (started, q1_done)
+    assert keyed_batches(db_url) == [holder["id"], q1["id"], q2["id"]]
+
+
+def test_a_waiting_keyed_batch_released_while_its_key_is_held_waits_behind_the_holder(
+    daemons: DaemonFactory, db_url: str, tmp_path: pathlib.Path
+) -> None:
+    d = daemons(handlers=HANDLERS)
+    fa, fb = tmp_path / "a", tmp_path / "b"
+    a = d.submit("until_file", [{"file": str(fa)}])
+    b = d.submit("until_file", [{"file": str(fb), "fail_first": True}], exclusive_key=KEY)
+    d.wait_status(b["id"], "failed")
+    w = d.submit("echo", [1], exclusive_key=KEY, after=[a["id"]])
+    assert w["status"] == "waiting", w
+    # A waiting batch does not hold the key in the index: b can be reopened.
+    code, body, _ = d.api("POST", f"/v1/batches/{b['id']}/retry")
+    assert code == 200, body
+    d.wait_status(b["id"], "running")
+    fa.touch()
+    d.wait_status(a["id"], "completed")
+    # Its dependency ended, but its key is held: it waits behind the holder.
+    got = d.batch(w["id"])
+    assert got["status"] == "waiting" and got["waiting_on"] == [b["id"]], got
+    queued = db_rows(
+        db_url,
+        "SELECT detail->>'behind' AS behind FROM supervisor.batch_events"
+        " WHERE batch_id = $1 AND action = 'exclusive_key_queued'",
+        uuid.UUID(w["id"]),
+    )
+    assert [r["behind"] for r in queued] == [b["id"]], queued
+    fb.touch()
+    b_done = d.wait_status(b["id"], "completed")
+    d.wait_status(w["id"], "completed")
+    started = min(datetime.fromisoformat(it["started_at"]) for it in d.items(w["id"]))
+    assert started >= datetime.fromisoformat(b_done["finished_at"])

@@ -167,6 +167,17 @@ async def create_batch(request: web.Request) -> web.Response:
             raise Problem(409, str(exc)) from None
         except batches.ExclusiveKeyBusy as exc:
             raise _key_busy(exc) from None
+        except batches.UnknownDependencies as exc:
+            raise ValidationFailed([{"path": "/after", "message": str(exc)}]) from None
+        except batches.DependencyEnded as exc:
+            raise Problem(
+                409,
+                str(exc),
+                extensions={
+                    "dependency_batch_id": str(exc.dependency),
+                    "dependency_status": exc.status,
+                },
+            ) from None
     b = result.batch
     return _json(
         b,
@@ -223,7 +234,7 @@ async def get_batch(request: web.Request) -> web.StreamResponse:
     inm = request.headers.get("If-None-Match")
     if inm and etag in [t.strip() for t in inm.split(",")]:
         return web.Response(status=304, headers={"ETag": etag})
-    return _json(models.batch_json(row), headers={"ETag": etag})
+    return _json(await batches.describe(ctx_of(request).q, row), headers={"ETag": etag})
 
 
 @routes.patch("/v1/batches/{id}")
@@ -264,7 +275,9 @@ async def _control_response(request: web.Request, outcome: store.ControlResult) 
     if outcome.kind is store.ControlKind.CONFLICT:
         raise Problem(409, outcome.reason)
     row = await _batch_or_404(request)
-    return _json(models.batch_json(row), headers={"ETag": f'"{row.version}"'})
+    return _json(
+        await batches.describe(ctx_of(request).q, row), headers={"ETag": f'"{row.version}"'}
+    )
 
 
 Control = Callable[[store.Queries, uuid.UUID, Principal], Awaitable[store.ControlResult]]

@@ -9,9 +9,11 @@ import enum
 import json
 import math
 import re
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from supervisor import states
 from supervisor.api.problems import Problem, ValidationFailed
 from supervisor.batches import NewBatch
 from supervisor.models import compact_json
@@ -28,7 +30,11 @@ SUBMIT_FIELDS = (
     "idempotency_key",
     "on_complete",
     "exclusive_key",
+    "after",
+    "after_policy",
+    "on_conflict",
 )
+AFTER_MAX = 100  # dependencies of one batch
 PATCH_FIELDS = ("priority", "max_concurrency", "max_failures")
 _PERCENT = re.compile(r"^([0-9]{1,3}(?:\.[0-9]+)?)%$")
 KEY_MAX = 1000
@@ -319,6 +325,16 @@ def submission(
         errors.append({"path": "/exclusive_key", "message": why})
         exclusive_key = None
 
+    after, after_policy = _after(body, errors)
+    on_conflict = body.get("on_conflict")
+    if on_conflict is not None and on_conflict not in ("reject", "queue"):
+        errors.append({"path": "/on_conflict", "message": 'must be "reject" or "queue"'})
+        on_conflict = None
+    elif on_conflict is not None and body.get("exclusive_key") is None:
+        errors.append({"path": "/on_conflict", "message": "needs an exclusive_key"})
+    if on_conflict == "reject":
+        on_conflict = None  # the default: digests of requests that did not say so match
+
     nb_priority = _priority(body, errors)
     max_concurrency = _opt_int(body, "max_concurrency", errors, minimum=1)
     max_attempts = _opt_int(body, "max_attempts", errors, minimum=1, maximum=1000)
@@ -336,7 +352,50 @@ def submission(
         idempotency_key=idem,
         on_complete=on_complete,
         exclusive_key=exclusive_key,
+        after=after,
+        after_policy=after_policy,
+        on_conflict=on_conflict,
     )
+
+
+def _after(
+    body: dict[str, Any], errors: list[dict[str, str]]
+) -> tuple[tuple[uuid.UUID, ...] | None, states.AfterPolicy | None]:
+    """``after`` (distinct batch ids; whether they are the tenant's is the
+    submission's check) and its ``after_policy``; both None without dependencies.
+    Only existing batches can be named, so dependencies never form a cycle."""
+    raw, policy = body.get("after"), body.get("after_policy")
+    ids: list[uuid.UUID] = []
+    if raw is not None:
+        if not isinstance(raw, list) or len(raw) > AFTER_MAX:
+            errors.append(
+                {"path": "/after", "message": f"must be a list of at most {AFTER_MAX} batch ids"}
+            )
+        else:
+            for i, v in enumerate(raw):
+                bid = uuid_or_none(v)
+                if bid is None:
+                    errors.append({"path": f"/after/{i}", "message": "must be a batch id"})
+                elif bid in ids:
+                    errors.append({"path": f"/after/{i}", "message": f"duplicate batch id {bid}"})
+                else:
+                    ids.append(bid)
+    if policy is not None and policy not in set(states.AfterPolicy):
+        errors.append({"path": "/after_policy", "message": 'must be "completed" or "terminal"'})
+        policy = None
+    if not ids:
+        return None, None
+    return tuple(ids), states.AfterPolicy(policy or states.AfterPolicy.COMPLETED)
+
+
+def uuid_or_none(v: Any) -> uuid.UUID | None:
+    """A batch id given as a string, in its canonical or any uuid form."""
+    if not isinstance(v, str) or len(v) > 64:
+        return None
+    try:
+        return uuid.UUID(v)
+    except ValueError:
+        return None
 
 
 def patch(body: Any) -> dict[str, Any]:

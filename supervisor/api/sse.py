@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 from aiohttp import web
 
-from supervisor import models, store
+from supervisor import batches, models, store
 from supervisor.api.context import ApiContext, principal
 from supervisor.errors import DatabaseUnavailable
 
@@ -92,7 +92,8 @@ async def _stream(request: web.Request, ctx: ApiContext, row: store.BatchRow) ->
             if len(items) == ITEMS_PER_TICK:
                 continue  # more finished items to send before the snapshot
             if row.version != sent_version:
-                await resp.write(_frame("snapshot", models.batch_json(row), row.version))
+                snapshot = await batches.describe(ctx.q, row)
+                await resp.write(_frame("snapshot", snapshot, row.version))
                 sent_version = row.version
                 cursor = max(cursor, row.version)
                 last_snapshot = time.monotonic()

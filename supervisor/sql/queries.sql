@@ -37,16 +37,26 @@ INSERT INTO @schema.schema_migrations (version, name) VALUES ($1, $2);
 -- idempotency key names a batch, or an unfinished batch holds its exclusive key
 -- ($20). ON CONFLICT without a target covers both, and waits for a concurrent
 -- submission holding either to commit or roll back, so races end in one batch,
--- never in an error. The NOTIFYs are delivered at commit.
+-- never in an error. The NOTIFYs are delivered at commit. $21: the batches it
+-- runs after (empty: none), $22 its after_policy, $23 whether they let it run yet
+-- (false: it is created waiting; the caller holds share locks on them, see
+-- lock_dependencies). $24: the batch of its exclusive key it is queued behind
+-- (on_conflict "queue"; an edge of policy 'terminal'), or NULL.
 WITH b AS (
     INSERT INTO @schema.batches (
         id, tenant, handler, status, priority, max_concurrency, max_attempts, attempt_budget,
         max_failures, max_failures_limit, metadata, idempotency_key, request_hash, total,
-        queued, created_by, callback_handler, exclusive_key)
-    VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, $15,
-            $20)
+        queued, created_by, callback_handler, exclusive_key, after_ids, after_policy, waiting)
+    VALUES ($1, $2, $3, CASE WHEN $23::boolean THEN 'queued' ELSE 'waiting' END, $4, $5, $6,
+            $7, $8, $9, $10, $11, $12, $13, $13, $14, $15, $20,
+            CASE WHEN cardinality($21::uuid[]) > 0 THEN $21::uuid[] END, $22, NOT $23::boolean)
     ON CONFLICT DO NOTHING
     RETURNING *
+), deps AS (
+    INSERT INTO @schema.batch_dependencies (batch_id, depends_on, policy)
+    SELECT b.id, u.id, NULL FROM b, unnest($21::uuid[]) AS u (id)
+    UNION ALL
+    SELECT b.id, $24::uuid, 'terminal' FROM b WHERE $24::uuid IS NOT NULL
 ), new_items AS (
     INSERT INTO @schema.items (batch_id, seq, key, handler, payload, max_attempts)
     SELECT b.id, u.seq - 1, u.key, b.handler, u.payload, $16
@@ -60,15 +70,51 @@ SELECT b.* FROM b
                             pg_notify('@sname_batch', b.id || ':' || b.version || ':' || b.status)
                      ) AS notified;
 
+-- name: lock_dependencies
+-- The batches a submission names in `after`, of its tenant, share-locked until
+-- it commits: a dependency cannot end (its settle locks it FOR UPDATE) between
+-- this read and the new batch's edges becoming visible, so either the status read
+-- here is its end or its settle sees the new batch waiting. Locked in the lock
+-- order: batches that do not wait first, then waiting ones (which settles lock
+-- after theirs), each in id order.
+SELECT id, status FROM @schema.batches
+ WHERE id = ANY ($1::uuid[]) AND tenant = $2
+ ORDER BY status = 'waiting', id
+   FOR SHARE;
+
+-- name: waiting_on
+-- The dependencies of a waiting batch that have not ended yet, in id order.
+SELECT dep.id FROM @schema.batch_dependencies bd
+  JOIN @schema.batches dep ON dep.id = bd.depends_on
+ WHERE bd.batch_id = $1
+   AND dep.status NOT IN ('completed', 'completed_with_errors', 'failed', 'cancelled')
+ ORDER BY dep.id;
+
 -- name: find_idempotent_batch
 -- The batch an idempotency key already names, with the hash of its request.
 SELECT id, request_hash FROM @schema.batches WHERE tenant = $1 AND idempotency_key = $2;
 
 -- name: find_exclusive_holder
--- The unfinished batch holding an exclusive key, if any (index batches_exclusive).
+-- The unfinished batch holding an exclusive key, if any: the one that may run
+-- (index batches_exclusive), else the oldest waiting one.
 SELECT id, status FROM @schema.batches
  WHERE tenant = $1 AND exclusive_key = $2
-   AND status NOT IN ('completed', 'completed_with_errors', 'failed', 'cancelled');
+   AND status NOT IN ('completed', 'completed_with_errors', 'failed', 'cancelled')
+ ORDER BY status = 'waiting', created_at, id
+ LIMIT 1;
+
+-- name: exclusive_tail
+-- The newest unfinished batch of an exclusive key, waiting ones included: the
+-- one a submission queued on the key waits behind (index batches_exclusive_listing).
+SELECT id, status FROM @schema.batches
+ WHERE tenant = $1 AND exclusive_key = $2
+   AND status NOT IN ('completed', 'completed_with_errors', 'failed', 'cancelled')
+ ORDER BY created_at DESC, id DESC
+ LIMIT 1;
+
+-- name: lock_exclusive_key
+-- The key's advisory lock until the transaction ends (see _exclusive_key_lock).
+SELECT @schema._exclusive_key_lock($1, $2);
 
 -- name: notify_wake
 -- Wake idle daemons: new runnable work for a handler.

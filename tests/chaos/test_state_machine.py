@@ -4,11 +4,12 @@ database, through ``supervisor.db.Database`` and the named queries; no daemon.
 Hypothesis drives random sequences, on a fresh batch of a few items (with or without
 a failure budget), of claim / outcome (succeeded, failed, retry, released, cancelled;
 with the current or a stale lease and attempt) / reclaim / cancel / pause / resume /
-retry_batch, and after every step checks the batch invariants (each count equals
-the number of items in that state, total = sum, terminal exactly when queued +
-running = 0) and agreement with a small model of the expected item and batch states.
-A fenced write (stale lease or attempt) and a no-op control must change nothing, not
-even the version.
+retry_batch / the end of a dependency (the batch may wait, ``after``, for another
+one-item batch, which succeeds, fails or is cancelled), and after every step checks
+the batch invariants (each count equals the number of items in that state, total =
+sum, terminal exactly when queued + running = 0) and agreement with a small model
+of the expected item and batch states. A fenced write (stale lease or attempt) and
+a no-op control must change nothing, not even the version.
 
 One migrated database serves every example; each example makes its own batch under
 its own handler name, so claims never see another example's items.
@@ -66,6 +67,12 @@ class BatchMachine(RuleBasedStateMachine):
         self.batch_id = ""
         self.status = "queued"
         self.stop_reason: str | None = None
+        self.paused = False
+        self.waiting = False  # for the dependency (dep_id) to end
+        self.dep_id = ""
+        self.dep_handler = f"d_{uuid.uuid4().hex[:12]}"
+        self.policy: str | None = None
+        self.dep_ended = False
         self.started = False
         self.budget = 1
         self.max_failures: int | None = None
@@ -88,6 +95,7 @@ class BatchMachine(RuleBasedStateMachine):
             self.stop_reason = None
             if self.status in TERMINAL:
                 self.status = "running"
+                self.paused = False
         if (
             not was_terminal
             and self.stop_reason is None
@@ -103,7 +111,8 @@ class BatchMachine(RuleBasedStateMachine):
         if was_terminal:
             pass
         elif c["queued"] + c["running"] == 0:
-            if self.stop_reason == "cancel":
+            self.waiting = False  # an ended batch waits for nothing
+            if self.stop_reason in ("cancel", "dependency"):
                 self.status = "cancelled"
             elif self.stop_reason == "max_failures":
                 self.status = "failed"
@@ -115,8 +124,10 @@ class BatchMachine(RuleBasedStateMachine):
                 self.status = "completed_with_errors"
         elif self.stop_reason is not None:
             self.status = "cancelling"
-        elif self.status == "paused":
-            pass
+        elif self.waiting:
+            self.status = "waiting"
+        elif self.paused:
+            self.status = "paused"
         elif c["running"] + c["succeeded"] + c["failed"] + c["cancelled"] == 0 and not self.started:
             self.status = "queued"
         else:
@@ -148,14 +159,32 @@ class BatchMachine(RuleBasedStateMachine):
         n=st.integers(1, 4),
         budget=st.integers(1, 3),
         max_failures=st.none() | st.integers(0, 2),
+        policy=st.sampled_from([None, "completed", "terminal"]),
     )
-    def create(self, n: int, budget: int, max_failures: int | None) -> None:
+    def create(self, n: int, budget: int, max_failures: int | None, policy: str | None) -> None:
         self.budget = budget
         self.max_failures = max_failures
+        after = None
+        if policy is not None:
+            dep = self.run(
+                batches.submit(
+                    self.db,
+                    batches.NewBatch(handler=self.dep_handler, items=[(None, "0")]),
+                    tenant="t",
+                    actor="test",
+                    attempt_budget=1,
+                    callback_handler=None,
+                )
+            )
+            self.dep_id, self.policy, self.waiting = dep.batch["id"], policy, True
+            self.status = "waiting"
+            after = (uuid.UUID(self.dep_id),)
         nb = batches.NewBatch(
             handler=self.handler,
             items=[(None, json.dumps(k)) for k in range(n)],
             max_failures=max_failures,
+            after=after,
+            after_policy=None if policy is None else states.AfterPolicy(policy),
         )
         sub = self.run(
             batches.submit(
@@ -254,6 +283,50 @@ class BatchMachine(RuleBasedStateMachine):
         if lost:
             self.settle()
 
+    @precondition(lambda self: self.dep_id and not self.dep_ended)
+    @rule(how=st.sampled_from(["succeeded", "failed", "cancelled"]))
+    def end_dependency(self, how: str) -> None:
+        """The dependency ends: the batch is released (queued, or paused if it was
+        paused meanwhile) or, when its policy forbids the end, cancelled, in the
+        same transaction, unless it has ended already."""
+        dep = uuid.UUID(self.dep_id)
+        q = store.Queries(self.db)
+        if how == "cancelled":
+            out = self.run(q.cancel_batch(dep, tenant=None, actor="test"))
+            assert out.kind is store.ControlKind.OK, out
+        else:
+            lease = str(uuid.uuid4())
+            rows = self.run(
+                self.db.fetch("claim_items", self.dep_handler, 1, "w9", lease, None, None, 1.0)
+            )
+            assert len(rows) == 1, rows
+            self.run(
+                self.db.fetch(
+                    "apply_outcomes",
+                    lease,
+                    [dep],
+                    [rows[0]["id"]],
+                    [1],
+                    [how],
+                    [None],
+                    [None if how == "succeeded" else json.dumps({"type": "T", "message": "x"})],
+                    [0.0],
+                    "test",
+                )
+            )
+        self.dep_ended = True
+        ended = {"succeeded": "completed", "failed": "failed", "cancelled": "cancelled"}[how]
+        self.changed = False
+        if not self.waiting:
+            return  # cancelled meanwhile (or ended and retried): past its dependency
+        self.waiting = False
+        if self.policy == "completed" and ended != "completed":
+            for it in self.items.values():
+                if it.status == "queued":
+                    it.status = "cancelled"
+            self.stop_reason = "dependency"
+        self.settle()
+
     def control(
         self, run: Callable[[store.Queries, uuid.UUID], Coroutine[Any, Any, store.ControlResult]]
     ) -> str:
@@ -284,11 +357,13 @@ class BatchMachine(RuleBasedStateMachine):
         self.changed = False
         if self.status in TERMINAL or self.status == "cancelling":
             assert out.startswith("conflict:"), out
-        elif pause == (self.status == "paused"):
+        elif pause == self.paused:
             assert out == "ok", out
         else:
             assert out == "ok", out
-            self.status = "paused" if pause else "running"
+            self.paused = pause
+            if not pause and self.status == "paused":
+                self.status = "running"  # resumed: _batch_status says queued or running
             self.settle()
 
     @rule(include_cancelled=st.booleans())

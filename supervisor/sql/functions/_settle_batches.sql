@@ -2,7 +2,10 @@
 -- its counter deltas, enforces the failure budget, derives the status from the
 -- counters (_batch_status), bumps the version once, moves the claim cursor (claims
 -- only: a NULL keeps it), writes the 'started' / 'finished' events and notifies.
--- Returns one row per batch that became terminal.
+-- A batch that becomes terminal releases or cancels the batches waiting for it
+-- (after / after_policy), in this transaction: see "Dependencies" below.
+-- Returns one row per batch that became terminal (those cancelled for a
+-- dependency included).
 -- Callers hold the batch rows' locks, have already moved the items, and name each
 -- batch once.
 --
@@ -37,6 +40,13 @@ DECLARE
     v_stop_running boolean[];
     v_seconds double precision[];
     v_callback boolean;
+    v_done uuid[];
+    v_locked uuid[];
+    v_dep_ids uuid[];
+    v_dep_cancel boolean[];
+    v_dep_n integer[];
+    v_dep_detail jsonb[];
+    v_keyed boolean;
 BEGIN
     -- Callers hold the row locks already; FOR UPDATE makes a caller that does not
     -- wait here, before reading, instead of overwriting a concurrent change. The
@@ -87,6 +97,7 @@ BEGIN
                    AS terminal,
                CASE WHEN d.over THEN 'max_failures' WHEN p_reopen THEN NULL
                     ELSE bt.stop_reason END AS stop_reason,
+               bt.waiting,
                bt.paused AND NOT (p_reopen AND bt.status IN
                    ('completed', 'completed_with_errors', 'failed', 'cancelled')) AS paused,
                CASE WHEN p_reopen THEN 'none' ELSE bt.callback_state END AS callback_state,
@@ -96,7 +107,7 @@ BEGIN
         SELECT n.*,
                -- a terminal batch never changes its status (unless reopened)
                CASE WHEN n.terminal AND NOT p_reopen THEN n.old_status
-                    ELSE @schema._batch_status(n.paused, n.q, n.r, n.s, n.f, n.c,
+                    ELSE @schema._batch_status(n.waiting, n.paused, n.q, n.r, n.s, n.f, n.c,
                                                n.stop_reason, n.started_at IS NOT NULL)
                END AS new_status,
                (p_reopen OR NOT n.terminal) AND n.q + n.r = 0 AS finishing,
@@ -107,6 +118,8 @@ BEGIN
             status = m.new_status, queued = m.q, running = m.r, succeeded = m.s,
             failed = m.f, cancelled = m.c, version = m.version, stop_reason = m.stop_reason,
             paused = m.paused,
+            -- an ended batch waits for nothing (a retry runs it at once)
+            waiting = m.waiting AND NOT m.finishing,
             started_at = CASE WHEN m.starting THEN now() ELSE bt.started_at END,
             finished_at = CASE WHEN m.finishing THEN now() WHEN p_reopen THEN NULL
                                ELSE bt.finished_at END,
@@ -170,6 +183,186 @@ BEGIN
     END IF;
     PERFORM pg_notify('@sname_batch', x.id::text || ':' || x.version::text || ':' || x.status)
        FROM unnest(v_ids, v_versions, v_status) AS x (id, version, status);
+
+    -- Dependencies: the batches waiting for one that ended here are released
+    -- (queued) or, when their after_policy forbids how it ended, cancelled, in
+    -- this transaction, so no moment exists where a dependency is terminal and
+    -- its dependent still waits for it.
+    SELECT array_agg(x.id) INTO v_done
+      FROM unnest(v_ids, v_finishing) AS x (id, fin) WHERE x.fin;
+    IF v_done IS NOT NULL AND EXISTS (
+        SELECT 1 FROM @schema.batch_dependencies bd WHERE bd.depends_on = ANY (v_done)) THEN
+        -- Lock order. Our caller holds its batches (locked in id order, first);
+        -- the waiting batches are locked after them, all that this change may
+        -- reach (dependents, their dependents, ...) in one statement in id order,
+        -- even those it will leave waiting. That is safe because a waiting batch
+        -- has no running items: claims take only queued and running batches, and
+        -- outcome writes and the reaper only batches with running items, so none
+        -- of them holds a waiting batch while waiting for one of ours. The only
+        -- other lockers of waiting batches are another settle doing the same (its
+        -- set in id order too), a control on one waiting batch (cancel_batch
+        -- locks it together with its waiting dependents in id order; pause and
+        -- patch lock that one row and nothing after), and a submission naming it
+        -- in `after` (a share lock, taken before anything else it locks). A
+        -- submission that commits while this statement waits can add a dependent
+        -- it did not see: the cascade below locks that one later, the one order
+        -- this does not keep; PostgreSQL's deadlock detection is the backstop.
+        -- Exclusive keys' advisory locks come after all row locks, in every
+        -- transaction that takes them (see _exclusive_key_lock), in hash order
+        -- within one statement; a cascade that releases batches of another key
+        -- one level deeper takes that key later, the other order not kept.
+        SELECT array_agg(l.id) INTO v_locked FROM (
+            SELECT bt.id FROM @schema.batches bt
+             WHERE bt.id = ANY (@schema._waiting_dependents(v_done)) AND bt.status = 'waiting'
+             ORDER BY bt.id FOR UPDATE OF bt) l;
+        -- A batch of an exclusive key that ends takes the key's lock before it
+        -- looks for its dependents: a release that queues a batch behind it adds
+        -- that edge under the lock (below), so the edge is seen here. Those
+        -- dependents were not in the set above; they are locked now (id order).
+        IF EXISTS (SELECT 1 FROM @schema.batches bt
+                    WHERE bt.id = ANY (v_done) AND bt.exclusive_key IS NOT NULL) THEN
+            PERFORM @schema._exclusive_key_lock(k.tenant, k.exclusive_key)
+               FROM (SELECT DISTINCT bt.tenant, bt.exclusive_key FROM @schema.batches bt
+                      WHERE bt.id = ANY (v_done) AND bt.exclusive_key IS NOT NULL) k
+              ORDER BY hashtextextended('@sname:key:' || k.tenant || chr(31) || k.exclusive_key,
+                                        0);
+            SELECT v_locked || array_agg(l.id) INTO v_locked FROM (
+                SELECT bt.id FROM @schema.batches bt
+                 WHERE bt.id IN (SELECT bd.batch_id FROM @schema.batch_dependencies bd
+                                  WHERE bd.depends_on = ANY (v_done))
+                   AND bt.status = 'waiting' AND NOT bt.id = ANY (coalesce(v_locked, '{}'))
+                 ORDER BY bt.id FOR UPDATE OF bt) l;
+        END IF;
+        -- A new statement, so a new snapshot: it sees what the settles we waited
+        -- for above committed (their dependencies' ends). Each direct dependent is
+        -- judged on all its dependencies, each edge by its policy (the batch's
+        -- after_policy, or 'terminal' for the edge an exclusive key's queue adds):
+        -- cancelled when one ended as its policy forbids ('completed': any end but
+        -- completed), released when all ended.
+        WITH e AS (
+            SELECT d.id, d.handler, d.tenant, d.exclusive_key, d.created_at,
+                   bool_or(dep.status IN ('completed_with_errors', 'failed', 'cancelled')
+                           AND coalesce(bd.policy, d.after_policy) = 'completed')
+                       AS forbidden,
+                   bool_and(dep.status IN ('completed', 'completed_with_errors', 'failed',
+                                           'cancelled')) AS ended,
+                   (array_agg(jsonb_build_object('dependency', dep.id, 'status', dep.status,
+                                                 'after_policy',
+                                                 coalesce(bd.policy, d.after_policy))
+                              ORDER BY dep.finished_at, dep.id)
+                        FILTER (WHERE dep.status IN ('completed_with_errors', 'failed',
+                                                     'cancelled')
+                                  AND coalesce(bd.policy, d.after_policy) = 'completed'))[1]
+                       AS culprit,
+                   jsonb_agg(jsonb_build_object('dependency', dep.id, 'status', dep.status)
+                             ORDER BY dep.id) AS deps
+              FROM @schema.batches d
+              JOIN @schema.batch_dependencies bd ON bd.batch_id = d.id
+              JOIN @schema.batches dep ON dep.id = bd.depends_on
+             WHERE d.id = ANY (v_locked) AND d.status = 'waiting'
+               AND d.id IN (SELECT bd0.batch_id FROM @schema.batch_dependencies bd0
+                             WHERE bd0.depends_on = ANY (v_done))
+             GROUP BY d.id, d.handler, d.tenant, d.exclusive_key, d.created_at
+        )
+        SELECT array_agg(e.id ORDER BY e.id), array_agg(e.forbidden ORDER BY e.id),
+               array_agg(CASE WHEN e.forbidden THEN e.culprit
+                              ELSE jsonb_build_object('dependencies', e.deps) END
+                         ORDER BY e.id),
+               coalesce(bool_or(NOT e.forbidden AND e.exclusive_key IS NOT NULL), false)
+          INTO v_dep_ids, v_dep_cancel, v_dep_detail, v_keyed
+          FROM e WHERE e.forbidden OR e.ended;
+
+        -- Exclusive keys: a waiting batch does not hold its key, so one released
+        -- must find it free. Under the key's lock (after every row lock, see
+        -- _exclusive_key_lock; keys in a fixed order), a released batch whose key
+        -- another batch holds, or an older batch of its key released here, keeps
+        -- waiting behind that one (a 'terminal' edge): one runs, the rest stay a
+        -- chain in submission order.
+        IF v_keyed THEN
+            PERFORM @schema._exclusive_key_lock(k.tenant, k.exclusive_key)
+               FROM (SELECT DISTINCT bt.tenant, bt.exclusive_key FROM @schema.batches bt
+                       JOIN unnest(v_dep_ids, v_dep_cancel) AS c (id, cx) ON c.id = bt.id
+                      WHERE NOT c.cx AND bt.exclusive_key IS NOT NULL) k
+              ORDER BY hashtextextended('@sname:key:' || k.tenant || chr(31) || k.exclusive_key,
+                                        0);
+            -- A new statement: it sees the key's holders committed before the lock.
+            WITH r AS (
+                SELECT bt.id, bt.tenant, bt.exclusive_key,
+                       lag(bt.id) OVER (PARTITION BY bt.tenant, bt.exclusive_key
+                                        ORDER BY bt.created_at, bt.id) AS before
+                  FROM @schema.batches bt
+                  JOIN unnest(v_dep_ids, v_dep_cancel) AS c (id, cx) ON c.id = bt.id
+                 WHERE NOT c.cx AND bt.exclusive_key IS NOT NULL
+            ), behind AS (
+                SELECT r.id, coalesce(r.before, (
+                           SELECT h.id FROM @schema.batches h
+                            WHERE h.tenant = r.tenant AND h.exclusive_key = r.exclusive_key
+                              AND h.exclusive_key IS NOT NULL
+                              AND h.status NOT IN ('waiting', 'completed',
+                                                   'completed_with_errors', 'failed',
+                                                   'cancelled'))) AS holder
+                  FROM r
+            ), edge AS (
+                INSERT INTO @schema.batch_dependencies (batch_id, depends_on, policy)
+                SELECT b.id, b.holder, 'terminal' FROM behind b WHERE b.holder IS NOT NULL
+                ON CONFLICT (batch_id, depends_on) DO UPDATE SET policy = 'terminal'
+                RETURNING batch_id, depends_on
+            ), ev AS (
+                INSERT INTO @schema.batch_events (batch_id, action, actor, detail)
+                SELECT edge.batch_id, 'exclusive_key_queued', p_actor,
+                       jsonb_build_object('behind', edge.depends_on)
+                  FROM edge ORDER BY edge.batch_id
+            )
+            SELECT array_agg(x.id ORDER BY x.id), array_agg(x.cx ORDER BY x.id),
+                   array_agg(x.detail ORDER BY x.id)
+              INTO v_dep_ids, v_dep_cancel, v_dep_detail
+              FROM unnest(v_dep_ids, v_dep_cancel, v_dep_detail) AS x (id, cx, detail)
+             WHERE x.id NOT IN (SELECT b.id FROM behind b WHERE b.holder IS NOT NULL);
+        END IF;
+
+        IF v_dep_ids IS NOT NULL THEN
+            INSERT INTO @schema.batch_events (batch_id, action, actor, detail)
+            SELECT x.id, CASE WHEN x.cx THEN 'dependency_failed' ELSE 'dependencies_met' END,
+                   p_actor, x.detail
+              FROM unnest(v_dep_ids, v_dep_cancel, v_dep_detail) AS x (id, cx, detail)
+             ORDER BY x.id;
+            PERFORM pg_notify('@sname_wake', h.handler)
+               FROM (SELECT DISTINCT bt.handler FROM @schema.batches bt
+                       JOIN unnest(v_dep_ids, v_dep_cancel) AS c (id, cx) ON c.id = bt.id
+                      WHERE NOT c.cx) h;
+            -- The cancelled ones lose their queued items (they have nothing else).
+            WITH x AS (
+                UPDATE @schema.items it SET status = 'cancelled', finished_at = now(),
+                       finished_version = bt.version + 1
+                  FROM @schema.batches bt
+                 WHERE bt.id = ANY (v_dep_ids) AND it.batch_id = bt.id
+                   AND it.status = 'queued'
+                   AND bt.id IN (SELECT c.id FROM unnest(v_dep_ids, v_dep_cancel) AS c (id, cx)
+                                  WHERE c.cx)
+                RETURNING it.batch_id
+            )
+            SELECT array_agg(coalesce(n.n, 0) ORDER BY d.o) INTO v_dep_n
+              FROM unnest(v_dep_ids) WITH ORDINALITY AS d (id, o)
+              LEFT JOIN (SELECT x.batch_id, count(*)::integer AS n FROM x GROUP BY x.batch_id) n
+                ON n.batch_id = d.id;
+            -- The inputs of the status rule, as a control writes its input; the
+            -- settle below derives queued (or paused) and cancelled from them.
+            UPDATE @schema.batches bt
+               SET waiting = false,
+                   stop_reason = CASE WHEN c.cx THEN 'dependency' ELSE bt.stop_reason END
+              FROM unnest(v_dep_ids, v_dep_cancel) AS c (id, cx)
+             WHERE bt.id = c.id;
+            -- Those cancelled end here, so their own dependents are judged in turn.
+            RETURN QUERY SELECT s.batch_id, s.finished, s.seconds
+              FROM @schema._settle_batches(
+                       v_dep_ids, (SELECT array_agg(-n ORDER BY o) FROM unnest(v_dep_n)
+                                        WITH ORDINALITY AS u (n, o)),
+                       array_fill(0, ARRAY[cardinality(v_dep_ids)]),
+                       array_fill(0, ARRAY[cardinality(v_dep_ids)]),
+                       array_fill(0, ARRAY[cardinality(v_dep_ids)]),
+                       v_dep_n, p_actor) s;
+        END IF;
+    END IF;
 
     RETURN QUERY SELECT x.id, x.status, x.seconds
                    FROM unnest(v_ids, v_status, v_finishing, v_seconds)

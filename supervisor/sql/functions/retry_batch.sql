@@ -12,6 +12,10 @@ BEGIN
        FOR UPDATE;
     IF NOT FOUND THEN RETURN 'not_found'; END IF;
     IF b.status = 'cancelling' THEN RETURN 'conflict:batch is being cancelled'; END IF;
+    IF b.exclusive_key IS NOT NULL THEN
+        -- reopening gives the key a batch that runs (see _exclusive_key_lock)
+        PERFORM @schema._exclusive_key_lock(b.tenant, b.exclusive_key);
+    END IF;
     -- The counters are exact (a CHECK-guarded invariant), so they say how many move.
     v_failed := b.failed;
     v_cancelled := CASE WHEN p_include_cancelled THEN b.cancelled ELSE 0 END;
