@@ -4,9 +4,9 @@ and the two-phase stop.
 
 Start order (each ``await tg.start`` returns once the component is ready):
 API (probes answer while the database is still coming) → embedded-server watch
-(if we own the server) → migrate → events bus → outbox → heartbeat (registers,
-reclaims a gone predecessor) → reaper → metrics sampler → retention → watchdog
-→ callbacks → dispatcher → READY=1.
+(if we own the server) → migrate → events bus → outbox → progress writer →
+heartbeat (registers, reclaims a gone predecessor) → reaper → metrics sampler →
+retention → watchdog → callbacks → dispatcher → READY=1.
 
 Stop (SIGTERM/SIGINT): draining (readyz 503, workers row, metrics, STOPPING=1)
 → dispatcher and callbacks stop claiming → running items get drain_timeout
@@ -33,6 +33,7 @@ from supervisor import (
     events,
     handlers,
     heartbeat,
+    progress,
     reaper,
     retention,
     states,
@@ -156,7 +157,9 @@ class Daemon:
                     disp.retry_due_in(rec.delay_s)
 
         ob = outbox_mod.Outbox(db, actor, applied)
-        disp = dispatcher.Dispatcher(cfg, db, built, ob, self.lease)
+        reports = progress.Reports(store.Queries(db), uuid.UUID(self.lease))
+        disp = dispatcher.Dispatcher(cfg, db, built, ob, self.lease, reports)
+        self.metrics.track_progress_stalls(built, reports.stalled_s)
         self.metrics.track_in_flight(built, lambda handler: disp.per_handler[handler], disp.waiting)
         for name, h in built.items():
             if isinstance(h, python_handler.PythonHandler):
@@ -229,6 +232,7 @@ class Daemon:
                 log.info("app.migrated versions=%s", migrated)
             await root.start(bus.run)
             await root.start(ob.run)
+            await root.start(reports.run)
             await hb.register()
             await root.start(hb.run)
             await root.start(reaper.Reaper(cfg, db, reclaimed).run)

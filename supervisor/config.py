@@ -208,6 +208,8 @@ class HandlerConfig:
     url: str = ""
     command: tuple[str, ...] = ()
     timeout_s: float = 300.0
+    # how far item.extend() may move an attempt's deadline, from its start
+    max_timeout_s: float = 300.0
     max_attempts: int = 3
     retry_backoff: BackoffConfig = dataclasses.field(default_factory=BackoffConfig)
     concurrency: int | None = None
@@ -524,6 +526,7 @@ _HANDLER_KEYS = [
     "url",
     "command",
     "timeout",
+    "max_timeout",
     "max_attempts",
     "retry_backoff",
     "concurrency",
@@ -596,6 +599,13 @@ def _handlers(ck: _Checker, raw: Mapping[str, Any]) -> dict[str, HandlerConfig]:
         user = ck.get(t, p, "user", str, "")
         if user and htype not in ("exec", "python"):
             ck.problems.append(f"{p}.user: applies to exec and python handlers only")
+        timeout_s = ck.duration(t, p, "timeout", 300.0)
+        max_timeout_s = ck.duration(t, p, "max_timeout", timeout_s)
+        if max_timeout_s < timeout_s:
+            ck.problems.append(
+                f"{p}.max_timeout: must be at least timeout ({timeout_s:g}s): it is how far "
+                "an attempt may extend its own deadline"
+            )
         headers = ck.get(t, p, "headers", dict, {})
         for hk, hv in headers.items():
             if not isinstance(hv, str):
@@ -606,7 +616,8 @@ def _handlers(ck: _Checker, raw: Mapping[str, Any]) -> dict[str, HandlerConfig]:
             target=target,
             url=url,
             command=tuple(str(c) for c in command),
-            timeout_s=ck.duration(t, p, "timeout", 300.0),
+            timeout_s=timeout_s,
+            max_timeout_s=max(timeout_s, max_timeout_s),
             max_attempts=ck.positive_int(t, p, "max_attempts", 3) or 3,
             retry_backoff=backoff,
             concurrency=ck.positive_int(t, p, "concurrency", None),

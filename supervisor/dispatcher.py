@@ -38,13 +38,13 @@ import anyio
 import anyio.abc
 
 from supervisor import db as dbm
-from supervisor import executor, prefetch, states, store
+from supervisor import executor, prefetch, progress, states, store
 from supervisor.config import Config
 from supervisor.errors import DatabaseUnavailable
 from supervisor.events import Wakeup
 from supervisor.executor import StopReason
 from supervisor.handlers import Handler
-from supervisor.models import Item
+from supervisor.models import Item, Progress
 from supervisor.outbox import Outbox
 from supervisor.ready import ReadyQueues
 
@@ -62,6 +62,7 @@ class Running:
     batch_id: str
     scope: anyio.CancelScope  # the worker's scope: cancelling it stops this attempt
     deadline: float  # time.monotonic() past which it has timed out
+    limit: float  # how far item.extend() may move the deadline (max_timeout)
 
 
 class Dispatcher:
@@ -72,12 +73,14 @@ class Dispatcher:
         handlers: Mapping[str, Handler],
         outbox: Outbox,
         lease: str,
+        reports: progress.Reports,
     ) -> None:
         self._cfg = cfg
         self._db = db
         self._q = store.Queries(db)
         self._handlers = handlers
         self._outbox = outbox
+        self._reports = reports
         self._lease = lease
         self._lease_id = uuid.UUID(lease)
         self._worker = cfg.worker.name
@@ -354,6 +357,7 @@ class Dispatcher:
             max_attempts=row.max_attempts,
             handler=handler,
             batch_metadata=meta,
+            controls=self,
         )
         self._ready.put(item)
         self.owned += 1
@@ -399,7 +403,10 @@ class Dispatcher:
         result: executor.Attempt | None = None
         self.in_flight += 1
         self.per_handler[item.handler] += 1
-        self._running[key] = Running(item.batch_id, scope, started + handler.config.timeout_s)
+        hcfg = handler.config
+        self._running[key] = Running(
+            item.batch_id, scope, started + hcfg.timeout_s, started + hcfg.max_timeout_s
+        )
         try:
             result = await executor.attempt(handler, item, self._worker)
         except anyio.get_cancelled_exc_class():
@@ -415,11 +422,41 @@ class Dispatcher:
         finally:
             del self._running[key]
             self._reasons.pop(key, None)
+            self._reports.ended(key)
             self.in_flight -= 1
             self._window.finished()
             self.per_handler[item.handler] -= 1
             if result is not None:
                 self._finish(item, result, started)
+
+    # -- what a running attempt may ask (models.AttemptControls) ---------------------
+
+    def report_progress(self, item: Item, report: Progress) -> None:
+        """Keep the attempt's latest report for the next progress write (any thread)."""
+        self._reports.report(int(item.id), item.attempt, item.handler, report)
+
+    def extend(self, item: Item, seconds: float) -> float:
+        """Move a running attempt's deadline to ``seconds`` from now, within its
+        handler's ``max_timeout``; returns the seconds it has left. Callable from a
+        handler's thread: it only replaces one float the watchdog reads."""
+        run = self._running.get(int(item.id))
+        now = time.monotonic()
+        if run is None:
+            return 0.0  # the attempt is over (stopped meanwhile)
+        wanted = now + seconds
+        if wanted > run.limit:
+            log.warning(
+                "attempt.extend_capped item=%s handler=%s asked=%.0fs: past "
+                "handlers.%s.max_timeout; the attempt has %.0fs left",
+                item.id,
+                item.handler,
+                seconds,
+                item.handler,
+                max(0.0, run.limit - now),
+            )
+            wanted = run.limit
+        run.deadline = max(run.deadline, wanted)
+        return max(0.0, run.deadline - now)
 
     def _stop(self, item_id: int, run: Running, reason: StopReason) -> bool:
         """Stop one running attempt: record why, then cancel its worker's scope

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -81,6 +81,13 @@ class Metrics:
             ["handler"],
             registry=r,
         )
+        self.progress_stalled = Gauge(
+            PREFIX + "progress_stalled_seconds",
+            "Longest time a running attempt of this daemon has gone without a progress "
+            "report, among attempts that reported at least once (0: none).",
+            ["handler"],
+            registry=r,
+        )
         self.queued = Gauge(
             PREFIX + "items_queued",
             "Runnable items in the database (sampled).",
@@ -143,6 +150,15 @@ class Metrics:
 
     def track_abandoned_threads(self, handler: str, count: Callable[[], int]) -> None:
         self.threads_abandoned.labels(handler).set_function(count)
+
+    def track_progress_stalls(
+        self, handlers: Iterable[str], stalled_s: Callable[[], Mapping[str, float]]
+    ) -> None:
+        """The stalled-progress gauge reads the progress reports when scraped."""
+        for name in handlers:
+            self.progress_stalled.labels(name).set_function(
+                functools.partial(lambda h: stalled_s().get(h, 0.0), name)
+            )
 
     def db_error(self, operation: str) -> None:
         self.db_errors.labels(operation).inc()

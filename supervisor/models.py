@@ -5,16 +5,76 @@ from __future__ import annotations
 import dataclasses
 import json
 import json.encoder as json_encoder
+import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Generator, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from supervisor import states
 from supervisor.store import BatchRow, ItemDetail, ItemRow
 
 
-@dataclasses.dataclass(frozen=True)
+class AttemptControls(Protocol):
+    """What a running attempt may ask of the daemon that runs it (the dispatcher)."""
+
+    def report_progress(self, item: Item, progress: Progress) -> None: ...
+
+    def extend(self, item: Item, seconds: float) -> float: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Progress:
+    """One progress report of an attempt (see :meth:`Item.progress`)."""
+
+    done: float
+    total: float | None
+    note: str | None
+
+    @classmethod
+    def checked(cls, done: Any, total: Any = None, note: Any = None) -> Progress:
+        """Validated arguments of :meth:`Item.progress`: a bad one is the handler's
+        bug, so it raises (and fails that attempt) naming the argument."""
+
+        def number(name: str, v: Any) -> float:
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise TypeError(f"progress {name} must be a number, not {type(v).__name__}")
+            try:
+                f = float(v)
+            except OverflowError:
+                f = math.inf
+            if not math.isfinite(f) or f < 0:
+                raise ValueError(f"progress {name} must be a finite number >= 0, not {v!r}")
+            return v
+
+        if note is not None and not isinstance(note, str):
+            raise TypeError(f"progress note must be a str or None, not {type(note).__name__}")
+        return cls(
+            number("done", done),
+            None if total is None else number("total", total),
+            None if note is None else note[:NOTE_MAX],
+        )
+
+
+NOTE_MAX = 200  # characters of a progress note kept
+
+
+class _Done:
+    """An awaitable that is already done: what :meth:`Item.progress` returns, so
+    ``await item.progress(...)`` (async handlers) and a bare call (plain ones,
+    running in a thread) both work."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[None, None, None]:
+        return
+        yield  # a generator that ends at once
+
+
+_DONE = _Done()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Item:
     """What a handler receives: one work item and the attempt being made."""
 
@@ -26,9 +86,45 @@ class Item:
     max_attempts: int
     handler: str
     batch_metadata: Mapping[str, Any]
+    # The daemon running this attempt (None outside one, e.g. in a unit test of a
+    # handler: progress and extend then do nothing).
+    controls: AttemptControls | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"batch_metadata": dict(self.batch_metadata)}
+        return {
+            "id": self.id,
+            "batch_id": self.batch_id,
+            "key": self.key,
+            "payload": self.payload,
+            "attempt": self.attempt,
+            "max_attempts": self.max_attempts,
+            "handler": self.handler,
+            "batch_metadata": dict(self.batch_metadata),
+        }
+
+    def progress(
+        self, done: float, total: float | None = None, note: str | None = None
+    ) -> Awaitable[None]:
+        """Report how far this attempt has got: ``done`` of ``total`` (any unit;
+        total may be unknown) and a short note. Call it as often as you like: the
+        daemon keeps the latest report and writes it at most twice a second, and it
+        shows in the item's JSON, its batch's SSE stream and the dashboard."""
+        p = Progress.checked(done, total, note)
+        if self.controls is not None:
+            self.controls.report_progress(self, p)
+        return _DONE
+
+    def extend(self, seconds: float) -> float:
+        """Ask for ``seconds`` more from now before this attempt times out (never
+        less time than it already has, never past the handler's ``max_timeout``
+        from the attempt's start). Returns the seconds the attempt now has left."""
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            raise TypeError(f"extend seconds must be a number, not {type(seconds).__name__}")
+        if not 0 <= seconds < math.inf:
+            raise ValueError(f"extend seconds must be a finite number >= 0, not {seconds!r}")
+        if self.controls is None:
+            return float(seconds)
+        return self.controls.extend(self, float(seconds))
 
 
 def rfc3339(value: datetime | None) -> str | None:
@@ -145,6 +241,7 @@ def item_json(it: ItemRow, *, with_errors: bool = False, tracebacks: bool = True
         "created_at": rfc3339(it.created_at),
         "started_at": rfc3339(it.started_at),
         "finished_at": rfc3339(it.finished_at),
+        "progress": loads(it.progress),
     }
     if with_errors and isinstance(it, ItemDetail):
         errors = loads(it.errors)

@@ -118,6 +118,7 @@ class ItemRow(_FromRecord):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    progress: str | None  # jsonb text: the last report written of its last attempt
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -150,6 +151,16 @@ class FinishedItem(_FromRecord):
     status: str
     error: str | None
     finished_version: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProgressedItem(_FromRecord):
+    """A running item whose progress was written after some time (SSE)."""
+
+    id: int
+    key: str | None
+    progress: str  # jsonb text: {"done", "total", "note", "attempt"}
+    progress_at: datetime
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -545,6 +556,12 @@ class Queries:
         rows = await self._ex.fetch("items_finished_since", batch_id, version, limit)
         return [FinishedItem.of(r) for r in rows]
 
+    async def items_progress_since(
+        self, *, batch_id: uuid.UUID, since: datetime, limit: int
+    ) -> list[ProgressedItem]:
+        rows = await self._ex.fetch("items_progress_since", batch_id, since, limit)
+        return [ProgressedItem.of(r) for r in rows]
+
     async def batch_log(self, batch_id: uuid.UUID) -> list[BatchEvent]:
         return [BatchEvent.of(r) for r in await self._ex.fetch("batch_log", batch_id)]
 
@@ -650,6 +667,20 @@ class Queries:
 
     async def running_items_of_lease(self, lease: uuid.UUID) -> list[LeasedItem]:
         return [LeasedItem.of(r) for r in await self._ex.fetch("running_items_of_lease", lease)]
+
+    async def record_progress(
+        self,
+        *,
+        lease: uuid.UUID,
+        ids: Sequence[int],
+        attempts: Sequence[int],
+        progress: Sequence[str],
+    ) -> int:
+        """Write the latest progress (JSON text) of running attempts of this lease;
+        returns how many items took it (the others' attempts are over)."""
+        r = await self._ex.fetchrow("record_progress", lease, ids, attempts, progress)
+        assert r is not None
+        return int(r["items"])
 
     async def stopping_batches_of_lease(self, lease: uuid.UUID) -> list[StoppingBatch]:
         rows = await self._ex.fetch("stopping_batches_of_lease", lease)

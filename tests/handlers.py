@@ -175,3 +175,39 @@ async def until_file(item: Item) -> Any:
     if item.payload.get("then_fail"):
         raise PermanentError("failed once released, as asked")
     return {"released": path}
+
+
+async def reports_progress(item: Item) -> Any:
+    """Reports steps 0..payload["total"]; payload["holds"] maps a step to a file:
+    after reporting that step it waits until the file exists. payload["note"] goes
+    with every report, "<NUL>" in it as a NUL character (a payload cannot carry one)."""
+    total = int(item.payload["total"])
+    holds = {int(step): path for step, path in item.payload.get("holds", {}).items()}
+    note = str(item.payload.get("note", "")).replace("<NUL>", "\x00")
+    for done in range(total + 1):
+        await item.progress(done, total, note=note)
+        while done in holds and not os.path.exists(holds[done]):
+            await asyncio.sleep(0.02)
+    return {"steps": total}
+
+
+def sync_reports_progress(item: Item) -> Any:
+    """A plain function (run in a thread) reports without ``await``, then holds
+    until the file payload["file"] exists."""
+    item.progress(1, 2, note="half")
+    while not os.path.exists(item.payload["file"]):
+        time.sleep(0.02)
+    return "ok"
+
+
+async def extends(item: Item) -> Any:
+    """Asks for payload["extend"] more seconds, then sleeps payload["sleep"]."""
+    left = item.extend(item.payload["extend"]) if "extend" in item.payload else None
+    await asyncio.sleep(item.payload["sleep"])
+    return {"left": left}
+
+
+async def bad_progress(item: Item) -> Any:
+    """Reports progress with a wrong argument type (a handler's bug)."""
+    await item.progress("three", 10)  # type: ignore[arg-type]
+    return None

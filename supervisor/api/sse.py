@@ -2,8 +2,10 @@
 
 On connect: ``snapshot`` (the batch JSON). Then, on every change (woken by
 NOTIFY from any daemon, or polling when LISTEN is down): ``item`` events for
-items that reached a terminal state, and a new ``snapshot`` when the version
-moved, at most ~5 per second. After the terminal snapshot: ``end``, and the
+items that reached a terminal state, ``progress`` events for running items whose
+handler reported progress since the last look (the latest report of each; on
+connect, every running item's), and a new ``snapshot`` when the version moved,
+at most ~5 per second. After the terminal snapshot: ``end``, and the
 stream closes. Snapshots carry ``id: <version>``; ``Last-Event-ID`` resumes
 item events from that version (at least once: a resumed stream may repeat an
 item event, never skip one).
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -29,6 +32,7 @@ POLL_S = 0.25
 LISTEN_IDLE_S = 5.0
 KEEPALIVE_S = 15.0
 ITEMS_PER_TICK = 1000
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _frame(event: str, data: Any, event_id: int | None = None) -> bytes:
@@ -61,6 +65,7 @@ async def _stream(request: web.Request, ctx: ApiContext, row: store.BatchRow) ->
     valid = resume.isascii() and resume.isdigit() and len(resume) <= 18  # fits a bigint
     cursor = int(resume) if valid else row.version
     sent_version = -1
+    progress_since = EPOCH
     last_snapshot = 0.0
     last_write = time.monotonic()
     with ctx.bus.subscribe(str(batch_id)) as changed:
@@ -72,6 +77,9 @@ async def _stream(request: web.Request, ctx: ApiContext, row: store.BatchRow) ->
                 row = fresh
                 items = await ctx.q.items_finished_since(
                     batch_id=batch_id, version=cursor, limit=ITEMS_PER_TICK
+                )
+                progressed = await ctx.q.items_progress_since(
+                    batch_id=batch_id, since=progress_since, limit=ITEMS_PER_TICK
                 )
             except DatabaseUnavailable:
                 await changed.wait(1.0)
@@ -89,6 +97,11 @@ async def _stream(request: web.Request, ctx: ApiContext, row: store.BatchRow) ->
                     )
                 )
                 cursor = max(cursor, it.finished_version)
+            for p in progressed:
+                await resp.write(
+                    _frame("progress", {"id": str(p.id), "key": p.key} | json.loads(p.progress))
+                )
+                progress_since = max(progress_since, p.progress_at)
             if len(items) == ITEMS_PER_TICK:
                 continue  # more finished items to send before the snapshot
             if row.version != sent_version:

@@ -2,8 +2,10 @@
 
 The item's payload is written to stdin as JSON; ``BSV_*`` environment variables
 describe the attempt, in a minimal environment (see :meth:`ExecHandler._env`).
-Exit 0 succeeds (stdout as JSON, else text, is the result), exit 75
-(EX_TEMPFAIL) is retried, any other exit fails the item with the tail of stderr.
+Exit 0 succeeds (stdout as JSON, else text, is the result; lines starting
+``::bsv-`` report progress or extend the deadline instead, see :class:`_Stdout`),
+exit 75 (EX_TEMPFAIL) is retried, any other exit fails the item with the tail of
+stderr.
 The child runs in its own process group, and an attempt that is cancelled
 (timeout, batch cancel, drain deadline) kills the whole group and reaps it
 before returning. Where the daemon may make cgroups (see
@@ -51,6 +53,8 @@ MESSAGE_TAIL = 1500  # stderr shown in the error message (the executor keeps 200
 KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL of the process group
 REAP_TIMEOUT_S = 5.0  # a process stuck in the kernel after SIGKILL: give up waiting
 RUN_ACCOUNT = "batch-supervisor-run"  # what commands run as when the daemon is root
+CONTROL_PREFIX = b"::bsv-"  # a stdout line the attempt says to the daemon (see _Stdout)
+CONTROL_LINE_MAX = 4096  # longer: output, whatever it starts with
 
 
 class ExecTempFail(Exception):
@@ -110,6 +114,78 @@ class _Capture:
 
     def text(self) -> str:
         return self.data.decode("utf-8", errors="replace")
+
+
+class _Stdout(_Capture):
+    """stdout: the result, less the attempt's control lines, which are acted on.
+
+    ``::bsv-progress {"done": 3, "total": 10, "note": "page 3"}`` reports progress
+    (``item.progress``) and ``::bsv-extend 600`` asks for more time
+    (``item.extend``): one per line, at the start of a line. They are not part of
+    the result. A malformed one is logged and dropped."""
+
+    def __init__(self, item: Item) -> None:
+        super().__init__(STDOUT_LIMIT, tail=False)
+        self._item = item
+        self._line = bytearray()  # a line that may be a control line, so far
+        self._at_start = True  # the next byte starts a line
+
+    async def drain(
+        self, stream: anyio.abc.ByteReceiveStream, stop: anyio.CancelScope | None
+    ) -> None:
+        async for chunk in stream:
+            self._take(chunk)
+            if len(self.data) > self.limit:
+                self.overflowed = True
+                del self.data[self.limit :]
+                if stop is not None:
+                    stop.cancel()
+                return
+        self.data += self._line  # a last line without its newline is output
+
+    def _take(self, chunk: bytes) -> None:
+        i, n = 0, len(chunk)
+        while i < n:
+            j = chunk.find(b"\n", i)
+            stop = n if j < 0 else j + 1
+            if self._line or (self._at_start and chunk[i] == CONTROL_PREFIX[0]):
+                self._line += chunk[i:stop]
+                k = min(len(self._line), len(CONTROL_PREFIX))
+                if self._line[:k] != CONTROL_PREFIX[:k] or len(self._line) > CONTROL_LINE_MAX:
+                    self.data += self._line  # ordinary output after all
+                    self._line.clear()
+                    self._at_start = j >= 0
+                elif j >= 0:
+                    self._control(bytes(self._line))
+                    self._line.clear()
+                    self._at_start = True
+            else:
+                self.data += chunk[i:stop]
+                self._at_start = j >= 0
+            i = stop
+
+    def _control(self, line: bytes) -> None:
+        text = line[len(CONTROL_PREFIX) :].decode("utf-8", errors="replace").strip()
+        verb, _, arg = text.partition(" ")
+        try:
+            if verb == "progress":
+                report = json.loads(arg)
+                if not isinstance(report, dict):
+                    raise TypeError("expected a JSON object")
+                done: Any = report.get("done")  # checked by progress(), which names it
+                self._item.progress(done, report.get("total"), report.get("note"))
+            elif verb == "extend":
+                self._item.extend(float(arg))
+            else:
+                raise ValueError("unknown control line (expected ::bsv-progress or ::bsv-extend)")
+        except (ValueError, TypeError) as exc:
+            log.warning(
+                "exec.control_line_ignored handler=%s item=%s line=%r: %s",
+                self._item.handler,
+                self._item.id,
+                line[:200],
+                exc,
+            )
 
 
 async def _feed(stream: anyio.abc.ByteSendStream, data: bytes) -> None:
@@ -310,7 +386,7 @@ class ExecHandler:
             if cg is not None:
                 cg.discard()
             raise
-        out = _Capture(STDOUT_LIMIT, tail=False)
+        out = _Stdout(item)
         err = _Capture(STDERR_TAIL, tail=True)
         try:
             assert process.stdin and process.stdout and process.stderr

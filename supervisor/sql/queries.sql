@@ -138,7 +138,7 @@ SELECT * FROM @schema.batches
 -- name: list_items
 -- A batch's items in id order, keyset-paged on id; status filter optional.
 SELECT id, batch_id, key, status, payload, result, attempts, max_attempts,
-       errors -> -1 AS error, run_after, worker, created_at, started_at, finished_at
+       errors -> -1 AS error, run_after, worker, created_at, started_at, finished_at, progress
   FROM @schema.items
  WHERE batch_id = $1 AND ($2::text IS NULL OR status = $2) AND id > $3
  ORDER BY id
@@ -158,7 +158,7 @@ SELECT id, key, status, attempts, result, errors -> -1 AS error
 -- One item with its whole error history, visible to the tenant.
 SELECT i.id, i.batch_id, i.key, i.status, i.payload, i.result, i.attempts, i.max_attempts,
        i.errors -> -1 AS error, i.errors, i.errors_dropped, i.run_after, i.worker,
-       i.created_at, i.started_at, i.finished_at
+       i.created_at, i.started_at, i.finished_at, i.progress
   FROM @schema.items i JOIN @schema.batches b ON b.id = i.batch_id
  WHERE i.id = $1 AND ($2::text IS NULL OR b.tenant = $2);
 
@@ -168,6 +168,32 @@ SELECT id, key, status, errors -> -1 AS error, finished_version
   FROM @schema.items
  WHERE batch_id = $1 AND finished_version > $2
  ORDER BY finished_version, id
+ LIMIT $3;
+
+-- name: record_progress
+-- The latest progress reports of this lease's running attempts, all in one
+-- statement; a report whose attempt is over (outcome written, reclaimed,
+-- released) matches nothing. Wakes each batch's SSE streams; returns how many
+-- items took a report.
+WITH upd AS (
+    UPDATE @schema.items i SET progress = r.progress, progress_at = clock_timestamp()
+      FROM unnest($2::bigint[], $3::int[], $4::jsonb[]) AS r (id, attempt, progress)
+     WHERE i.id = r.id AND i.status = 'running' AND i.lease = $1 AND i.attempts = r.attempt
+    RETURNING i.batch_id
+), woken AS (
+    SELECT pg_notify('@sname_batch', batch_id::text || ':progress')
+      FROM (SELECT DISTINCT batch_id FROM upd) d
+)
+SELECT (SELECT count(*) FROM upd) AS items, (SELECT count(*) FROM woken) AS batches;
+
+-- name: items_progress_since
+-- A batch's running items whose current attempt's progress was written after $2
+-- (for SSE progress events), oldest report first.
+SELECT id, key, progress, progress_at
+  FROM @schema.items
+ WHERE batch_id = $1 AND status = 'running' AND progress_at IS NOT NULL AND progress_at > $2
+   AND (progress ->> 'attempt')::int = attempts
+ ORDER BY progress_at, id
  LIMIT $3;
 
 -- name: batch_log

@@ -136,3 +136,13 @@ def test_cli_exits_78_before_touching_anything(tmp_path: pathlib.Path) -> None:
 def test_shipped_config_is_valid() -> None:
     cfg = config.load(str(ROOT / "config.toml"))
     assert cfg.server.port == 8080 and "echo" in cfg.handlers
+
+
+def test_max_timeout_defaults_to_timeout_and_may_not_be_shorter() -> None:
+    h = {"type": "python", "target": "a:b", "timeout": "30s"}
+    cfg = config.from_mapping({"handlers": {"h": h}})
+    assert cfg.handlers["h"].max_timeout_s == 30.0  # no extension unless configured
+    cfg = config.from_mapping({"handlers": {"h": h | {"max_timeout": "2h"}}})
+    assert cfg.handlers["h"].max_timeout_s == 7200.0
+    (problem,) = problems({"handlers": {"h": h | {"max_timeout": "10s"}}})
+    assert problem.startswith("handlers.h.max_timeout: must be at least timeout (30s)")

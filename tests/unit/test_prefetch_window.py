@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from supervisor import config, dispatcher, prefetch
+from supervisor import config, dispatcher, prefetch, progress
 
 
 class Clock:
@@ -75,7 +75,8 @@ class FakeOutbox:
 def make(worker: dict[str, Any]) -> tuple[dispatcher.Dispatcher, FakeOutbox, Clock]:
     cfg = config.from_mapping({"worker": worker})
     outbox = FakeOutbox()
-    d = dispatcher.Dispatcher(cfg, None, {}, outbox, str(uuid.uuid4()))  # type: ignore[arg-type]
+    reports = progress.Reports(None, uuid.uuid4())  # type: ignore[arg-type]  # nothing reports
+    d = dispatcher.Dispatcher(cfg, None, {}, outbox, str(uuid.uuid4()), reports)  # type: ignore[arg-type]
     clock = Clock()
     d._window = prefetch.Window(cfg.worker.concurrency, cfg.worker.prefetch, clock)
     return d, outbox, clock

@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
-from supervisor import config, dispatcher, states, store
+from supervisor import config, dispatcher, progress, states, store
 from supervisor.executor import OutcomeRecord
 from supervisor.models import Item
 
@@ -67,6 +67,7 @@ async def run_items(payloads: list[tuple[str, str]], stop_batch: str | None = No
         {"h": Handler(cfg.handlers["h"])},  # type: ignore[dict-item]
         outbox,  # type: ignore[arg-type]
         str(uuid.uuid4()),
+        progress.Reports(None, uuid.uuid4()),  # type: ignore[arg-type]  # nothing reports
     )
     for n, (batch, payload) in enumerate(payloads):
         claimed = store.ClaimedItem(
