@@ -228,6 +228,27 @@ def test_detail_view_streams_errors_and_log(daemons: DaemonFactory, page: Any) -
     page.screenshot(path=str(OUTPUT / "dashboard-detail.png"), full_page=True)
 
 
+def test_item_progress_is_shown_and_streamed(
+    daemons: DaemonFactory, page: Any, tmp_path: pathlib.Path
+) -> None:
+    steps = {"type": "python", "target": "tests.handlers:reports_progress", "timeout": "30s"}
+    d = daemons("progress", handlers={"steps": steps})
+    first, second = tmp_path / "first", tmp_path / "second"
+    holds = {"1": str(first), "3": str(second)}
+    b = d.submit("steps", [{"total": 4, "holds": holds, "note": "fetching"}])
+    _open(page, d.url + "/")
+    page.get_by_test_id(f"batch-link-{b['id']}").click()
+    (item,) = d.items(b["id"])
+    shown = page.get_by_test_id(f"item-progress-{item['id']}")
+    expect(shown).to_have_text("1 / 4 · fetching")
+    first.touch()  # the next report reaches the open page only over the event stream
+    expect(shown).to_have_text("3 / 4 · fetching")
+    second.touch()
+    expect(page.get_by_test_id(f"item-status-{item['id']}")).to_have_text("succeeded")
+    expect(shown).to_have_text("")  # finished: no live progress
+    _same_page(page)
+
+
 def test_token_auth_and_streaming_with_a_token(daemons: DaemonFactory, page: Any) -> None:
     token = "dashboard-test-token"
     d = daemons(
