@@ -210,6 +210,56 @@ def _unknown(body: Mapping[str, Any], known: tuple[str, ...], errors: list[dict[
             )
 
 
+def item_entries(
+    raw_items: list[Any], errors: list[dict[str, str]], *, path: str = "/items"
+) -> list[tuple[str | None, str]]:
+    """Each entry of an items array as (key, payload JSON text): a bare payload, or
+    ``{"payload": ..., "key": ...}``. Problems go to ``errors`` (at most about 50),
+    named by JSON Pointer under ``path``."""
+    items: list[tuple[str | None, str]] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(raw_items):
+        key: str | None = None
+        payload = entry
+        if (
+            type(entry) is dict
+            and "payload" in entry
+            and (len(entry) == 1 or (len(entry) == 2 and "key" in entry))
+        ):
+            payload = entry["payload"]
+            k = entry.get("key")
+            if k is not None:
+                if not isinstance(k, str) or not k or len(k) > KEY_MAX:
+                    errors.append(
+                        {
+                            "path": f"{path}/{i}/key",
+                            "message": "must be null or a non-empty string of at most "
+                            f"{KEY_MAX} chars",
+                        }
+                    )
+                elif why := _bad_text(k):
+                    errors.append({"path": f"{path}/{i}/key", "message": why})
+                elif k in seen:
+                    errors.append(
+                        {
+                            "path": f"{path}/{i}/key",
+                            "message": f"duplicate key {k!r} (also {path}/{seen[k]}/key)",
+                        }
+                    )
+                else:
+                    seen[k] = i
+                    key = k
+            payload_path = f"{path}/{i}/payload"
+        else:
+            payload_path = f"{path}/{i}"
+        text = storable_json(payload, payload_path, errors)
+        if text is not None:
+            items.append((key, text))
+        if len(errors) >= 50:
+            break
+    return items
+
+
 def submission(
     body: Any, *, header_key: str | None, handler_exists: Callable[[str], bool], max_items: int
 ) -> NewBatch:
@@ -236,46 +286,7 @@ def submission(
             "per batch ([server] max_items_per_batch)",
         )
     else:
-        seen: dict[str, int] = {}
-        for i, entry in enumerate(raw_items):
-            key: str | None = None
-            payload = entry
-            if (
-                type(entry) is dict
-                and "payload" in entry
-                and (len(entry) == 1 or (len(entry) == 2 and "key" in entry))
-            ):
-                payload = entry["payload"]
-                k = entry.get("key")
-                if k is not None:
-                    if not isinstance(k, str) or not k or len(k) > KEY_MAX:
-                        errors.append(
-                            {
-                                "path": f"/items/{i}/key",
-                                "message": "must be null or a non-empty string of at most "
-                                f"{KEY_MAX} chars",
-                            }
-                        )
-                    elif why := _bad_text(k):
-                        errors.append({"path": f"/items/{i}/key", "message": why})
-                    elif k in seen:
-                        errors.append(
-                            {
-                                "path": f"/items/{i}/key",
-                                "message": f"duplicate key {k!r} (also /items/{seen[k]}/key)",
-                            }
-                        )
-                    else:
-                        seen[k] = i
-                        key = k
-                payload_path = f"/items/{i}/payload"
-            else:
-                payload_path = f"/items/{i}"
-            text = storable_json(payload, payload_path, errors)
-            if text is not None:
-                items.append((key, text))
-            if len(errors) >= 50:
-                break
+        items = item_entries(raw_items, errors)
 
     metadata = body.get("metadata", {})
     if metadata is None:
