@@ -156,7 +156,7 @@ class Daemon:
                 ):
                     disp.retry_due_in(rec.delay_s)
 
-        ob = outbox_mod.Outbox(db, actor, applied)
+        ob = outbox_mod.Outbox(db, actor, applied, cfg.server.max_items_per_batch)
         reports = progress.Reports(store.Queries(db), uuid.UUID(self.lease))
         disp = dispatcher.Dispatcher(cfg, db, built, ob, self.lease, reports)
         self.metrics.track_progress_stalls(built, reports.stalled_s)

@@ -23,7 +23,7 @@ ITEM_COLUMNS = ("batch_id", "seq", "key", "handler", "payload", "max_attempts")
 INLINE_ITEMS = 1000
 # Fields added after idempotency digests were first stored: left out of the digest
 # while unset, so a repeat of a request made before they existed still matches it.
-_DIGEST_WHEN_SET = frozenset({"exclusive_key", "after", "after_policy", "on_conflict"})
+_DIGEST_WHEN_SET = frozenset({"exclusive_key", "after", "after_policy", "on_conflict", "max_items"})
 # A refused write looks up who refused it; that one may have finished (or been
 # deleted) in between, and then the write is tried again, this many times at most.
 KEY_ROUNDS = 5
@@ -46,6 +46,7 @@ class NewBatch:
     after: tuple[uuid.UUID, ...] | None = None  # runs once these have ended (as after_policy says)
     after_policy: states.AfterPolicy | None = None  # set exactly when ``after`` is
     on_conflict: str | None = None  # "queue": wait behind the key's batches; else refused
+    max_items: int | None = None  # how far handlers may grow it (add_items); None: the server's
 
     def request_hash(self) -> str:
         """Digest of the content, to tell an idempotent repeat from a conflicting one."""
@@ -148,6 +149,7 @@ async def submit(
         created_by=actor,
         callback_handler=callback_handler,
         exclusive_key=nb.exclusive_key,
+        max_items=nb.max_items,
         after_ids=nb.after or (),
         after_policy=nb.after_policy,
     )

@@ -24,13 +24,14 @@ without spending the attempt.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ import anyio.abc
 
 from supervisor import db as dbm
 from supervisor import executor, prefetch, progress, states, store
+from supervisor.api import schemas
 from supervisor.config import Config
 from supervisor.errors import DatabaseUnavailable
 from supervisor.events import Wakeup
@@ -63,6 +65,8 @@ class Running:
     scope: anyio.CancelScope  # the worker's scope: cancelling it stops this attempt
     deadline: float  # time.monotonic() past which it has timed out
     limit: float  # how far item.extend() may move the deadline (max_timeout)
+    # items it adds to its batch (key, payload JSON), written with its success
+    added: list[tuple[str | None, str]] = dataclasses.field(default_factory=list)
 
 
 class Dispatcher:
@@ -404,9 +408,8 @@ class Dispatcher:
         self.in_flight += 1
         self.per_handler[item.handler] += 1
         hcfg = handler.config
-        self._running[key] = Running(
-            item.batch_id, scope, started + hcfg.timeout_s, started + hcfg.max_timeout_s
-        )
+        run = Running(item.batch_id, scope, started + hcfg.timeout_s, started + hcfg.max_timeout_s)
+        self._running[key] = run
         try:
             result = await executor.attempt(handler, item, self._worker)
         except anyio.get_cancelled_exc_class():
@@ -427,7 +430,7 @@ class Dispatcher:
             self._window.finished()
             self.per_handler[item.handler] -= 1
             if result is not None:
-                self._finish(item, result, started)
+                self._finish(item, result, started, run.added)
 
     # -- what a running attempt may ask (models.AttemptControls) ---------------------
 
@@ -458,6 +461,27 @@ class Dispatcher:
         run.deadline = max(run.deadline, wanted)
         return max(0.0, run.deadline - now)
 
+    def add_items(self, item: Item, entries: Iterable[Any]) -> int:
+        """Validate items a running attempt adds to its batch and keep them for its
+        outcome write (see :mod:`supervisor.outbox`); raises ValueError naming a
+        bad entry, or the attempt being over. Callable from a handler's thread."""
+        errors: list[dict[str, str]] = []
+        parsed = schemas.item_entries(list(entries), errors, path="", dedupe=True)
+        if errors:
+            raise ValueError(
+                "add_items: " + "; ".join(f"item {e['path']}: {e['message']}" for e in errors[:5])
+            )
+        run = self._running.get(int(item.id))
+        if run is None:
+            raise RuntimeError("add_items: this attempt is over (stopped or finished)")
+        if len(run.added) + len(parsed) > self._cfg.server.max_items_per_batch:
+            raise ValueError(
+                f"add_items: more than {self._cfg.server.max_items_per_batch} items added by "
+                "one attempt ([server] max_items_per_batch)"
+            )
+        run.added.extend(parsed)
+        return len(parsed)
+
     def _stop(self, item_id: int, run: Running, reason: StopReason) -> bool:
         """Stop one running attempt: record why, then cancel its worker's scope
         (which runs nothing else meanwhile: the worker is inside this attempt).
@@ -477,9 +501,15 @@ class Dispatcher:
             for item_id, run in late:
                 self._stop(item_id, run, StopReason.TIMEOUT)
 
-    def _finish(self, item: Item, result: executor.Attempt, started: float) -> None:
+    def _finish(
+        self,
+        item: Item,
+        result: executor.Attempt,
+        started: float,
+        added: list[tuple[str | None, str]] | None = None,
+    ) -> None:
         """Hand an outcome to the outbox; the claim stays counted until it is written."""
-        self._outbox.put(executor.record(item, self._lease, result, started))
+        self._outbox.put(executor.record(item, self._lease, result, started, added or ()))
         self.owned -= 1
         self._owned_per_handler[item.handler] -= 1
         if self._ready and self._idle_workers:

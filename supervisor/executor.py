@@ -17,6 +17,7 @@ import random
 import re
 import time
 import traceback
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -74,6 +75,9 @@ class OutcomeRecord:
     error_json: str | None
     delay_s: float
     duration_s: float
+    # items the attempt added to its batch (key, payload JSON text): written with a
+    # succeeded outcome, in its transaction (see supervisor.outbox)
+    added: Sequence[tuple[str | None, str]] = ()
 
 
 def storable_text(text: str) -> str:
@@ -252,6 +256,28 @@ def rejected(rec: OutcomeRecord, exc: Exception, worker: str) -> OutcomeRecord:
         result_json=None,
         error_json=json.dumps(error),
         delay_s=1.0,
+        added=(),  # a retry adds nothing (its next attempt adds them again)
+    )
+
+
+def too_many_items(rec: OutcomeRecord, total: int, max_items: int, worker: str) -> OutcomeRecord:
+    """``rec`` replaced by a permanent failure: the items it adds would take its
+    batch past ``max_items``, so none were added (another attempt would add the
+    same)."""
+    error = error_entry(
+        rec.attempt,
+        "MaxItemsExceeded",
+        f"this attempt added {len(rec.added)} items to its batch, which has {total}; "
+        f"that would pass the batch's max_items ({max_items}), so none were added",
+        None,
+        worker,
+    )
+    return dataclasses.replace(
+        rec,
+        outcome=states.Outcome.FAILED,
+        result_json=None,
+        error_json=json.dumps(error),
+        added=(),
     )
 
 
@@ -274,7 +300,14 @@ def unstarted_release(
     )
 
 
-def record(item: Item, lease: str, attempt: Attempt, started: float) -> OutcomeRecord:
+def record(
+    item: Item,
+    lease: str,
+    attempt: Attempt,
+    started: float,
+    added: Sequence[tuple[str | None, str]] = (),
+) -> OutcomeRecord:
+    """The write of an attempt's outcome; what it added goes only with a success."""
     return OutcomeRecord(
         item_id=int(item.id),
         batch_id=item.batch_id,
@@ -286,4 +319,5 @@ def record(item: Item, lease: str, attempt: Attempt, started: float) -> OutcomeR
         error_json=json.dumps(attempt.error) if attempt.error is not None else None,
         delay_s=clamp_delay(attempt.delay_s),
         duration_s=time.monotonic() - started,
+        added=added if attempt.outcome is states.Outcome.SUCCEEDED else (),
     )

@@ -7,7 +7,7 @@ import json
 import json.encoder as json_encoder
 import math
 import uuid
-from collections.abc import Awaitable, Generator, Mapping
+from collections.abc import Awaitable, Generator, Iterable, Mapping
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -21,6 +21,8 @@ class AttemptControls(Protocol):
     def report_progress(self, item: Item, progress: Progress) -> None: ...
 
     def extend(self, item: Item, seconds: float) -> float: ...
+
+    def add_items(self, item: Item, entries: Iterable[Any]) -> int: ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -126,6 +128,19 @@ class Item:
             return float(seconds)
         return self.controls.extend(self, float(seconds))
 
+    def add_items(self, items: Iterable[Any]) -> int:
+        """Add items to this item's batch (fan-out: a crawler adding the links it
+        found): each a payload, or ``{"payload": ..., "key": ...}`` as in a
+        submission. They are written with this attempt's outcome, in its
+        transaction, and only if it succeeds: a failed or crashed attempt adds
+        nothing, and its retry adds them again. A key already in the batch (or
+        given twice) is skipped, so adding every link seen queues each URL once.
+        If they would take the batch past its ``max_items`` the attempt fails with
+        MaxItemsExceeded and adds none. Returns how many entries were taken."""
+        if self.controls is None:
+            raise RuntimeError("add_items: this item is not running in a daemon")
+        return self.controls.add_items(self, items)
+
 
 def rfc3339(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value is not None else None
@@ -196,6 +211,7 @@ def batch_json(b: BatchRow, *, waiting_on: list[uuid.UUID] | None = None) -> dic
         "max_concurrency": b.max_concurrency,
         "max_failures": loads(b.max_failures),
         "max_attempts": b.max_attempts,
+        "max_items": b.max_items,
         "metadata": loads(b.metadata),
         "idempotency_key": b.idempotency_key,
         "exclusive_key": b.exclusive_key,

@@ -7,6 +7,12 @@ the batch counters and, for a last item, the batch's terminal status). A write
 that fails because the database is away is retried with backoff until it lands;
 the outcomes wait in memory meanwhile, and the items stay ``running`` in the
 database (so a crash meanwhile means at-least-once re-execution, never loss).
+
+Items an attempt added to its own batch (``item.add_items``) are inserted by
+``add_items`` in the same transaction, just before the outcomes: they exist
+exactly when the outcome that added them was written. An attempt whose additions
+would pass its batch's ``max_items`` is recorded as failed (MaxItemsExceeded)
+in that transaction instead, and adds nothing.
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ class Outbox:
         db: dbm.Database,
         actor: str,
         on_applied: Callable[[Sequence[OutcomeRecord], store.Transitions], None],
+        default_max_items: int,
     ) -> None:
         self._db = db
+        self._default_max_items = default_max_items
         self._q = store.Queries(db)
         self._actor = actor
         self._on_applied = on_applied
@@ -90,8 +98,10 @@ class Outbox:
             # other outcomes of the group: isolate it (see the docstring).
             if len(chunk) > 1:
                 half = len(chunk) // 2
-                first = await self._write_isolating(chunk[:half])
-                second = await self._write_isolating(chunk[half:])
+                head, tail = chunk[:half], chunk[half:]
+                first = await self._write_isolating(head)
+                second = await self._write_isolating(tail)
+                chunk[:] = head + tail  # as written (a write may replace records)
                 return first | second
             (rec,) = chunk
             log.error(
@@ -103,25 +113,27 @@ class Outbox:
                 type(exc).__name__,
                 executor.storable_text(str(exc))[:500],
             )
-            return await self._write([executor.rejected(rec, exc, self._actor)])
+            chunk[0] = executor.rejected(rec, exc, self._actor)
+            return await self._write(chunk)
 
     async def _write(self, chunk: list[OutcomeRecord]) -> store.Transitions:
+        """Write ``chunk``; records it changes (additions refused) are replaced in it."""
         lease = chunk[0].lease
         assert all(r.lease == lease for r in chunk)  # one process, one lease
-        outcomes = store.Outcomes(
-            lease=uuid.UUID(lease),
-            batches=[uuid.UUID(b) for b in {r.batch_id for r in chunk}],
-            ids=[r.item_id for r in chunk],
-            attempts=[r.attempt for r in chunk],
-            outcomes=[r.outcome.value for r in chunk],
-            results=[r.result_json for r in chunk],
-            errors=[r.error_json for r in chunk],
-            delays=[r.delay_s if math.isfinite(r.delay_s) else 0.0 for r in chunk],
-            actor=self._actor,
-        )
-        async for attempt in dbm.retrying():
-            with attempt:
-                applied = await self._q.apply_outcomes(outcomes)
+        if any(r.added for r in chunk):
+            async for attempt in dbm.retrying():
+                with attempt:
+                    written = list(chunk)
+                    async with self._db.transaction("outcomes") as tx:
+                        q = store.Queries(tx)
+                        await self._add_items(q, written)
+                        applied = await q.apply_outcomes(self._outcomes(written))
+            chunk[:] = written
+        else:
+            outcomes = self._outcomes(chunk)
+            async for attempt in dbm.retrying():
+                with attempt:
+                    applied = await self._q.apply_outcomes(outcomes)
         for rec in chunk:
             if rec.item_id in applied.fenced:
                 log.warning(
@@ -132,6 +144,56 @@ class Outbox:
                     rec.outcome.value,
                 )
         return applied
+
+    async def _add_items(self, q: store.Queries, chunk: list[OutcomeRecord]) -> None:
+        """Insert what the chunk's attempts added; replace in ``chunk`` each record
+        whose additions were refused (past max_items) by its failure."""
+        parents: list[int] = []
+        attempts: list[int] = []
+        keys: list[str | None] = []
+        payloads: list[str] = []
+        for r in chunk:
+            for key, payload in r.added:
+                parents.append(r.item_id)
+                attempts.append(r.attempt)
+                keys.append(key)
+                payloads.append(payload)
+        results = await q.add_items(
+            lease=uuid.UUID(chunk[0].lease),
+            batches=[uuid.UUID(b) for b in {r.batch_id for r in chunk}],
+            parents=parents,
+            attempts=attempts,
+            keys=keys,
+            payloads=payloads,
+            default_max=self._default_max_items,
+            actor=self._actor,
+        )
+        refused = {a.parent: a for a in results if a.refused}
+        for i, r in enumerate(chunk):
+            if (a := refused.get(r.item_id)) is not None:
+                log.warning(
+                    "outcome.items_refused item=%s batch=%s adding=%s total=%s max_items=%s",
+                    r.item_id,
+                    r.batch_id,
+                    len(r.added),
+                    a.total,
+                    a.max_items,
+                )
+                chunk[i] = executor.too_many_items(r, a.total, a.max_items, self._actor)
+
+    def _outcomes(self, chunk: list[OutcomeRecord]) -> store.Outcomes:
+        lease = chunk[0].lease
+        return store.Outcomes(
+            lease=uuid.UUID(lease),
+            batches=[uuid.UUID(b) for b in {r.batch_id for r in chunk}],
+            ids=[r.item_id for r in chunk],
+            attempts=[r.attempt for r in chunk],
+            outcomes=[r.outcome.value for r in chunk],
+            results=[r.result_json for r in chunk],
+            errors=[r.error_json for r in chunk],
+            delays=[r.delay_s if math.isfinite(r.delay_s) else 0.0 for r in chunk],
+            actor=self._actor,
+        )
 
 
 def metric_outcome(rec: OutcomeRecord, status: str) -> str:

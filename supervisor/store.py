@@ -80,6 +80,7 @@ class BatchRow(_FromRecord):
     exclusive_key: str | None  # at most one unfinished batch per (tenant, key); 0012
     after_ids: list[uuid.UUID] | None  # the batches it runs after; 0013
     after_policy: str | None  # states.AfterPolicy, when after_ids is set
+    max_items: int | None  # how far add_items may grow it (None: the daemon's default); 0016
     total: int
     queued: int
     running: int
@@ -393,6 +394,7 @@ class NewBatchRow:
     created_by: str
     callback_handler: str | None
     exclusive_key: str | None
+    max_items: int | None = None
     after_ids: Sequence[uuid.UUID] = ()
     after_policy: str | None = None
     runnable: bool = True  # False: created waiting for after_ids
@@ -412,6 +414,18 @@ class Outcomes:
     errors: list[str | None]  # JSON text
     delays: list[float]
     actor: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AddedItems(_FromRecord):
+    """What one attempt's additions to its batch came to (``add_items``)."""
+
+    parent: int  # the item whose attempt added them
+    added: int
+    skipped: int  # keys already in the batch (or given twice)
+    refused: bool  # they would have passed the batch's max_items: none added
+    total: int  # the batch's items before this write
+    max_items: int
 
 
 # --------------------------------------------------------------------------- queries
@@ -465,6 +479,7 @@ class Queries:
             b.after_policy,
             b.runnable,
             b.key_after,
+            b.max_items,
         )
         return None if r is None else BatchRow.of(r)
 
@@ -661,6 +676,25 @@ class Queries:
             o.actor,
         )
         return Transitions.parse(rows)
+
+    async def add_items(
+        self,
+        *,
+        lease: uuid.UUID,
+        batches: list[uuid.UUID],
+        parents: list[int],
+        attempts: list[int],
+        keys: list[str | None],
+        payloads: list[str],
+        default_max: int,
+        actor: str,
+    ) -> list[AddedItems]:
+        """Parallel arrays, one entry per added item (payloads: JSON text); call in
+        the outcome write's transaction, before :meth:`apply_outcomes`."""
+        rows = await self._ex.fetch(
+            "add_items", lease, batches, parents, attempts, keys, payloads, default_max, actor
+        )
+        return [AddedItems.of(r) for r in rows]
 
     async def reclaim_leases(self, leases: list[uuid.UUID], *, actor: str) -> Transitions:
         return Transitions.parse(await self._ex.fetch("reclaim_leases", leases, actor))

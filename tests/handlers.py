@@ -211,3 +211,46 @@ async def bad_progress(item: Item) -> Any:
     """Reports progress with a wrong argument type (a handler's bug)."""
     await item.progress("three", 10)  # type: ignore[arg-type]
     return None
+
+
+async def crawls(item: Item) -> Any:
+    """A toy crawler over payload["site"] (page -> the pages it links to): adds a
+    linked page per link, keyed by the page, so each page is queued once however
+    many pages link to it. payload["hold"] (a file): wait for it first;
+    payload["fail_first"]: attempt 1 adds its links, then fails."""
+    _log_run(item, "start")
+    site: dict[str, list[str]] = item.payload["site"]
+    page = str(item.payload["page"])
+    links = site.get(page, [])
+    item.add_items(
+        [{"key": link, "payload": {**item.payload, "page": link}} for link in links]
+        + [{"key": link, "payload": {**item.payload, "page": link}} for link in links]
+    )
+    hold = item.payload.get("hold")
+    if hold:
+        while not os.path.exists(hold):
+            await asyncio.sleep(0.02)
+    if item.payload.get("fail_first") and item.attempt == 1:
+        raise RuntimeError("attempt 1 fails after adding its links")
+    return {"page": page, "links": len(links)}
+
+
+async def adds_keyless(item: Item) -> Any:
+    """Adds payload["n"] items without keys (the root only), failing attempt 1
+    after adding them when payload["fail_first"]; payload["hold"]: a file to wait
+    for before succeeding."""
+    _log_run(item, "start")
+    if item.payload.get("root"):
+        item.add_items([{"child": i} for i in range(item.payload["n"])])
+        hold = item.payload.get("hold")
+        while hold and not os.path.exists(hold):
+            await asyncio.sleep(0.02)
+        if item.payload.get("fail_first") and item.attempt == 1:
+            raise RuntimeError("attempt 1 fails after adding")
+    return {"ok": True}
+
+
+async def adds_bad(item: Item) -> Any:
+    """Adds an entry whose key is not a string (a handler's bug)."""
+    item.add_items([{"key": 5, "payload": {}}])
+    return None

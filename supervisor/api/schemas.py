@@ -33,6 +33,7 @@ SUBMIT_FIELDS = (
     "after",
     "after_policy",
     "on_conflict",
+    "max_items",
 )
 AFTER_MAX = 100  # dependencies of one batch
 PATCH_FIELDS = ("priority", "max_concurrency", "max_failures")
@@ -211,11 +212,16 @@ def _unknown(body: Mapping[str, Any], known: tuple[str, ...], errors: list[dict[
 
 
 def item_entries(
-    raw_items: list[Any], errors: list[dict[str, str]], *, path: str = "/items"
+    raw_items: list[Any],
+    errors: list[dict[str, str]],
+    *,
+    path: str = "/items",
+    dedupe: bool = False,
 ) -> list[tuple[str | None, str]]:
     """Each entry of an items array as (key, payload JSON text): a bare payload, or
     ``{"payload": ..., "key": ...}``. Problems go to ``errors`` (at most about 50),
-    named by JSON Pointer under ``path``."""
+    named by JSON Pointer under ``path``. A key given twice is an error, or with
+    ``dedupe`` the later entry is dropped (a handler adding every link it found)."""
     items: list[tuple[str | None, str]] = []
     seen: dict[str, int] = {}
     for i, entry in enumerate(raw_items):
@@ -239,6 +245,8 @@ def item_entries(
                     )
                 elif why := _bad_text(k):
                     errors.append({"path": f"{path}/{i}/key", "message": why})
+                elif k in seen and dedupe:
+                    continue
                 elif k in seen:
                     errors.append(
                         {
@@ -350,6 +358,14 @@ def submission(
     max_concurrency = _opt_int(body, "max_concurrency", errors, minimum=1)
     max_attempts = _opt_int(body, "max_attempts", errors, minimum=1, maximum=1000)
     max_failures = _max_failures(body.get("max_failures"), "/max_failures", errors)
+    max_items_cap = _opt_int(body, "max_items", errors, minimum=1)
+    if max_items_cap is not None and isinstance(raw_items, list) and max_items_cap < len(raw_items):
+        errors.append(
+            {
+                "path": "/max_items",
+                "message": f"must be at least the number of items submitted ({len(raw_items)})",
+            }
+        )
     if errors:
         raise ValidationFailed(errors)
     return NewBatch(
@@ -366,6 +382,7 @@ def submission(
         after=after,
         after_policy=after_policy,
         on_conflict=on_conflict,
+        max_items=max_items_cap,
     )
 
 

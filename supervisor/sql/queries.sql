@@ -41,15 +41,18 @@ INSERT INTO @schema.schema_migrations (version, name) VALUES ($1, $2);
 -- runs after (empty: none), $22 its after_policy, $23 whether they let it run yet
 -- (false: it is created waiting; the caller holds share locks on them, see
 -- lock_dependencies). $24: the batch of its exclusive key it is queued behind
--- (on_conflict "queue"; an edge of policy 'terminal'), or NULL.
+-- (on_conflict "queue"; an edge of policy 'terminal'), or NULL. $25: its
+-- max_items (NULL: the daemons' [server] max_items_per_batch).
 WITH b AS (
     INSERT INTO @schema.batches (
         id, tenant, handler, status, priority, max_concurrency, max_attempts, attempt_budget,
         max_failures, max_failures_limit, metadata, idempotency_key, request_hash, total,
-        queued, created_by, callback_handler, exclusive_key, after_ids, after_policy, waiting)
+        queued, created_by, callback_handler, exclusive_key, after_ids, after_policy, waiting,
+        max_items)
     VALUES ($1, $2, $3, CASE WHEN $23::boolean THEN 'queued' ELSE 'waiting' END, $4, $5, $6,
             $7, $8, $9, $10, $11, $12, $13, $13, $14, $15, $20,
-            CASE WHEN cardinality($21::uuid[]) > 0 THEN $21::uuid[] END, $22, NOT $23::boolean)
+            CASE WHEN cardinality($21::uuid[]) > 0 THEN $21::uuid[] END, $22, NOT $23::boolean,
+            $25)
     ON CONFLICT DO NOTHING
     RETURNING *
 ), deps AS (
@@ -224,6 +227,13 @@ SELECT * FROM @schema.claim_items(
 SELECT * FROM @schema.apply_outcomes(
     p_lease => $1, p_batches => $2, p_ids => $3, p_attempts => $4, p_outcomes => $5,
     p_results => $6, p_errors => $7, p_delays => $8, p_actor => $9);
+
+-- name: add_items
+-- Items running attempts add to their own batches, in their outcome write's
+-- transaction before apply_outcomes; one row per live parent (see add_items.sql).
+SELECT * FROM @schema.add_items(
+    p_lease => $1, p_batches => $2, p_parents => $3, p_attempts => $4, p_keys => $5,
+    p_payloads => $6, p_default_max => $7, p_actor => $8);
 
 -- name: reclaim_leases
 -- Reclaim the running items of leases that are gone (WorkerLost).

@@ -53,7 +53,7 @@ async def tg() -> AsyncIterator[anyio.abc.TaskGroup]:
 
 async def started(db: dbm.Database, tg: anyio.abc.TaskGroup) -> tuple[outbox_mod.Outbox, Applied]:
     applied = Applied()
-    ob = outbox_mod.Outbox(db, "it-worker", applied)
+    ob = outbox_mod.Outbox(db, "it-worker", applied, default_max_items=100_000)
     await tg.start(ob.run)
     return ob, applied
 
@@ -305,7 +305,7 @@ async def test_outcomes_handed_in_before_the_outbox_runs_wait_and_then_land(
     lease = new_lease()
     (item,) = await claim(db, lease, 1)
     applied = Applied()
-    ob = outbox_mod.Outbox(db, "it-worker", applied)
+    ob = outbox_mod.Outbox(db, "it-worker", applied, default_max_items=100_000)
     ob.put(support.outcome(item, lease, states.Outcome.RELEASED, result_json=None))
     assert ob.pending_ids() == {item.id}
     assert (await items_of(db, bid))[item.id].status == "running"  # not written yet

@@ -5,7 +5,8 @@
 -- A batch that becomes terminal releases or cancels the batches waiting for it
 -- (after / after_policy), in this transaction: see "Dependencies" below.
 -- Returns one row per batch that became terminal (those cancelled for a
--- dependency included).
+-- dependency included). p_dt: items added to each batch (fan-out from a handler,
+-- add_items), counted in total as well as in p_dq; NULL: none.
 -- Callers hold the batch rows' locks, have already moved the items, and name each
 -- batch once.
 --
@@ -16,7 +17,8 @@
 CREATE OR REPLACE FUNCTION @schema._settle_batches(
     p_batches uuid[], p_dq integer[], p_dr integer[], p_ds integer[], p_df integer[],
     p_dc integer[], p_actor text, p_reopen boolean DEFAULT false,
-    p_claim_after timestamptz[] DEFAULT NULL, p_claim_id bigint[] DEFAULT NULL)
+    p_claim_after timestamptz[] DEFAULT NULL, p_claim_id bigint[] DEFAULT NULL,
+    p_dt integer[] DEFAULT NULL)
 RETURNS TABLE (batch_id uuid, finished text, seconds double precision)
 LANGUAGE plpgsql
 -- Its callers' settings must not reach it: apply_outcomes turns nested loops off,
@@ -79,16 +81,17 @@ BEGIN
     WITH d AS (
         SELECT x.id, x.dq - coalesce(c.n, 0) AS dq, x.dr, x.ds, x.df,
                x.dc + coalesce(c.n, 0) AS dc, c.id IS NOT NULL AS over,
-               coalesce(c.n, 0) AS budget_cancelled, x.claim_after, x.claim_id
-          FROM unnest(p_batches, p_dq, p_dr, p_ds, p_df, p_dc, p_claim_after, p_claim_id)
-               AS x (id, dq, dr, ds, df, dc, claim_after, claim_id)
+               coalesce(c.n, 0) AS budget_cancelled, x.claim_after, x.claim_id,
+               coalesce(x.dt, 0) AS dt
+          FROM unnest(p_batches, p_dq, p_dr, p_ds, p_df, p_dc, p_claim_after, p_claim_id, p_dt)
+               AS x (id, dq, dr, ds, df, dc, claim_after, claim_id, dt)
           LEFT JOIN unnest(v_xid, v_xn) AS c (id, n) ON c.id = x.id
          WHERE x.id IS NOT NULL
     ), n AS (
         -- The batch after the change, before its status is derived. Reopening
         -- (retry) clears the stop, the finish and the callback; a batch paused,
         -- then cancelled, runs when retried, while a live batch keeps its pause.
-        SELECT bt.id, bt.version + 1 AS version,
+        SELECT bt.id, bt.version + 1 AS version, bt.total + d.dt AS t,
                bt.queued + d.dq AS q, bt.running + d.dr AS r, bt.succeeded + d.ds AS s,
                bt.failed + d.df AS f, bt.cancelled + d.dc AS c,
                d.over, d.budget_cancelled, d.claim_after, d.claim_id,
@@ -115,7 +118,7 @@ BEGIN
           FROM n
     ), upd AS (
         UPDATE @schema.batches bt SET
-            status = m.new_status, queued = m.q, running = m.r, succeeded = m.s,
+            status = m.new_status, total = m.t, queued = m.q, running = m.r, succeeded = m.s,
             failed = m.f, cancelled = m.c, version = m.version, stop_reason = m.stop_reason,
             paused = m.paused,
             -- an ended batch waits for nothing (a retry runs it at once)
