@@ -130,3 +130,26 @@ def test_sigkill_before_the_outcome_adds_nothing_and_the_rerun_adds_once(
     starts = collections.Counter(r["attempt"] for r in runs(runlog) if r["event"] == "start")
     assert starts[1] >= 1 and starts[2] >= 1  # the root ran twice: once per daemon
     doctor_clean(c)
+
+
+EXEC_FANOUT = """
+import json, sys
+payload = json.loads(sys.stdin.read())
+if payload.get("root"):
+    print('::bsv-add-items [{"key": "x", "payload": {}}, {"key": "y", "payload": {}}]')
+    print('::bsv-add-items [{"key": "x", "payload": {}}]')  # already added: skipped
+print(json.dumps({"root": bool(payload.get("root"))}))
+"""
+
+
+def test_an_exec_command_adds_items_with_control_lines(
+    daemons: Any, tmp_path: pathlib.Path
+) -> None:
+    from tests.test_handlers_exec import exec_handler, script
+
+    d = daemons(handlers={"run": exec_handler(script(tmp_path, "fanout", EXEC_FANOUT))})
+    b = d.submit("run", [{"root": True}])
+    done = d.wait_status(b["id"], "completed")
+    assert done["counts"]["total"] == 3
+    assert sorted(str(it["key"]) for it in d.items(b["id"])) == ["None", "x", "y"]
+    assert all(it["result"] == {"root": bool(it["payload"])} for it in d.items(b["id"]))

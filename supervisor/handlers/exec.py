@@ -54,7 +54,7 @@ KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL of the process group
 REAP_TIMEOUT_S = 5.0  # a process stuck in the kernel after SIGKILL: give up waiting
 RUN_ACCOUNT = "batch-supervisor-run"  # what commands run as when the daemon is root
 CONTROL_PREFIX = b"::bsv-"  # a stdout line the attempt says to the daemon (see _Stdout)
-CONTROL_LINE_MAX = 4096  # longer: output, whatever it starts with
+CONTROL_LINE_MAX = 64 * 1024  # longer: output, whatever it starts with
 
 
 class ExecTempFail(Exception):
@@ -120,9 +120,10 @@ class _Stdout(_Capture):
     """stdout: the result, less the attempt's control lines, which are acted on.
 
     ``::bsv-progress {"done": 3, "total": 10, "note": "page 3"}`` reports progress
-    (``item.progress``) and ``::bsv-extend 600`` asks for more time
-    (``item.extend``): one per line, at the start of a line. They are not part of
-    the result. A malformed one is logged and dropped."""
+    (``item.progress``), ``::bsv-extend 600`` asks for more time (``item.extend``)
+    and ``::bsv-add-items [...]`` adds items to the batch (``item.add_items``, a
+    JSON array of entries): one per line, at the start of a line. They are not
+    part of the result. A malformed one is logged and dropped."""
 
     def __init__(self, item: Item) -> None:
         super().__init__(STDOUT_LIMIT, tail=False)
@@ -176,9 +177,17 @@ class _Stdout(_Capture):
                 self._item.progress(done, report.get("total"), report.get("note"))
             elif verb == "extend":
                 self._item.extend(float(arg))
+            elif verb == "add-items":
+                entries = json.loads(arg)
+                if not isinstance(entries, list):
+                    raise TypeError("expected a JSON array of items")
+                self._item.add_items(entries)
             else:
-                raise ValueError("unknown control line (expected ::bsv-progress or ::bsv-extend)")
-        except (ValueError, TypeError) as exc:
+                raise ValueError(
+                    "unknown control line (expected ::bsv-progress, ::bsv-extend or "
+                    "::bsv-add-items)"
+                )
+        except (ValueError, TypeError, RuntimeError) as exc:
             log.warning(
                 "exec.control_line_ignored handler=%s item=%s line=%r: %s",
                 self._item.handler,

@@ -20,6 +20,7 @@ class Recorder:
     def __init__(self) -> None:
         self.reports: list[Progress] = []
         self.extends: list[float] = []
+        self.added: list[Any] = []
 
     def report_progress(self, item: Item, p: Progress) -> None:
         self.reports.append(p)
@@ -27,6 +28,10 @@ class Recorder:
     def extend(self, item: Item, seconds: float) -> float:
         self.extends.append(seconds)
         return seconds
+
+    def add_items(self, item: Item, entries: Any) -> int:
+        self.added.extend(entries)
+        return len(entries)
 
 
 def item(controls: Any = None) -> Item:
@@ -79,6 +84,8 @@ def test_exec_control_lines_are_acted_on_and_left_out_of_the_result() -> None:
         b'::bsv-progress {"done": 1, "total": 4, "note": "one"}\n'
         b"line one ::bsv-progress {} stays (not at a line start)\n"
         b"::bsv-extend 60\n"
+        b'::bsv-add-items [{"key": "a", "payload": 1}, 2]\n'
+        b'::bsv-add-items {"not": "an array"}\n'
         b":: not ours\n"
         b"::bsv-progress not json\n"
         b'{"ok": true}'
@@ -90,12 +97,13 @@ def test_exec_control_lines_are_acted_on_and_left_out_of_the_result() -> None:
             b'line one ::bsv-progress {} stays (not at a line start)\n:: not ours\n{"ok": true}'
         ), size
         assert rec.reports == [Progress(1, 4, "one")] and rec.extends == [60.0]
+        assert rec.added == [{"key": "a", "payload": 1}, 2]
 
 
 def test_exec_a_control_line_without_newline_at_eof_or_too_long_is_output() -> None:
     data, rec = feed([b"x\n::bsv-extend 5"])
     assert data == b"x\n::bsv-extend 5" and rec.extends == []
-    long = b"::bsv-progress " + b" " * 5000 + b"\n"
+    long = b"::bsv-progress " + b" " * 70_000 + b"\n"
     data, rec = feed([long])
     assert data == long and rec.reports == []
     assert STDOUT_LIMIT > len(long)
