@@ -192,3 +192,28 @@ def test_a_scheduled_batch_holds_its_exclusive_key_and_is_an_idempotent_repeat(
     d.api("POST", f"/v1/batches/{first['id']}/cancel")
     code, queued, _ = post(d, {"handler": "echo", "items": [1], "exclusive_key": "k"})
     assert code == 201, queued
+
+
+def test_a_large_scheduled_batch_gets_its_time_on_every_item_and_a_retry_runs_it_now(
+    daemons: DaemonFactory, db_url: str
+) -> None:
+    """Past 1,000 items the items come by COPY: they carry not_before as well."""
+    d = daemons()
+    when = later(hours=1)
+    b = d.submit("echo", list(range(1500)), not_before=when)
+    assert b["status"] == "scheduled", b
+    rows = db_rows(
+        db_url,
+        "SELECT count(*) FILTER (WHERE run_after = $2) AS at, count(*) AS n"
+        " FROM supervisor.items WHERE batch_id = $1",
+        uuid.UUID(b["id"]),
+        at(when),
+    )
+    assert (rows[0]["at"], rows[0]["n"]) == (1500, 1500), rows
+    code, body, _ = d.api("POST", f"/v1/batches/{b['id']}/cancel")
+    assert code == 200 and body["status"] == "cancelled", body
+    # An ended batch no longer waits for its time: a retry runs it now.
+    code, body, _ = d.api("POST", f"/v1/batches/{b['id']}/retry", {"include_cancelled": True})
+    assert code == 200 and body["status"] != "scheduled", body
+    done = d.wait_status(b["id"], "completed", timeout=60)
+    assert done["counts"]["succeeded"] == 1500, done
