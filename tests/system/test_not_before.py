@@ -13,6 +13,7 @@ from typing import Any
 
 from tests.conftest import DaemonFactory
 from tests.daemon import wait_for
+from tests.system.test_operations import metrics_of
 from tests.test_api import db_rows
 
 SLOW_POLL = {"poll_interval": "30s"}
@@ -109,3 +110,23 @@ def test_a_batch_due_while_every_daemon_was_down_runs_when_one_comes_back(
     d.start()
     d.wait_status(b["id"], "completed", timeout=20)
     assert all(r["attempts"] == 1 for r in starts(db_url, b["id"]))
+
+
+def test_scheduled_work_is_not_queued_work_in_the_metrics(
+    daemons: DaemonFactory, db_url: str
+) -> None:
+    """A batch scheduled for later is not lag (BatchQueueLagging would fire on a
+    batch that is exactly on time); its age shows under its own status."""
+    d = daemons(extra={"server": {"metrics_sample_interval": "200ms"}})
+    d.submit("echo", [1, 2, 3], not_before=(db_now(db_url) + timedelta(hours=1)).isoformat())
+    p = "batch_supervisor_"
+
+    def sampled() -> dict[str, float] | None:
+        m = metrics_of(d)
+        return (
+            m if m.get(p + 'oldest_unfinished_batch_seconds{status="scheduled"}', 0) > 0 else None
+        )
+
+    m = wait_for(sampled, 10, 0.1, "a sample with the scheduled batch")
+    assert m.get(p + 'items_queued{handler="echo"}', 0) == 0, m
+    assert m.get(p + 'queue_lag_seconds{handler="echo"}', 0) == 0, m
