@@ -2,8 +2,9 @@
 ``scheduled`` with nothing attempted until its ``not_before``, no item starts
 before it (times from the database), it starts then without waiting for a poll
 (the daemons poll every 30 s here), PATCH to null starts it at once, two
-daemons promote each batch once, and a batch whose time passed while every
-daemon was down (killed) runs when one comes back."""
+daemons promote each batch once, a batch whose time passed while every daemon
+was down (killed) runs when one comes back, streams see the release, and the
+metrics do not count scheduled work as queued."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tests.conftest import DaemonFactory
 from tests.daemon import wait_for
 from tests.system.test_operations import metrics_of
 from tests.test_api import db_rows
+from tests.test_controls import read_events
 
 SLOW_POLL = {"poll_interval": "30s"}
 # Pick-up is meant to be within a second of not_before; this bound only has to
@@ -130,3 +132,14 @@ def test_scheduled_work_is_not_queued_work_in_the_metrics(
     m = wait_for(sampled, 10, 0.1, "a sample with the scheduled batch")
     assert m.get(p + 'items_queued{handler="echo"}', 0) == 0, m
     assert m.get(p + 'queue_lag_seconds{handler="echo"}', 0) == 0, m
+
+
+def test_a_stream_opened_while_scheduled_sees_it_released_and_finished(
+    daemons: DaemonFactory, db_url: str
+) -> None:
+    d = daemons(worker=SLOW_POLL)
+    b = d.submit("echo", [1], not_before=(db_now(db_url) + timedelta(seconds=2)).isoformat())
+    events = read_events(f"{d.url}/v1/batches/{b['id']}/events")
+    statuses = [data["status"] for kind, data, _, _ in events if kind == "snapshot"]
+    assert statuses[0] == "scheduled" and statuses[-1] == "completed", statuses
+    assert events[-1][0] == "end", events
