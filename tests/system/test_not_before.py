@@ -100,7 +100,7 @@ def test_two_daemons_promote_each_batch_once(daemons: DaemonFactory, db_url: str
 def test_a_batch_due_while_every_daemon_was_down_runs_when_one_comes_back(
     daemons: DaemonFactory, db_url: str
 ) -> None:
-    d = daemons()
+    d = daemons(worker=SLOW_POLL)
     not_before = db_now(db_url) + timedelta(seconds=2)
     b = d.submit("echo", [1, 2], not_before=not_before.isoformat())
     d.kill()  # SIGKILL, before it is due
@@ -109,8 +109,8 @@ def test_a_batch_due_while_every_daemon_was_down_runs_when_one_comes_back(
         db_url, "SELECT status FROM supervisor.batches WHERE id = $1", uuid.UUID(b["id"])
     )
     assert status[0]["status"] == "scheduled", status  # nobody was up to start it
-    d.start()
-    d.wait_status(b["id"], "completed", timeout=20)
+    d.start()  # polling every 30 s: it starts the batch as it comes up
+    d.wait_status(b["id"], "completed", timeout=PROMPT_S)
     assert all(r["attempts"] == 1 for r in starts(db_url, b["id"]))
 
 
