@@ -5,8 +5,8 @@ and the two-phase stop.
 Start order (each ``await tg.start`` returns once the component is ready):
 API (probes answer while the database is still coming) → embedded-server watch
 (if we own the server) → migrate → events bus → outbox → progress writer →
-heartbeat (registers, reclaims a gone predecessor) → reaper → metrics sampler →
-retention → watchdog → callbacks → dispatcher → READY=1.
+heartbeat (registers, reclaims a gone predecessor) → reaper → scheduler → metrics
+sampler → retention → watchdog → callbacks → dispatcher → READY=1.
 
 Stop (SIGTERM/SIGINT): draining (readyz 503, workers row, metrics, STOPPING=1)
 → dispatcher and callbacks stop claiming → running items get drain_timeout
@@ -36,6 +36,7 @@ from supervisor import (
     progress,
     reaper,
     retention,
+    scheduler,
     states,
     store,
     systemd,
@@ -182,6 +183,8 @@ class Daemon:
             disp.release_waiting(batch_id)
 
         bus.on_pause = on_pause
+        sched = scheduler.Scheduler(cfg, db, lambda: bus.listening)
+        bus.on_schedule = sched.wake
 
         def reclaimed(done: store.Transitions) -> None:
             counts: dict[str, int] = {}
@@ -236,6 +239,7 @@ class Daemon:
             await hb.register()
             await root.start(hb.run)
             await root.start(reaper.Reaper(cfg, db, reclaimed).run)
+            await root.start(sched.run)
             sample_s = cfg.server.metrics_sample_interval_s
             sampler = metrics_mod.QueueSampler(db, self.metrics, sample_s)
             await root.start(sampler.run)

@@ -23,7 +23,9 @@ ITEM_COLUMNS = ("batch_id", "seq", "key", "handler", "payload", "max_attempts")
 INLINE_ITEMS = 1000
 # Fields added after idempotency digests were first stored: left out of the digest
 # while unset, so a repeat of a request made before they existed still matches it.
-_DIGEST_WHEN_SET = frozenset({"exclusive_key", "after", "after_policy", "on_conflict", "max_items"})
+_DIGEST_WHEN_SET = frozenset(
+    {"exclusive_key", "after", "after_policy", "on_conflict", "not_before", "max_items"}
+)
 # A refused write looks up who refused it; that one may have finished (or been
 # deleted) in between, and then the write is tried again, this many times at most.
 KEY_ROUNDS = 5
@@ -46,6 +48,7 @@ class NewBatch:
     after: tuple[uuid.UUID, ...] | None = None  # runs once these have ended (as after_policy says)
     after_policy: states.AfterPolicy | None = None  # set exactly when ``after`` is
     on_conflict: str | None = None  # "queue": wait behind the key's batches; else refused
+    not_before: datetime | None = None  # in UTC; no item is claimed before it
     max_items: int | None = None  # how far handlers may grow it (add_items); None: the server's
 
     def request_hash(self) -> str:
@@ -152,6 +155,7 @@ async def submit(
         max_items=nb.max_items,
         after_ids=nb.after or (),
         after_policy=nb.after_policy,
+        not_before=nb.not_before,
     )
     for _ in range(KEY_ROUNDS):
         try:
@@ -197,14 +201,7 @@ async def _insert(
             row, item_max_attempts=budget, keys=(), payloads=(), created=created
         )
         if batch is not None:
-            await tx.copy_items(
-                db.schema,
-                ITEM_COLUMNS,
-                [
-                    (row.id, i, key, nb.handler, payload, budget)
-                    for i, (key, payload) in enumerate(nb.items)
-                ],
-            )
+            await tx.copy_items(db.schema, *_copied_items(nb, batch, budget=budget))
     return batch
 
 
@@ -268,15 +265,25 @@ async def _insert_locked(
             created=created,
         )
         if batch is not None and len(nb.items) > INLINE_ITEMS:
-            await tx.copy_items(
-                db.schema,
-                ITEM_COLUMNS,
-                [
-                    (row.id, i, key, nb.handler, payload, budget)
-                    for i, (key, payload) in enumerate(nb.items)
-                ],
-            )
+            await tx.copy_items(db.schema, *_copied_items(nb, batch, budget=budget))
     return batch
+
+
+def _copied_items(
+    nb: NewBatch, batch: store.BatchRow, *, budget: int
+) -> tuple[Sequence[str], list[tuple[Any, ...]]]:
+    """The columns and rows of a submission's items by COPY. A batch created
+    scheduled (not_before later than its created_at, both the database's clock)
+    gives its items that run_after, as submit_batch does for the items it inserts."""
+    if batch.not_before is not None and batch.not_before > batch.created_at:
+        at = batch.not_before
+        return (*ITEM_COLUMNS, "run_after"), [
+            (batch.id, i, key, nb.handler, payload, budget, at)
+            for i, (key, payload) in enumerate(nb.items)
+        ]
+    return ITEM_COLUMNS, [
+        (batch.id, i, key, nb.handler, payload, budget) for i, (key, payload) in enumerate(nb.items)
+    ]
 
 
 async def _refused(

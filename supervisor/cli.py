@@ -215,6 +215,13 @@ def parser() -> argparse.ArgumentParser:
         choices=("reject", "queue"),
         help="with --exclusive-key: reject (default, 409) or queue behind the key's batches",
     )
+    s.add_argument(
+        "--not-before",
+        type=client.not_before,
+        metavar="TIME",
+        help="start no item before TIME: RFC 3339 with an offset (2026-12-24T18:00:00Z), "
+        "or +DURATION from now (+10m, +2h); scheduled until then",
+    )
     s.add_argument("--on-complete", help="handler to call once the batch is terminal")
     s.add_argument("--metadata", help="a JSON object stored with the batch")
     s.add_argument(

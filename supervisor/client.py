@@ -20,6 +20,7 @@ import re
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -164,6 +165,8 @@ def _print_status(b: dict[str, Any]) -> None:
         f"{b['progress'] * 100:.1f}%"
     )
     print("counts    " + "  ".join(f"{k}={v}" for k, v in c.items()))
+    if b.get("not_before"):
+        print(f"not before {b['not_before']}")
     print(f"created   {b['created_at']}   finished {b['finished_at'] or '-'}")
     cb = b["callback"]
     if cb["handler"]:
@@ -476,6 +479,18 @@ def max_failures(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a count nor a percentage") from None
 
 
+def not_before(text: str) -> str:
+    """``--not-before``: an RFC 3339 time, sent as given (the daemon validates it),
+    or ``+DURATION`` from now (this machine's clock), sent as UTC."""
+    if not text.startswith("+"):
+        return text
+    try:
+        seconds = config.parse_duration(text[1:])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
+
+
 def _submission(args: argparse.Namespace) -> dict[str, Any]:
     body: dict[str, Any] = {
         "handler": args.handler,
@@ -492,6 +507,7 @@ def _submission(args: argparse.Namespace) -> dict[str, Any]:
         "after",
         "after_policy",
         "on_conflict",
+        "not_before",
     ):
         if getattr(args, field, None) is not None:
             body[field] = getattr(args, field)

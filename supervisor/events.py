@@ -1,12 +1,14 @@
 """The LISTEN/NOTIFY bridge and in-process fan-out.
 
 Every transition function in the database NOTIFYs: ``<schema>_wake`` (new
-runnable work), ``<schema>_batch`` (``id:version:status`` of a changed batch)
-and ``<schema>_control`` (``cancel:<batch id>``, ``pause:<batch id>``). One dedicated connection per
-daemon LISTENs and fans out to the dispatcher (wake-ups, cancels) and to SSE
-streams (per-batch wake-ups). Changes made by any daemon reach every daemon.
-When LISTEN is unavailable (pooler in transaction mode, connection lost) the
-consumers fall back to polling; ``listening`` says which mode is in force.
+runnable work), ``<schema>_batch`` (``id:version:status`` of a changed batch),
+``<schema>_control`` (``cancel:<batch id>``, ``pause:<batch id>``) and
+``<schema>_schedule`` (a batch was scheduled or rescheduled). One dedicated
+connection per daemon LISTENs and fans out to the dispatcher (wake-ups,
+cancels), the scheduler and to SSE streams (per-batch wake-ups). Changes made
+by any daemon reach every daemon. When LISTEN is unavailable (pooler in
+transaction mode, connection lost) the consumers fall back to polling;
+``listening`` says which mode is in force.
 """
 
 from __future__ import annotations
@@ -57,10 +59,12 @@ class Bus:
             "wake": f"{schema}_wake",
             "batch": f"{schema}_batch",
             "control": f"{schema}_control",
+            "schedule": f"{schema}_schedule",
         }
         self.on_wake: Callable[[str], None] = lambda payload: None
         self.on_cancel: Callable[[str], None] = lambda batch_id: None
         self.on_pause: Callable[[str], None] = lambda batch_id: None
+        self.on_schedule: Callable[[], None] = lambda: None
         self._subscribers: dict[str, set[Wakeup]] = defaultdict(set)
         self.listening = False
         self._lost = anyio.Event()
@@ -104,6 +108,8 @@ class Bus:
                 self._probe_seen.set()
                 return
             self.on_wake(payload)
+        elif channel == self.channels["schedule"]:
+            self.on_schedule()
         elif channel == self.channels["control"]:
             action, _, batch_id = payload.partition(":")
             if action == "cancel":
@@ -134,6 +140,7 @@ class Bus:
                     log.info("events.listening channels=%s", ",".join(self.channels.values()))
                     # Anything may have changed while we were not listening.
                     self.on_wake("reconnect")
+                    self.on_schedule()
                     for bid in list(self._subscribers):
                         self.batch_changed(bid)
                     if not started:

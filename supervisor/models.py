@@ -218,6 +218,7 @@ def batch_json(b: BatchRow, *, waiting_on: list[uuid.UUID] | None = None) -> dic
         "after": [str(a) for a in b.after_ids or ()],
         "after_policy": b.after_policy,
         "waiting_on": None if waiting_on is None else [str(a) for a in waiting_on],
+        "not_before": rfc3339(b.not_before),
         "version": b.version,
         "created_at": rfc3339(b.created_at),
         "started_at": rfc3339(b.started_at),

@@ -21,6 +21,7 @@ class ItemStatus(enum.StrEnum):
 
 class BatchStatus(enum.StrEnum):
     WAITING = "waiting"  # for its `after` dependencies to end (0013)
+    SCHEDULED = "scheduled"  # for its not_before (0017)
     QUEUED = "queued"
     RUNNING = "running"
     PAUSED = "paused"

@@ -80,6 +80,7 @@ class BatchRow(_FromRecord):
     exclusive_key: str | None  # at most one unfinished batch per (tenant, key); 0012
     after_ids: list[uuid.UUID] | None  # the batches it runs after; 0013
     after_policy: str | None  # states.AfterPolicy, when after_ids is set
+    not_before: datetime | None  # no item is claimed before it; 0017
     max_items: int | None  # how far add_items may grow it (None: the daemon's default); 0016
     total: int
     queued: int
@@ -399,6 +400,7 @@ class NewBatchRow:
     after_policy: str | None = None
     runnable: bool = True  # False: created waiting for after_ids
     key_after: uuid.UUID | None = None  # queued behind this batch of its exclusive key
+    not_before: datetime | None = None  # scheduled until then (the database's clock)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -479,6 +481,7 @@ class Queries:
             b.after_policy,
             b.runnable,
             b.key_after,
+            b.not_before,
             b.max_items,
         )
         return None if r is None else BatchRow.of(r)
@@ -620,6 +623,7 @@ class Queries:
         max_concurrency: int | None,
         max_failures: str | None,  # JSON text
         max_failures_limit: int | None,
+        not_before: datetime | None,  # with "not_before" in fields; None: now
     ) -> ControlResult:
         text = await self._ex.fetchval(
             "patch_batch",
@@ -631,8 +635,16 @@ class Queries:
             max_concurrency,
             max_failures,
             max_failures_limit,
+            not_before,
         )
         return ControlResult.parse(text)
+
+    async def promote_scheduled(self, *, actor: str, limit: int) -> float | None:
+        """Release up to ``limit`` scheduled batches whose time has come; the
+        seconds until the next one is due by the database's clock (negative: one
+        is due but another transaction holds it), None when none is scheduled."""
+        value = await self._ex.fetchval("promote_scheduled", actor, limit)
+        return None if value is None else float(value)
 
     async def delete_batch(self, batch_id: uuid.UUID, *, tenant: str | None) -> bool:
         """Whether a terminal batch was deleted (with its items and log)."""

@@ -174,3 +174,17 @@ def test_control_verbs(daemons: DaemonFactory) -> None:
     assert b["counts"]["cancelled"] == 0 and b["counts"]["queued"] + b["counts"]["running"] == 2
     _ok(d.cli("cancel", bid))
     check_invariants(d.wait_status(bid, "cancelled"))
+
+
+def test_submit_not_before_schedules_the_batch(daemons: DaemonFactory) -> None:
+    d = daemons("cli7")
+    r = _ok(d.cli("submit", "echo", "-", "--not-before", "+1h", "--json", input="1\n"))
+    b = json.loads(r.stdout)
+    assert b["status"] == "scheduled" and b["not_before"] is not None, b
+    status = _ok(d.cli("status", b["id"]))
+    assert "scheduled" in status.stdout and b["not_before"] in status.stdout, status.stdout
+    r = _ok(d.cli("submit", "echo", "-", "--not-before", "2000-01-01T00:00:00Z", input="1\n"))
+    d.wait_status(r.stdout.strip(), "completed")
+    _one_error(d.cli("submit", "echo", "-", "--not-before", "tomorrow", input="1\n"), "/not_before")
+    bad = d.cli("submit", "echo", "-", "--not-before", "+soon", input="1\n")
+    assert bad.returncode == 2 and "--not-before" in bad.stderr, bad.stderr

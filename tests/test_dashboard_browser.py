@@ -17,6 +17,7 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -304,3 +305,22 @@ def test_token_auth_and_streaming_with_a_token(daemons: DaemonFactory, page: Any
     expect(page.get_by_test_id("detail-progress")).to_have_attribute("aria-valuenow", "100")
     code, body, _ = d.api("GET", f"/v1/batches/{bid}", headers=auth)
     assert code == 200 and body["status"] == "completed", body
+
+
+def test_a_scheduled_batch_shows_its_time_and_starts_now_from_the_page(
+    daemons: DaemonFactory, page: Any
+) -> None:
+    d = daemons("dash-sched")
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    bid = d.submit("echo", [1, 2], not_before=later)["id"]
+    _open(page, d.url + "/")
+    expect(page.get_by_test_id(f"batch-status-{bid}")).to_have_text("scheduled")
+    expect(page.get_by_test_id(f"pause-{bid}")).to_be_disabled()
+    page.get_by_test_id(f"batch-link-{bid}").click()
+    expect(page.get_by_test_id("detail-status")).to_have_text("scheduled")
+    expect(page.get_by_test_id("detail-not-before")).not_to_have_text("—")
+    page.get_by_test_id("detail-start").click()
+    _confirm(page)
+    expect(page.get_by_test_id("detail-status")).to_have_text("completed")
+    assert d.batch(bid)["counts"]["succeeded"] == 2
+    _same_page(page)

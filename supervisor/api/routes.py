@@ -245,15 +245,17 @@ async def patch_batch(request: web.Request) -> web.Response:
     fields = schemas.patch(await _read_json(request))
     row = await _batch_or_404(request)
     mf = fields.get("max_failures")
+    nbf = fields.get("not_before")
     outcome = await ctx.q.patch_batch(
         row.id,
         tenant=who.tenant_filter,
         actor=who.name,
-        fields=json.dumps(fields),
+        fields=json.dumps(fields | {"not_before": models.rfc3339(nbf)} if nbf else fields),
         priority=fields.get("priority"),
         max_concurrency=fields.get("max_concurrency"),
         max_failures=json.dumps(mf) if mf is not None else None,
         max_failures_limit=batches.failure_limit(mf, row.total),
+        not_before=nbf,
     )
     return await _control_response(request, outcome)
 

@@ -11,6 +11,7 @@ import math
 import re
 import uuid
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from supervisor import states
@@ -33,14 +34,20 @@ SUBMIT_FIELDS = (
     "after",
     "after_policy",
     "on_conflict",
+    "not_before",
     "max_items",
 )
 AFTER_MAX = 100  # dependencies of one batch
-PATCH_FIELDS = ("priority", "max_concurrency", "max_failures")
+PATCH_FIELDS = ("priority", "max_concurrency", "max_failures", "not_before")
 _PERCENT = re.compile(r"^([0-9]{1,3}(?:\.[0-9]+)?)%$")
 KEY_MAX = 1000
 IDEMPOTENCY_MAX = 255
 EXCLUSIVE_KEY_MAX = 200
+# RFC 3339 date-time (section 5.6): the offset is required, so the instant is
+# never a guess about the server's time zone.
+_RFC3339 = re.compile(
+    r"^(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$", re.ASCII
+)
 MAX_DEPTH = 200  # nesting levels of a request body; deeper input is a 400, never a crash
 
 
@@ -354,6 +361,7 @@ def submission(
     if on_conflict == "reject":
         on_conflict = None  # the default: digests of requests that did not say so match
 
+    not_before = not_before_value(body.get("not_before"), errors)
     nb_priority = _priority(body, errors)
     max_concurrency = _opt_int(body, "max_concurrency", errors, minimum=1)
     max_attempts = _opt_int(body, "max_attempts", errors, minimum=1, maximum=1000)
@@ -382,8 +390,35 @@ def submission(
         after=after,
         after_policy=after_policy,
         on_conflict=on_conflict,
+        not_before=not_before,
         max_items=max_items_cap,
     )
+
+
+def not_before_value(value: Any, errors: list[dict[str, str]]) -> datetime | None:
+    """``not_before``: null, or an RFC 3339 timestamp with its offset, as a UTC
+    datetime (microseconds, as PostgreSQL keeps it). A time in the past is
+    accepted: it means now."""
+    if value is None:
+        return None
+    m = _RFC3339.match(value) if isinstance(value, str) else None
+    if m is not None:
+        date, clock, fraction, offset = m.groups()
+        micro = (fraction or ".")[1:7].ljust(6, "0")
+        zone = "+00:00" if offset in ("Z", "z") else offset
+        try:
+            at = datetime.fromisoformat(f"{date}T{clock}.{micro}{zone}")
+            return at.astimezone(UTC)
+        except (ValueError, OverflowError):
+            pass
+    errors.append(
+        {
+            "path": "/not_before",
+            "message": "must be null or an RFC 3339 timestamp with an offset, "
+            "e.g. 2026-12-24T18:00:00Z",
+        }
+    )
+    return None
 
 
 def _after(
@@ -441,6 +476,8 @@ def patch(body: Any) -> dict[str, Any]:
         out["max_concurrency"] = _opt_int(body, "max_concurrency", errors, minimum=1)
     if "max_failures" in body:
         out["max_failures"] = _max_failures(body["max_failures"], "/max_failures", errors)
+    if "not_before" in body:
+        out["not_before"] = not_before_value(body["not_before"], errors)
     if errors:
         raise ValidationFailed(errors)
     return out

@@ -41,18 +41,23 @@ INSERT INTO @schema.schema_migrations (version, name) VALUES ($1, $2);
 -- runs after (empty: none), $22 its after_policy, $23 whether they let it run yet
 -- (false: it is created waiting; the caller holds share locks on them, see
 -- lock_dependencies). $24: the batch of its exclusive key it is queued behind
--- (on_conflict "queue"; an edge of policy 'terminal'), or NULL. $25: its
--- max_items (NULL: the daemons' [server] max_items_per_batch).
+-- (on_conflict "queue"; an edge of policy 'terminal'), or NULL. $25: not_before
+-- (NULL: none); later than now (the database clock) the batch is created
+-- scheduled, its items' run_after is that time, and the scheduler is told
+-- instead of the claimers.
+-- $26: its max_items (NULL: the daemons' [server] max_items_per_batch).
 WITH b AS (
     INSERT INTO @schema.batches (
         id, tenant, handler, status, priority, max_concurrency, max_attempts, attempt_budget,
         max_failures, max_failures_limit, metadata, idempotency_key, request_hash, total,
         queued, created_by, callback_handler, exclusive_key, after_ids, after_policy, waiting,
-        max_items)
-    VALUES ($1, $2, $3, CASE WHEN $23::boolean THEN 'queued' ELSE 'waiting' END, $4, $5, $6,
+        not_before, scheduled, max_items)
+    VALUES ($1, $2, $3, CASE WHEN NOT $23::boolean THEN 'waiting'
+                             WHEN $25::timestamptz > now() THEN 'scheduled'
+                             ELSE 'queued' END, $4, $5, $6,
             $7, $8, $9, $10, $11, $12, $13, $13, $14, $15, $20,
             CASE WHEN cardinality($21::uuid[]) > 0 THEN $21::uuid[] END, $22, NOT $23::boolean,
-            $25)
+            $25::timestamptz, coalesce($25::timestamptz > now(), false), $26)
     ON CONFLICT DO NOTHING
     RETURNING *
 ), deps AS (
@@ -61,15 +66,18 @@ WITH b AS (
     UNION ALL
     SELECT b.id, $24::uuid, 'terminal' FROM b WHERE $24::uuid IS NOT NULL
 ), new_items AS (
-    INSERT INTO @schema.items (batch_id, seq, key, handler, payload, max_attempts)
-    SELECT b.id, u.seq - 1, u.key, b.handler, u.payload, $16
+    INSERT INTO @schema.items (batch_id, seq, key, handler, payload, max_attempts, run_after)
+    SELECT b.id, u.seq - 1, u.key, b.handler, u.payload, $16,
+           greatest(coalesce(b.not_before, now()), now())
       FROM b, unnest($17::text[], $18::jsonb[]) WITH ORDINALITY AS u (key, payload, seq)
 ), created AS (
     INSERT INTO @schema.batch_events (batch_id, action, actor, detail)
     SELECT b.id, 'created', $14, $19 FROM b
 )
 SELECT b.* FROM b
- CROSS JOIN LATERAL (SELECT pg_notify('@sname_wake', b.handler),
+ CROSS JOIN LATERAL (SELECT pg_notify(CASE WHEN b.scheduled THEN '@sname_schedule'
+                                           ELSE '@sname_wake' END,
+                                      CASE WHEN b.scheduled THEN '' ELSE b.handler END),
                             pg_notify('@sname_batch', b.id || ':' || b.version || ':' || b.status)
                      ) AS notified;
 
@@ -270,10 +278,16 @@ SELECT @schema.retry_batch(
     p_batch => $1, p_tenant => $2, p_actor => $3, p_include_cancelled => $4) AS outcome;
 
 -- name: patch_batch
--- Change priority, max_concurrency or max_failures of a live batch.
-SELECT @schema.patch_batch(
+-- Change priority, max_concurrency, max_failures or not_before of a live batch.
+SELECT @schema.patch_batch_v2(
     p_batch => $1, p_tenant => $2, p_actor => $3, p_fields => $4, p_priority => $5,
-    p_max_concurrency => $6, p_max_failures => $7, p_max_failures_limit => $8) AS outcome;
+    p_max_concurrency => $6, p_max_failures => $7, p_max_failures_limit => $8,
+    p_not_before => $9) AS outcome;
+
+-- name: promote_scheduled
+-- Batches whose not_before has come stop being scheduled (at most $2); the
+-- seconds until the next one is due (NULL: none scheduled).
+SELECT @schema.promote_scheduled(p_actor => $1, p_limit => $2) AS next_due;
 
 -- name: delete_batch
 -- Delete a terminal batch with its items (its log goes by cascade).
@@ -423,7 +437,7 @@ SELECT handler, extract(epoch FROM now() - min(started_at)) AS oldest
 -- Sampled for metrics: the age of the oldest batch in each non-terminal status.
 SELECT status, extract(epoch FROM now() - min(created_at)) AS oldest
   FROM @schema.batches
- WHERE status IN ('queued', 'running', 'paused', 'cancelling') GROUP BY status;
+ WHERE status IN ('scheduled', 'queued', 'running', 'paused', 'cancelling') GROUP BY status;
 
 -- name: retention_delete
 -- Delete up to $2 terminal batches finished before $1 seconds ago, with their items.

@@ -75,6 +75,7 @@ async def test_it_listens_on_the_schemas_channels_once_started(
         "wake": "supervisor_wake",
         "batch": "supervisor_batch",
         "control": "supervisor_control",
+        "schedule": "supervisor_schedule",
     }
     # Started means listening: consumers catch up on what happened before.
     assert heard(bus).wake == ["reconnect"]

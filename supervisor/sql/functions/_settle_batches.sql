@@ -100,7 +100,7 @@ BEGIN
                    AS terminal,
                CASE WHEN d.over THEN 'max_failures' WHEN p_reopen THEN NULL
                     ELSE bt.stop_reason END AS stop_reason,
-               bt.waiting,
+               bt.waiting, bt.scheduled,
                bt.paused AND NOT (p_reopen AND bt.status IN
                    ('completed', 'completed_with_errors', 'failed', 'cancelled')) AS paused,
                CASE WHEN p_reopen THEN 'none' ELSE bt.callback_state END AS callback_state,
@@ -110,8 +110,9 @@ BEGIN
         SELECT n.*,
                -- a terminal batch never changes its status (unless reopened)
                CASE WHEN n.terminal AND NOT p_reopen THEN n.old_status
-                    ELSE @schema._batch_status(n.waiting, n.paused, n.q, n.r, n.s, n.f, n.c,
-                                               n.stop_reason, n.started_at IS NOT NULL)
+                    ELSE @schema._batch_status(n.waiting, n.scheduled, n.paused, n.q, n.r,
+                                               n.s, n.f, n.c, n.stop_reason,
+                                               n.started_at IS NOT NULL)
                END AS new_status,
                (p_reopen OR NOT n.terminal) AND n.q + n.r = 0 AS finishing,
                n.started_at IS NULL AND (n.r > 0 OR n.s + n.f > 0) AS starting
@@ -121,8 +122,10 @@ BEGIN
             status = m.new_status, total = m.t, queued = m.q, running = m.r, succeeded = m.s,
             failed = m.f, cancelled = m.c, version = m.version, stop_reason = m.stop_reason,
             paused = m.paused,
-            -- an ended batch waits for nothing (a retry runs it at once)
+            -- an ended batch waits for nothing, nor for its time (a retry runs it
+            -- at once)
             waiting = m.waiting AND NOT m.finishing,
+            scheduled = m.scheduled AND NOT m.finishing,
             started_at = CASE WHEN m.starting THEN now() ELSE bt.started_at END,
             finished_at = CASE WHEN m.finishing THEN now() WHEN p_reopen THEN NULL
                                ELSE bt.finished_at END,
@@ -205,7 +208,8 @@ BEGIN
         -- other lockers of waiting batches are another settle doing the same (its
         -- set in id order too), a control on one waiting batch (cancel_batch
         -- locks it together with its waiting dependents in id order; pause and
-        -- patch lock that one row and nothing after), and a submission naming it
+        -- patch lock that one row and nothing after), promote_scheduled (SKIP
+        -- LOCKED, nothing else locked before or after), and a submission naming it
         -- in `after` (a share lock, taken before anything else it locks). A
         -- submission that commits while this statement waits can add a dependent
         -- it did not see: the cascade below locks that one later, the one order

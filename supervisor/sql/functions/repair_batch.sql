@@ -19,7 +19,8 @@ BEGIN
     IF n = 0 THEN RETURN 'empty'; END IF;
     -- The same rule as _settle, from the recounted items; a batch wrongly terminal
     -- over unfinished items is reopened by it (its old status is not kept).
-    v_status := @schema._batch_status(b.waiting AND q + r > 0, b.paused, q, r, s, f, c,
+    v_status := @schema._batch_status(b.waiting AND q + r > 0, b.scheduled AND q + r > 0,
+                                      b.paused, q, r, s, f, c,
                                       b.stop_reason, b.started_at IS NOT NULL);
     UPDATE @schema.batches SET
         total = n, queued = q, running = r, succeeded = s, failed = f, cancelled = c,
