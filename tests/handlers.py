@@ -1,7 +1,10 @@
 """Handlers the test daemons run (imported by target, e.g. ``tests.handlers:echo``).
 
 Several record each execution in the file named by ``BSV_TEST_RUNLOG`` (one JSON
-line per attempt) so tests can count executions across daemon processes.
+line per attempt) so tests can count executions across daemon processes. Each
+line is one ``write`` to a file opened with O_APPEND, so lines of concurrent
+daemons never interleave; ``mono`` is CLOCK_MONOTONIC, one clock for every
+process on the machine, so the start and end times of different daemons compare.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ def _log_run(item: Item, event: str) -> None:
         line = json.dumps(
             {
                 "id": item.id,
+                "batch": item.batch_id,
+                "handler": item.handler,
                 "key": item.key,
                 "attempt": item.attempt,
                 "event": event,
                 "pid": os.getpid(),
                 "t": time.time(),
+                "mono": time.monotonic(),
             }
         )
         with open(path, "a", encoding="utf-8") as f:
@@ -167,6 +173,7 @@ async def until_file(item: Item) -> Any:
     payload["fail_first"], attempt 1 fails at once (a batch to retry); with
     payload["then_fail"], it fails once the file exists (a batch that ends failed
     when the test says so)."""
+    _log_run(item, "start")
     if item.attempt == 1 and item.payload.get("fail_first"):
         raise PermanentError("first attempt fails, as asked")
     path = str(item.payload["file"])
@@ -174,6 +181,7 @@ async def until_file(item: Item) -> Any:
         await asyncio.sleep(0.02)
     if item.payload.get("then_fail"):
         raise PermanentError("failed once released, as asked")
+    _log_run(item, "done")
     return {"released": path}
 
 

@@ -133,3 +133,33 @@ def test_running_means_a_handler_runs_it(daemons: Any) -> None:
         assert counts["running"] == 4 and counts["queued"] == 8, counts
         assert metrics_of(d)['batch_supervisor_items_claimed_waiting{handler="sleeper"}'] == 0
         time.sleep(0.1)
+
+
+def test_batches_of_a_globally_capped_handler_take_turns(
+    daemons: Any, tmp_path: pathlib.Path
+) -> None:
+    """One free slot at a time (global_concurrency = 1): each claim goes to the
+    batch claimed least recently, so six equal batches take strict turns. The
+    claim used to go to the first batch after a random id, most often the one
+    whose id follows the widest gap, and a batch could wait for the others to end."""
+    log = tmp_path / "runs.jsonl"
+    gate = tmp_path / "gate"
+    one = {"type": "python", "target": "tests.handlers:until_file", "timeout": "30s"}
+    handlers = {"one": one | {"global_concurrency": 1}}
+    d = daemons(handlers=handlers, env={"BSV_TEST_RUNLOG": str(log)})
+    # The first item claimed waits for the gate: every batch exists before the turns.
+    ids = [
+        d.submit("one", [{"file": str(gate), "b": b, "i": i} for i in range(3)])["id"]
+        for b in range(6)
+    ]
+    wait_for(lambda: runlog(log), 10, what="the first start")
+    gate.touch()
+    for bid in ids:
+        d.wait_status(bid, "completed", timeout=30)
+    order = [
+        e["batch"] for e in sorted(runlog(log), key=lambda e: e["mono"]) if e["event"] == "start"
+    ]
+    assert len(order) == 18, order
+    # Each run of six consecutive starts serves every batch once.
+    turns = [order[k : k + 6] for k in range(0, 18, 6)]
+    assert all(sorted(t) == sorted(ids) for t in turns), turns

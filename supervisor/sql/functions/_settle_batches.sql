@@ -1,7 +1,9 @@
 -- _settle_batches: the one place a batch row changes. For each batch named, applies
 -- its counter deltas, enforces the failure budget, derives the status from the
 -- counters (_batch_status), bumps the version once, moves the claim cursor (claims
--- only: a NULL keeps it), writes the 'started' / 'finished' events and notifies.
+-- only: a NULL keeps it) and claimed_at (claims: they alone move queued to
+-- running; claim_items serves the least recently claimed batch first), writes
+-- the 'started' / 'finished' events and notifies.
 -- A batch that becomes terminal releases or cancels the batches waiting for it
 -- (after / after_policy), in this transaction: see "Dependencies" below.
 -- Returns one row per batch that became terminal (those cancelled for a
@@ -95,6 +97,7 @@ BEGIN
                bt.queued + d.dq AS q, bt.running + d.dr AS r, bt.succeeded + d.ds AS s,
                bt.failed + d.df AS f, bt.cancelled + d.dc AS c,
                d.over, d.budget_cancelled, d.claim_after, d.claim_id,
+               d.dq < 0 AND d.dr > 0 AS claimed,  -- only a claim moves queued to running
                bt.status AS old_status,
                bt.status IN ('completed', 'completed_with_errors', 'failed', 'cancelled')
                    AS terminal,
@@ -139,7 +142,8 @@ BEGIN
                                       WHEN p_reopen THEN NULL
                                       ELSE bt.callback_run_after END,
             claim_after = coalesce(m.claim_after, bt.claim_after),
-            claim_id = coalesce(m.claim_id, bt.claim_id)
+            claim_id = coalesce(m.claim_id, bt.claim_id),
+            claimed_at = CASE WHEN m.claimed THEN clock_timestamp() ELSE bt.claimed_at END
           FROM m WHERE bt.id = m.id
         RETURNING bt.id, bt.version, bt.status, m.starting, m.finishing, m.over,
                   bt.running > 0 AS still_running,

@@ -4,12 +4,17 @@
 -- max_concurrency, global_concurrency and rate_limit.
 --
 -- The cost of a claim does not grow with the number of active batches: the
--- candidates (at most CANDIDATES per claim, each a batch with queued items) come
--- from bounded scans of batches_claimable, starting at a random batch id and
--- wrapping around, so successive claims (and claims of different daemons) visit
--- every batch of the top priority with equal chance instead of sorting them all.
--- Lower priorities fill what the top one leaves. Only as many candidates as the
--- claim can fill are taken; among them, the claim is shared out fewest-running first.
+-- candidates come from bounded scans of batches_claimable, starting at a random
+-- batch id and wrapping around, instead of sorting them all. The first LOOKAHEAD
+-- (at least; as many as the claim has slots, up to CANDIDATES) batches found are
+-- ordered fewest running first, then least recently claimed (claimed_at, never
+-- claimed first), and only as many of them as the claim can fill are taken, the
+-- claim shared out in that order. So the batches of one handler are served in
+-- turn: up to LOOKAHEAD of them exactly round robin, whatever their ids, and a
+-- claim for one free slot goes to the batch that waited longest, not to whichever
+-- id follows the random start (the batch after a wide gap of ids won most such
+-- claims, and of several equal batches one could wait until the others ended).
+-- Lower priorities fill what the top one leaves.
 CREATE OR REPLACE FUNCTION @schema.claim_items(
     p_handler text, p_limit integer, p_worker text, p_lease uuid,
     p_global_cap integer, p_rate double precision, p_burst double precision)
@@ -31,6 +36,7 @@ DECLARE
     v_n integer;
     v_top integer;
     v_k integer;
+    v_w integer;
     v_start uuid;
     v_locked uuid[];
     v_pass integer;
@@ -79,6 +85,7 @@ BEGIN
         RETURN;
     END IF;
     v_k := least(v_limit, 256);  -- CANDIDATES: batches a claim may take items from
+    v_w := greatest(v_k, 16);  -- LOOKAHEAD: batches a claim chooses them among
     v_start := gen_random_uuid();
 
     -- Lock the candidate batches in id order (the global lock order), then read
@@ -94,31 +101,40 @@ BEGIN
                 -- the queued items of those before it are fewer than the limit, so
                 -- ten-item batches give all ten to one claim instead of two each
                 -- to five times as many (each batch costs a claim its own writes).
-                SELECT y.part, y.priority, y.id,
-                       sum(y.queued) OVER (ORDER BY y.part, y.priority DESC, y.id) - y.queued
-                           AS ahead
+                SELECT v.priority, v.running, v.claimed_at, v.id,
+                       sum(v.queued) OVER (ORDER BY v.priority DESC, v.running,
+                                                    v.claimed_at NULLS FIRST, v.id)
+                           - v.queued AS ahead
                   FROM (
-                    (SELECT 1 AS part, c.priority, c.id, c.queued FROM @schema.batches c
-                      WHERE c.handler = p_handler AND c.status IN ('queued', 'running')
-                        AND c.queued > 0 AND c.priority = v_top AND c.id >= v_start
-                        AND (c.max_concurrency IS NULL OR c.running < c.max_concurrency)
-                      ORDER BY c.id LIMIT v_k)
-                    UNION ALL
-                    (SELECT 2, c.priority, c.id, c.queued FROM @schema.batches c
-                      WHERE c.handler = p_handler AND c.status IN ('queued', 'running')
-                        AND c.queued > 0 AND c.priority = v_top AND c.id < v_start
-                        AND (c.max_concurrency IS NULL OR c.running < c.max_concurrency)
-                      ORDER BY c.id LIMIT v_k)
-                    UNION ALL
-                    (SELECT 3, c.priority, c.id, c.queued FROM @schema.batches c
-                      WHERE c.handler = p_handler AND c.status IN ('queued', 'running')
-                        AND c.queued > 0 AND c.priority < v_top
-                        AND (c.max_concurrency IS NULL OR c.running < c.max_concurrency)
-                      ORDER BY c.priority DESC, c.id LIMIT v_k)
-                  ) y
+                    -- the lookahead: the first batches from the random start
+                    SELECT y.* FROM (
+                        (SELECT 1 AS part, c.priority, c.id, c.queued, c.running,
+                                c.claimed_at FROM @schema.batches c
+                          WHERE c.handler = p_handler AND c.status IN ('queued', 'running')
+                            AND c.queued > 0 AND c.priority = v_top AND c.id >= v_start
+                            AND (c.max_concurrency IS NULL OR c.running < c.max_concurrency)
+                          ORDER BY c.id LIMIT v_w)
+                        UNION ALL
+                        (SELECT 2, c.priority, c.id, c.queued, c.running, c.claimed_at
+                           FROM @schema.batches c
+                          WHERE c.handler = p_handler AND c.status IN ('queued', 'running')
+                            AND c.queued > 0 AND c.priority = v_top AND c.id < v_start
+                            AND (c.max_concurrency IS NULL OR c.running < c.max_concurrency)
+                          ORDER BY c.id LIMIT v_w)
+                        UNION ALL
+                        (SELECT 3, c.priority, c.id, c.queued, c.running, c.claimed_at
+                           FROM @schema.batches c
+                          WHERE c.handler = p_handler AND c.status IN ('queued', 'running')
+                            AND c.queued > 0 AND c.priority < v_top
+                            AND (c.max_concurrency IS NULL OR c.running < c.max_concurrency)
+                          ORDER BY c.priority DESC, c.id LIMIT v_w)
+                      ) y
+                     ORDER BY y.part, y.priority DESC, y.id
+                     LIMIT v_w
+                  ) v
             ) x
             WHERE x.ahead < v_limit
-            ORDER BY x.part, x.priority DESC, x.id
+            ORDER BY x.priority DESC, x.running, x.claimed_at NULLS FIRST, x.id
             LIMIT v_k)
          ORDER BY bt.id FOR UPDATE) l;
     IF v_locked IS NULL THEN
@@ -129,7 +145,7 @@ BEGIN
      WHERE c.id = ANY (v_locked) AND c.priority = v_top;
     v_share := greatest(1, ceil(v_limit::numeric / greatest(1, v_n)))::integer;
 
-    -- Allocate: fewest running first (then oldest); a top-priority batch gets at
+    -- Allocate: fewest running first (then least recently claimed); a top-priority batch gets at
     -- most its share, lower priorities what is left; nobody more than it has
     -- queued or its max_concurrency allows, and all together at most the limit.
     SELECT array_agg(a.id ORDER BY a.ord), array_agg(a.take ORDER BY a.ord),
@@ -144,7 +160,8 @@ BEGIN
             SELECT c.id, c.claim_after, c.claim_id, c.metadata,
                    least(CASE WHEN c.priority = v_top THEN v_share ELSE v_limit END,
                          coalesce(c.max_concurrency - c.running, v_limit), c.queued) AS want,
-                   row_number() OVER (ORDER BY c.priority DESC, c.running, c.created_at) AS ord
+                   row_number() OVER (ORDER BY c.priority DESC, c.running,
+                                      c.claimed_at NULLS FIRST, c.created_at, c.id) AS ord
               FROM @schema.batches c
              WHERE c.id = ANY (v_locked)
                AND c.handler = p_handler AND c.status IN ('queued', 'running') AND c.queued > 0
