@@ -118,6 +118,8 @@ class BatchMachine(RuleBasedStateMachine):
                 self.status = "failed"
             elif c["failed"] == 0 and c["cancelled"] == 0:
                 self.status = "completed"
+            elif c["succeeded"] == 0 and c["failed"] == 0:
+                self.status = "cancelled"
             elif c["succeeded"] == 0:
                 self.status = "failed"
             else:
