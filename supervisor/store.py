@@ -341,6 +341,22 @@ class ControlResult:
 
 NOT_FOUND = ControlResult(ControlKind.NOT_FOUND)
 
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ItemControlResult:
+    """The answer of an item control (cancel_item, retry_item): a batch control's
+    answer plus the item's status before the control and its batch (both None
+    when no item of the tenant has that id), so a conflict can name the status."""
+
+    result: ControlResult
+    status: str | None
+    batch_id: uuid.UUID | None
+
+    @classmethod
+    def of(cls, r: Record) -> ItemControlResult:
+        return cls(ControlResult.parse(r["outcome"]), r["status"], r["batch_id"])
+
+
 # The unique index over the exclusive keys of unfinished batches (migration 0012).
 EXCLUSIVE_INDEX = "batches_exclusive"
 
@@ -576,6 +592,24 @@ class Queries:
                 "retry_batch", batch_id, tenant, actor, include_cancelled
             )
         return ControlResult.parse(text)
+
+    async def cancel_item(
+        self, item_id: int, *, tenant: str | None, actor: str
+    ) -> ItemControlResult:
+        """Cancel one queued or running item (a running one is fenced at once)."""
+        r = await self._ex.fetchrow("cancel_item", item_id, tenant, actor)
+        assert r is not None  # a function call returns its one row
+        return ItemControlResult.of(r)
+
+    async def retry_item(
+        self, item_id: int, *, tenant: str | None, actor: str
+    ) -> ItemControlResult:
+        """Queue one finished item again. Raises :class:`ExclusiveKeyTaken` when
+        reopening its batch would take back a key another batch holds by now."""
+        with _exclusive_refusal():
+            r = await self._ex.fetchrow("retry_item", item_id, tenant, actor)
+        assert r is not None
+        return ItemControlResult.of(r)
 
     async def patch_batch(
         self,

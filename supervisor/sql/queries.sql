@@ -233,6 +233,16 @@ SELECT @schema.pause_batch(p_batch => $1, p_tenant => $2, p_actor => $3, p_pause
 SELECT @schema.retry_batch(
     p_batch => $1, p_tenant => $2, p_actor => $3, p_include_cancelled => $4) AS outcome;
 
+-- name: cancel_item
+-- Cancel one queued or running item (fenced: a running one loses its lease).
+SELECT o_outcome AS outcome, o_status AS status, o_batch AS batch_id
+  FROM @schema.cancel_item(p_item => $1, p_tenant => $2, p_actor => $3);
+
+-- name: retry_item
+-- One failed, cancelled or succeeded item back to queued with a fresh attempt budget.
+SELECT o_outcome AS outcome, o_status AS status, o_batch AS batch_id
+  FROM @schema.retry_item(p_item => $1, p_tenant => $2, p_actor => $3);
+
 -- name: patch_batch
 -- Change priority, max_concurrency or max_failures of a live batch.
 SELECT @schema.patch_batch(
