@@ -1,6 +1,7 @@
 """Batch operations shared by the API, the CLI and callbacks: submission (all or
 nothing: batch row, every item, audit entry, wake-up), reads,
-summaries and the controls (cancel, pause, resume, retry, patch, delete).
+summaries and the controls (cancel, pause, resume, retry, patch, delete; the
+item controls retry and cancel).
 """
 
 from __future__ import annotations
@@ -334,6 +335,23 @@ async def retry(
             if busy is not None:
                 raise busy from None
             # Deleted, or the holder finished in between: the next round says which.
+    raise RuntimeError(f"retry refused {KEY_ROUNDS} times by a batch that was gone when looked up")
+
+
+async def retry_item(
+    q: store.Queries, item_id: int, *, tenant: str | None, actor: str
+) -> store.ItemControlResult:
+    """Queue one finished item again (failed, cancelled or succeeded: a rerun).
+    Reopening its finished batch takes the batch's exclusive key back, refused as
+    in :func:`retry` (:class:`ExclusiveKeyBusy` names the holder)."""
+    for _ in range(KEY_ROUNDS):
+        try:
+            return await q.retry_item(item_id, tenant=tenant, actor=actor)
+        except store.ExclusiveKeyTaken:
+            found = await q.get_item(item_id, tenant=tenant)
+            busy = None if found is None else await _key_busy(q, found.batch_id, tenant=tenant)
+            if busy is not None:
+                raise busy from None
     raise RuntimeError(f"retry refused {KEY_ROUNDS} times by a batch that was gone when looked up")
 
 
