@@ -60,6 +60,7 @@ class Running:
     """An attempt a worker runs now, and how to stop it."""
 
     batch_id: str
+    attempt: int
     scope: anyio.CancelScope  # the worker's scope: cancelling it stops this attempt
     deadline: float  # time.monotonic() past which it has timed out
 
@@ -155,6 +156,21 @@ class Dispatcher:
         if n:
             log.info("dispatcher.cancel batch=%s stopped=%s", batch_id, n)
         return n
+
+    def cancel_item(self, item_id: int, attempt: int) -> bool:
+        """Stop this attempt of an item that was cancelled (running or waiting for
+        a worker). Its outcome is fenced in the database already; stopping it only
+        frees the slot. Another attempt of the item (retried and claimed again
+        since) is left alone."""
+        n = self._drop_ready(
+            lambda item: int(item.id) == item_id and item.attempt == attempt, StopReason.CANCELLED
+        )
+        run = self._running.get(item_id)
+        if run is not None and run.attempt == attempt:
+            n += self._stop(item_id, run, StopReason.CANCELLED)
+        if n:
+            log.info("dispatcher.cancel_item item=%s attempt=%s", item_id, attempt)
+        return n > 0
 
     def release_waiting(self, batch_id: str) -> int:
         """A batch was paused: hand back its claimed items that have not started
@@ -399,7 +415,9 @@ class Dispatcher:
         result: executor.Attempt | None = None
         self.in_flight += 1
         self.per_handler[item.handler] += 1
-        self._running[key] = Running(item.batch_id, scope, started + handler.config.timeout_s)
+        self._running[key] = Running(
+            item.batch_id, item.attempt, scope, started + handler.config.timeout_s
+        )
         try:
             result = await executor.attempt(handler, item, self._worker)
         except anyio.get_cancelled_exc_class():
@@ -453,13 +471,17 @@ class Dispatcher:
 
     async def _watch_stopping_batches(self) -> None:
         """Backstop for a missed cancel or pause NOTIFY: ask the database which of
-        our claimed items belong to batches being stopped or paused."""
+        our claimed items belong to batches being stopped or paused, and which of
+        our attempts it no longer runs under our lease (an item cancelled)."""
         while True:
             await anyio.sleep(CONTROL_CHECK_S)
             if not self.owned:
                 continue
+            attempts = [(k, r.attempt) for k, r in self._running.items()]
+            attempts += [(int(i.id), i.attempt) for i in self._ready.items()]
             try:
                 rows = await self._q.stopping_batches_of_lease(self._lease_id)
+                gone = await self._q.attempts_not_running(self._lease_id, attempts)
             except DatabaseUnavailable:
                 continue  # the claim loop reports the outage; try again next round
             for r in rows:
@@ -467,6 +489,8 @@ class Dispatcher:
                     self.release_waiting(str(r.batch_id))
                 else:
                     self.cancel_batch(str(r.batch_id))
+            for item_id, attempt in gone:
+                self.cancel_item(item_id, attempt)
 
 
 def status_line(d: Dispatcher) -> str:

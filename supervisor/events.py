@@ -2,7 +2,8 @@
 
 Every transition function in the database NOTIFYs: ``<schema>_wake`` (new
 runnable work), ``<schema>_batch`` (``id:version:status`` of a changed batch)
-and ``<schema>_control`` (``cancel:<batch id>``, ``pause:<batch id>``). One dedicated connection per
+and ``<schema>_control`` (``cancel:<batch id>``, ``pause:<batch id>``,
+``cancel_item:<item id>:<attempt>``). One dedicated connection per
 daemon LISTENs and fans out to the dispatcher (wake-ups, cancels) and to SSE
 streams (per-batch wake-ups). Changes made by any daemon reach every daemon.
 When LISTEN is unavailable (pooler in transaction mode, connection lost) the
@@ -61,6 +62,7 @@ class Bus:
         self.on_wake: Callable[[str], None] = lambda payload: None
         self.on_cancel: Callable[[str], None] = lambda batch_id: None
         self.on_pause: Callable[[str], None] = lambda batch_id: None
+        self.on_cancel_item: Callable[[int, int], None] = lambda item_id, attempt: None
         self._subscribers: dict[str, set[Wakeup]] = defaultdict(set)
         self.listening = False
         self._lost = anyio.Event()
@@ -110,6 +112,10 @@ class Bus:
                 self.on_cancel(batch_id)
             elif action == "pause":
                 self.on_pause(batch_id)
+            elif action == "cancel_item":
+                item_id, _, attempt = batch_id.partition(":")
+                if item_id.isdigit() and attempt.isdigit():
+                    self.on_cancel_item(int(item_id), int(attempt))
 
     def _terminated(self, conn: Any) -> None:
         self._lost.set()

@@ -685,6 +685,18 @@ class Queries:
     async def running_items_of_lease(self, lease: uuid.UUID) -> list[LeasedItem]:
         return [LeasedItem.of(r) for r in await self._ex.fetch("running_items_of_lease", lease)]
 
+    async def attempts_not_running(
+        self, lease: uuid.UUID, attempts: Sequence[tuple[int, int]]
+    ) -> list[tuple[int, int]]:
+        """Of these ``(item id, attempt)`` pairs, those the database no longer
+        runs under ``lease``."""
+        if not attempts:
+            return []
+        rows = await self._ex.fetch(
+            "attempts_not_running", lease, [i for i, _ in attempts], [a for _, a in attempts]
+        )
+        return [(int(r["id"]), int(r["attempt"])) for r in rows]
+
     async def stopping_batches_of_lease(self, lease: uuid.UUID) -> list[StoppingBatch]:
         rows = await self._ex.fetch("stopping_batches_of_lease", lease)
         return [StoppingBatch.of(r) for r in rows]

@@ -219,6 +219,14 @@ RETURNING id;
 SELECT DISTINCT i.batch_id, b.status FROM @schema.items i JOIN @schema.batches b ON b.id = i.batch_id
  WHERE i.status = 'running' AND i.lease = $1 AND (b.stop_reason IS NOT NULL OR b.status = 'paused');
 
+-- name: attempts_not_running
+-- Which of these attempts ($2 item ids, $3 attempts) lease $1 no longer runs
+-- (the item was cancelled, or reclaimed): the backstop of a missed cancel_item NOTIFY.
+SELECT x.id, x.attempt FROM unnest($2::bigint[], $3::integer[]) AS x (id, attempt)
+ WHERE NOT EXISTS (SELECT 1 FROM @schema.items i
+                    WHERE i.id = x.id AND i.status = 'running' AND i.lease = $1
+                      AND i.attempts = x.attempt);
+
 -- name: cancel_batch
 -- Cancel: queued items at once, running ones are stopped by their daemon.
 SELECT @schema.cancel_batch(p_batch => $1, p_tenant => $2, p_actor => $3) AS outcome;
