@@ -55,12 +55,14 @@ RATE_BURST_S = 0.1  # a rate limit's bucket holds this many seconds' worth of st
 TIMEOUT_TICK_S = 0.02  # an attempt past its timeout is stopped within this long
 
 
+AttemptKey = tuple[int, int]  # (item id, attempt number): one attempt of one item
+
+
 @dataclass(slots=True)
 class Running:
     """An attempt a worker runs now, and how to stop it."""
 
     batch_id: str
-    attempt: int
     scope: anyio.CancelScope  # the worker's scope: cancelling it stops this attempt
     deadline: float  # time.monotonic() past which it has timed out
 
@@ -91,9 +93,11 @@ class Dispatcher:
         self.per_handler: Counter[str] = Counter()
         self.owned = 0  # attempts claimed by us and not yet handed to the outbox
         self._owned_per_handler: Counter[str] = Counter()
-        self._running: dict[int, Running] = {}
+        # Keyed by (item id, attempt): a retried item may be claimed again by us
+        # while its cancelled attempt (deaf to the stop) still runs.
+        self._running: dict[AttemptKey, Running] = {}
         # why an attempt of ours was stopped (absent: the task group's own cancellation)
-        self._reasons: dict[int, StopReason] = {}
+        self._reasons: dict[AttemptKey, StopReason] = {}
         self._wakeup = Wakeup()
         # handler -> monotonic time until which its claims are skipped: its last
         # claim found nothing runnable (see _claim_loop)
@@ -150,8 +154,8 @@ class Dispatcher:
     def cancel_batch(self, batch_id: str) -> int:
         """Stop this daemon's attempts (running or waiting) of a batch being stopped."""
         n = self._drop_ready(lambda item: item.batch_id == batch_id, StopReason.CANCELLED)
-        for item_id, run in list(self._running.items()):
-            if run.batch_id == batch_id and self._stop(item_id, run, StopReason.CANCELLED):
+        for key, run in list(self._running.items()):
+            if run.batch_id == batch_id and self._stop(key, run, StopReason.CANCELLED):
                 n += 1
         if n:
             log.info("dispatcher.cancel batch=%s stopped=%s", batch_id, n)
@@ -165,9 +169,9 @@ class Dispatcher:
         n = self._drop_ready(
             lambda item: int(item.id) == item_id and item.attempt == attempt, StopReason.CANCELLED
         )
-        run = self._running.get(item_id)
-        if run is not None and run.attempt == attempt:
-            n += self._stop(item_id, run, StopReason.CANCELLED)
+        run = self._running.get((item_id, attempt))
+        if run is not None:
+            n += self._stop((item_id, attempt), run, StopReason.CANCELLED)
         if n:
             log.info("dispatcher.cancel_item item=%s attempt=%s", item_id, attempt)
         return n > 0
@@ -225,8 +229,8 @@ class Dispatcher:
                     self._idle = anyio.Event()
                     await self._idle.wait()
             self.released = self.in_flight
-            for item_id, run in list(self._running.items()):
-                self._stop(item_id, run, StopReason.RELEASED)
+            for key, run in list(self._running.items()):
+                self._stop(key, run, StopReason.RELEASED)
             work.cancel_scope.cancel()
         if self.released:
             log.info(
@@ -335,8 +339,8 @@ class Dispatcher:
         here (the claim loop is the only claimer), so whatever we do not hold is
         such an orphan: release it (queued again, the attempt not counted)."""
         rows = await self._q.running_items_of_lease(self._lease_id)
-        known = set(self._running) | self._outbox.pending_ids() | self._ready.ids()
-        orphans = [r for r in rows if r.id not in known]
+        known = self._outbox.pending_ids() | self._ready.ids()
+        orphans = [r for r in rows if r.id not in known and (r.id, r.attempts) not in self._running]
         for r in orphans:
             self._outbox.put(
                 executor.unstarted_release(
@@ -409,15 +413,13 @@ class Dispatcher:
             # An attempt of ours was stopped (its outcome is recorded): a fresh scope.
 
     async def _run_item(self, item: Item, scope: anyio.CancelScope) -> None:
-        key = int(item.id)
+        key = (int(item.id), item.attempt)
         handler = self._handlers[item.handler]
         started = time.monotonic()
         result: executor.Attempt | None = None
         self.in_flight += 1
         self.per_handler[item.handler] += 1
-        self._running[key] = Running(
-            item.batch_id, item.attempt, scope, started + handler.config.timeout_s
-        )
+        self._running[key] = Running(item.batch_id, scope, started + handler.config.timeout_s)
         try:
             result = await executor.attempt(handler, item, self._worker)
         except anyio.get_cancelled_exc_class():
@@ -439,13 +441,13 @@ class Dispatcher:
             if result is not None:
                 self._finish(item, result, started)
 
-    def _stop(self, item_id: int, run: Running, reason: StopReason) -> bool:
+    def _stop(self, key: AttemptKey, run: Running, reason: StopReason) -> bool:
         """Stop one running attempt: record why, then cancel its worker's scope
         (which runs nothing else meanwhile: the worker is inside this attempt).
         The first reason stands; returns False if it was already being stopped."""
-        if item_id in self._reasons:
+        if key in self._reasons:
             return False
-        self._reasons[item_id] = reason
+        self._reasons[key] = reason
         run.scope.cancel()
         return True
 
@@ -455,8 +457,8 @@ class Dispatcher:
             await anyio.sleep(TIMEOUT_TICK_S)
             now = time.monotonic()
             late = [(k, r) for k, r in self._running.items() if r.deadline <= now]
-            for item_id, run in late:
-                self._stop(item_id, run, StopReason.TIMEOUT)
+            for key, run in late:
+                self._stop(key, run, StopReason.TIMEOUT)
 
     def _finish(self, item: Item, result: executor.Attempt, started: float) -> None:
         """Hand an outcome to the outbox; the claim stays counted until it is written."""
@@ -477,7 +479,7 @@ class Dispatcher:
             await anyio.sleep(CONTROL_CHECK_S)
             if not self.owned:
                 continue
-            attempts = [(k, r.attempt) for k, r in self._running.items()]
+            attempts = list(self._running)
             attempts += [(int(i.id), i.attempt) for i in self._ready.items()]
             try:
                 rows = await self._q.stopping_batches_of_lease(self._lease_id)
