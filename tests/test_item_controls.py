@@ -387,3 +387,28 @@ def test_unknown_ids_wrong_tenants_scopes_and_bodies(daemons: DaemonFactory) -> 
     code, log, _ = d.api("GET", f"/v1/batches/{b['id']}/log", headers=a)
     (entry,) = [e for e in log["entries"] if e["action"] == "item_retried"]
     assert entry["actor"] == "a", entry
+
+
+def test_the_item_verbs_of_the_command_line(daemons: DaemonFactory, tmp_path: pathlib.Path) -> None:
+    d = daemons(handlers=HANDLERS)
+    b = blocked(d, tmp_path / "go")
+    it = only_item(d, b["id"])
+    out = d.cli("item", "cancel", it["id"])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"item {it['id']}: cancelled; batch {b['id']}: cancelled"
+    out = d.cli("item", "cancel", it["id"])  # idempotent
+    assert out.returncode == 0, out.stderr
+    out = d.cli("item", "retry", "999999999")
+    assert out.returncode == 1 and "404" in out.stderr and "Traceback" not in out.stderr
+    out = d.cli("item", "retry", "../batches")
+    assert out.returncode == 1 and "must be a number" in out.stderr, out.stderr
+    (tmp_path / "go").touch()
+    out = d.cli("item", "retry", it["id"])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"item {it['id']}: "), out.stdout
+    d.wait_status(b["id"], "completed")
+    out = d.cli("item", "retry", it["id"])
+    assert out.returncode == 0, out.stderr  # a rerun
+    d.wait_status(b["id"], "completed")
+    out = d.cli("item", "cancel", it["id"])
+    assert out.returncode == 1 and "already succeeded" in out.stderr, out.stderr
