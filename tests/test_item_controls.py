@@ -8,6 +8,7 @@ no drift afterwards."""
 from __future__ import annotations
 
 import pathlib
+import re
 from typing import Any
 
 from tests.conftest import DaemonFactory
@@ -412,3 +413,74 @@ def test_the_item_verbs_of_the_command_line(daemons: DaemonFactory, tmp_path: pa
     d.wait_status(b["id"], "completed")
     out = d.cli("item", "cancel", it["id"])
     assert out.returncode == 1 and "already succeeded" in out.stderr, out.stderr
+
+
+# -- across daemons ------------------------------------------------------------------
+
+
+def test_a_cancel_through_one_daemon_stops_the_attempt_on_another(
+    daemons: DaemonFactory, tmp_path: pathlib.Path
+) -> None:
+    runner = daemons("runner", handlers=HANDLERS)
+    b = blocked(runner, tmp_path / "go")  # started before the other daemon exists
+    it = only_item(runner, b["id"])
+    other = daemons("other", handlers=HANDLERS)
+    code, body, _ = control(other, it["id"], "cancel")
+    assert code == 200 and body["status"] == "cancelled", body
+    assert other.batch(b["id"])["status"] == "cancelled"
+    wait_for(
+        lambda: f"dispatcher.cancel_item item={it['id']} attempt=1" in runner.log(),
+        10,
+        what="the runner stops the attempt",
+    )
+    wait_for(lambda: f"outcome.fenced item={it['id']} " in runner.log(), 10, what="fenced")
+    assert runner.batch(b["id"])["status"] == "cancelled"
+    doctor_clean(other)
+
+
+def test_a_missed_notify_is_caught_by_the_control_backstop(
+    daemons: DaemonFactory, tmp_path: pathlib.Path
+) -> None:
+    """LISTEN is down (its address refuses connections): the daemon polls, and the
+    2 s control check finds the attempt the database no longer runs."""
+    d = daemons(
+        handlers=HANDLERS, extra={"database": {"listen_url": "postgresql://127.0.0.1:9/none"}}
+    )
+    b = blocked(d, tmp_path / "go")
+    it = only_item(d, b["id"])
+    assert "events.listening" not in d.log()
+    assert control(d, it["id"], "cancel")[0] == 200
+    wait_for(
+        lambda: f"dispatcher.cancel_item item={it['id']} attempt=1" in d.log(),
+        10,
+        what="the backstop stops the attempt",
+    )
+    wait_for(lambda: f"outcome.fenced item={it['id']} " in d.log(), 10, what="fenced")
+    assert d.batch(b["id"])["status"] == "cancelled"
+
+
+def test_cancel_of_an_item_whose_daemon_was_killed(
+    daemons: DaemonFactory, tmp_path: pathlib.Path
+) -> None:
+    """The item stays cancelled: neither the reaper nor the daemon restarted under
+    its name reclaims it (it is not running any more), and no WorkerLost is written."""
+    d1 = daemons("k1", handlers=HANDLERS)
+    b = blocked(d1, tmp_path / "go")
+    it = only_item(d1, b["id"])
+    d2 = daemons("k2", handlers=HANDLERS)
+    d1.kill()
+    code, body, _ = control(d2, it["id"], "cancel")
+    assert code == 200 and body["status"] == "cancelled", body
+    ended = d2.batch(b["id"])
+    assert ended["status"] == "cancelled", ended
+    d1.start()  # reclaims its predecessor's running items at once: there are none
+    reclaimed = re.compile(
+        r"(heartbeat\.reclaimed_previous name=k1 leases=1|reaper\.reclaimed dead_leases=1)"
+        r" items=0"
+    )
+    wait_for(lambda: reclaimed.search(d1.log() + d2.log()), 10, what="the lease reclaimed")
+    (tmp_path / "go").touch()
+    after = item(d2, it["id"])
+    assert (after["status"], after["errors"], after["attempts"]) == ("cancelled", [], 1), after
+    assert d2.batch(b["id"]) == ended
+    doctor_clean(d2)
