@@ -484,3 +484,30 @@ def test_cancel_of_an_item_whose_daemon_was_killed(
     assert (after["status"], after["errors"], after["attempts"]) == ("cancelled", [], 1), after
     assert d2.batch(b["id"]) == ended
     doctor_clean(d2)
+
+
+def test_an_item_retry_reopens_a_dependency_as_a_batch_retry_does(
+    daemons: DaemonFactory, tmp_path: pathlib.Path
+) -> None:
+    """The dependents judged when the batch first ended stay as they were (one
+    cancelled by its policy, one released and run); one submitted after the
+    retry waits for the batch's new end."""
+    d = daemons(handlers=HANDLERS)
+    go = tmp_path / "go"
+    dep = d.submit("until_file", [{"file": str(go), "fail_first": True}])
+    strict = d.submit("echo", [1], after=[dep["id"]])  # after_policy completed
+    lenient = d.submit("echo", [1], after=[dep["id"]], after_policy="terminal")
+    d.wait_status(dep["id"], "failed")
+    assert d.batch(strict["id"])["status"] == "cancelled"
+    d.wait_status(lenient["id"], "completed")
+    code, body, _ = control(d, only_item(d, dep["id"])["id"], "retry")
+    assert code == 200, body
+    assert d.batch(dep["id"])["status"] == "running"
+    later = d.submit("echo", [1], after=[dep["id"]])
+    assert later["status"] == "waiting", later
+    go.touch()
+    d.wait_status(dep["id"], "completed")
+    d.wait_status(later["id"], "completed")
+    assert d.batch(strict["id"])["status"] == "cancelled"
+    assert d.batch(lenient["id"])["counts"]["succeeded"] == 1
+    doctor_clean(d)
