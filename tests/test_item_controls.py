@@ -15,6 +15,7 @@ from tests.conftest import DaemonFactory
 from tests.daemon import DEFAULT_HANDLERS, Daemon, check_invariants, wait_for
 from tests.test_api import TOKENS as API_TOKENS
 from tests.test_api import assert_problem, bearer, sha256hex
+from tests.test_controls import read_events
 from tests.test_exclusive_keys import assert_busy, held
 from tests.test_seeds import doctor_clean
 
@@ -242,6 +243,15 @@ def test_cancel_of_the_last_open_items_finalizes_a_waiting_batch_and_its_depende
     assert [e["detail"]["item"] for e in cancels] == [one["id"], two["id"]], entries
     assert all(e["actor"] and e["at"] and e["detail"]["status"] == "queued" for e in cancels)
     assert entries[-1]["action"] == "finished", entries
+    # SSE streams report the cancelled items like any other that ended
+    events = read_events(
+        f"{d.url}/v1/batches/{wait['id']}/events", {"Last-Event-ID": str(wait["version"])}
+    )
+    assert [(e[1]["id"], e[1]["status"]) for e in events if e[0] == "item"] == [
+        (one["id"], "cancelled"),
+        (two["id"], "cancelled"),
+    ], events
+    assert events[-1][0] == "end"
     go.touch()
     d.wait_status(dep["id"], "completed")
     doctor_clean(d)
