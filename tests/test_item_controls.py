@@ -8,7 +8,9 @@ no drift afterwards."""
 from __future__ import annotations
 
 import pathlib
+import random
 import re
+import threading
 from typing import Any
 
 from tests.conftest import DaemonFactory
@@ -521,3 +523,36 @@ def test_an_item_retry_reopens_a_dependency_as_a_batch_retry_does(
     assert d.batch(strict["id"])["status"] == "cancelled"
     assert d.batch(lenient["id"])["counts"]["succeeded"] == 1
     doctor_clean(d)
+
+
+def test_item_controls_racing_two_daemons_keep_every_invariant(daemons: DaemonFactory) -> None:
+    """Cancels and retries of random items, from four threads through both
+    daemons, while both claim and write outcomes of the batch: no 5xx, no
+    deadlock, and the batch ends with its counts matching its items."""
+    d1 = daemons("r1", handlers=HANDLERS, worker={"concurrency": 4})
+    d2 = daemons("r2", handlers=HANDLERS, worker={"concurrency": 4})
+    b = d1.submit("echo", [{"sleep": 0.05, "i": i} for i in range(120)])
+    ids = [it["id"] for it in d1.items(b["id"])]
+    codes: list[int] = []
+
+    def hammer(seed: int) -> None:
+        rnd = random.Random(seed)
+        for _ in range(40):
+            d = rnd.choice((d1, d2))
+            codes.append(control(d, rnd.choice(ids), rnd.choice(("retry", "cancel")))[0])
+
+    threads = [threading.Thread(target=hammer, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert set(codes) <= {200, 409}, sorted(set(codes))
+    final = d1.wait_status(
+        b["id"], ("completed", "completed_with_errors", "cancelled", "failed"), timeout=60
+    )
+    check_invariants(final)
+    counted = {s: len(d1.items(b["id"], status=s)) for s in ("succeeded", "cancelled")}
+    assert counted == {s: final["counts"][s] for s in counted}, (counted, final)
+    for d in (d1, d2):
+        assert "deadlock" not in d.log() and "api.internal_error" not in d.log()
+    doctor_clean(d1)
