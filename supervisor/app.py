@@ -186,6 +186,11 @@ class Daemon:
         sched = scheduler.Scheduler(cfg, db, lambda: bus.listening)
         bus.on_schedule = sched.wake
 
+        def on_cancel_item(item_id: int, attempt: int) -> None:
+            disp.cancel_item(item_id, attempt)
+
+        bus.on_cancel_item = on_cancel_item
+
         def reclaimed(done: store.Transitions) -> None:
             counts: dict[str, int] = {}
             for handler in done.handlers.values():

@@ -1,6 +1,7 @@
 """Batch operations shared by the API, the CLI and callbacks: submission (all or
 nothing: batch row, every item, audit entry, wake-up), reads,
-summaries and the controls (cancel, pause, resume, retry, patch, delete).
+summaries and the controls (cancel, pause, resume, retry, patch, delete; the
+item controls retry and cancel).
 """
 
 from __future__ import annotations
@@ -339,15 +340,40 @@ async def retry(
                 batch_id, tenant=tenant, actor=actor, include_cancelled=include_cancelled
             )
         except store.ExclusiveKeyTaken:
-            b = await q.get_batch(batch_id, tenant=tenant)
-            if b is not None and b.exclusive_key is not None:
-                holder = await q.find_exclusive_holder(
-                    tenant=b.tenant, exclusive_key=b.exclusive_key
-                )
-                if holder is not None:
-                    raise ExclusiveKeyBusy(b.exclusive_key, *holder) from None
+            busy = await _key_busy(q, batch_id, tenant=tenant)
+            if busy is not None:
+                raise busy from None
             # Deleted, or the holder finished in between: the next round says which.
     raise RuntimeError(f"retry refused {KEY_ROUNDS} times by a batch that was gone when looked up")
+
+
+async def retry_item(
+    q: store.Queries, item_id: int, *, tenant: str | None, actor: str
+) -> store.ItemControlResult:
+    """Queue one finished item again (failed, cancelled or succeeded: a rerun).
+    Reopening its finished batch takes the batch's exclusive key back, refused as
+    in :func:`retry` (:class:`ExclusiveKeyBusy` names the holder)."""
+    for _ in range(KEY_ROUNDS):
+        try:
+            return await q.retry_item(item_id, tenant=tenant, actor=actor)
+        except store.ExclusiveKeyTaken:
+            found = await q.get_item(item_id, tenant=tenant)
+            busy = None if found is None else await _key_busy(q, found.batch_id, tenant=tenant)
+            if busy is not None:
+                raise busy from None
+    raise RuntimeError(f"retry refused {KEY_ROUNDS} times by a batch that was gone when looked up")
+
+
+async def _key_busy(
+    q: store.Queries, batch_id: uuid.UUID, *, tenant: str | None
+) -> ExclusiveKeyBusy | None:
+    """Why reopening this batch was refused: the batch that holds its exclusive
+    key now; None when the batch is gone or the key is free again."""
+    b = await q.get_batch(batch_id, tenant=tenant)
+    if b is None or b.exclusive_key is None:
+        return None
+    holder = await q.find_exclusive_holder(tenant=b.tenant, exclusive_key=b.exclusive_key)
+    return None if holder is None else ExclusiveKeyBusy(b.exclusive_key, *holder)
 
 
 async def describe(q: store.Queries, b: store.BatchRow) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Command line: the parser, the exit codes, the daemon (``run``) and the
 operator tools (``migrate``, ``check``, ``doctor``); the HTTP client verbs
 (``submit``, ``status``, ``watch``, ``list``, ``results``, ``cancel``, ``pause``,
-``resume``, ``retry``, ``redeliver``) are in :mod:`supervisor.client`.
+``resume``, ``retry``, ``redeliver``, ``item retry|cancel``) are in
+:mod:`supervisor.client`.
 
 Exit codes: 0 ok; 1 failure (API error, batch not completed cleanly, drift
 found); 2 usage; 78 (EX_CONFIG) invalid configuration or a broken handler.
@@ -257,6 +258,14 @@ def parser() -> argparse.ArgumentParser:
         sub.add_parser("redeliver", help="run a batch's finished completion callback again")
     )
     rd.add_argument("id")
+    it = sub.add_parser("item", help="retry or cancel one item")
+    item_verbs = it.add_subparsers(dest="item_verb", required=True, metavar="VERB")
+    for verb, text in (
+        ("retry", "queue a failed, cancelled or succeeded item again (reopens its batch)"),
+        ("cancel", "cancel a queued or running item"),
+    ):
+        iv = with_url(item_verbs.add_parser(verb, help=text))
+        iv.add_argument("id", help="the item id")
     return p
 
 

@@ -1,5 +1,6 @@
 """The HTTP client verbs of the command line (``submit``, ``status``, ``watch``,
-``list``, ``results``, ``cancel``, ``pause``, ``resume``, ``retry``, ``redeliver``):
+``list``, ``results``, ``cancel``, ``pause``, ``resume``, ``retry``, ``redeliver``,
+``item retry``, ``item cancel``):
 API calls with one-line errors, the SSE reader, the live progress renderer and the
 resumable reader of a batch's results (:func:`results`, also for programs).
 
@@ -554,6 +555,13 @@ def cmd_client(args: argparse.Namespace) -> int:
                         f"{c['succeeded'] + c['failed'] + c['cancelled']}/{c['total']}  "
                         f"{b['created_at']}"
                     )
+                return 0
+            if verb == "item":
+                if not (args.id.isascii() and args.id.isdigit()):
+                    raise ClientError(f"item id must be a number, not {_one_line(args.id)!r}")
+                it = await _call(s, "POST", f"{base}/v1/items/{args.id}/{args.item_verb}")
+                b = await _call(s, "GET", f"{base}/v1/batches/{it['batch_id']}")
+                print(f"item {it['id']}: {it['status']}; batch {b['id']}: {b['status']}")
                 return 0
             body2 = (
                 {"include_cancelled": True} if getattr(args, "include_cancelled", False) else None

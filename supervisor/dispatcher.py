@@ -57,6 +57,9 @@ RATE_BURST_S = 0.1  # a rate limit's bucket holds this many seconds' worth of st
 TIMEOUT_TICK_S = 0.02  # an attempt past its timeout is stopped within this long
 
 
+AttemptKey = tuple[int, int]  # (item id, attempt number): one attempt of one item
+
+
 @dataclass(slots=True)
 class Running:
     """An attempt a worker runs now, and how to stop it."""
@@ -97,9 +100,11 @@ class Dispatcher:
         self.per_handler: Counter[str] = Counter()
         self.owned = 0  # attempts claimed by us and not yet handed to the outbox
         self._owned_per_handler: Counter[str] = Counter()
-        self._running: dict[int, Running] = {}
+        # Keyed by (item id, attempt): a retried item may be claimed again by us
+        # while its cancelled attempt (deaf to the stop) still runs.
+        self._running: dict[AttemptKey, Running] = {}
         # why an attempt of ours was stopped (absent: the task group's own cancellation)
-        self._reasons: dict[int, StopReason] = {}
+        self._reasons: dict[AttemptKey, StopReason] = {}
         self._wakeup = Wakeup()
         # handler -> monotonic time until which its claims are skipped: its last
         # claim found nothing runnable (see _claim_loop)
@@ -156,12 +161,27 @@ class Dispatcher:
     def cancel_batch(self, batch_id: str) -> int:
         """Stop this daemon's attempts (running or waiting) of a batch being stopped."""
         n = self._drop_ready(lambda item: item.batch_id == batch_id, StopReason.CANCELLED)
-        for item_id, run in list(self._running.items()):
-            if run.batch_id == batch_id and self._stop(item_id, run, StopReason.CANCELLED):
+        for key, run in list(self._running.items()):
+            if run.batch_id == batch_id and self._stop(key, run, StopReason.CANCELLED):
                 n += 1
         if n:
             log.info("dispatcher.cancel batch=%s stopped=%s", batch_id, n)
         return n
+
+    def cancel_item(self, item_id: int, attempt: int) -> bool:
+        """Stop this attempt of an item that was cancelled (running or waiting for
+        a worker). Its outcome is fenced in the database already; stopping it only
+        frees the slot. Another attempt of the item (retried and claimed again
+        since) is left alone."""
+        n = self._drop_ready(
+            lambda item: int(item.id) == item_id and item.attempt == attempt, StopReason.CANCELLED
+        )
+        run = self._running.get((item_id, attempt))
+        if run is not None:
+            n += self._stop((item_id, attempt), run, StopReason.CANCELLED)
+        if n:
+            log.info("dispatcher.cancel_item item=%s attempt=%s", item_id, attempt)
+        return n > 0
 
     def release_waiting(self, batch_id: str) -> int:
         """A batch was paused: hand back its claimed items that have not started
@@ -216,8 +236,8 @@ class Dispatcher:
                     self._idle = anyio.Event()
                     await self._idle.wait()
             self.released = self.in_flight
-            for item_id, run in list(self._running.items()):
-                self._stop(item_id, run, StopReason.RELEASED)
+            for key, run in list(self._running.items()):
+                self._stop(key, run, StopReason.RELEASED)
             work.cancel_scope.cancel()
         if self.released:
             log.info(
@@ -326,8 +346,8 @@ class Dispatcher:
         here (the claim loop is the only claimer), so whatever we do not hold is
         such an orphan: release it (queued again, the attempt not counted)."""
         rows = await self._q.running_items_of_lease(self._lease_id)
-        known = set(self._running) | self._outbox.pending_ids() | self._ready.ids()
-        orphans = [r for r in rows if r.id not in known]
+        known = self._outbox.pending_ids() | self._ready.ids()
+        orphans = [r for r in rows if r.id not in known and (r.id, r.attempts) not in self._running]
         for r in orphans:
             self._outbox.put(
                 executor.unstarted_release(
@@ -401,7 +421,7 @@ class Dispatcher:
             # An attempt of ours was stopped (its outcome is recorded): a fresh scope.
 
     async def _run_item(self, item: Item, scope: anyio.CancelScope) -> None:
-        key = int(item.id)
+        key = (int(item.id), item.attempt)
         handler = self._handlers[item.handler]
         started = time.monotonic()
         result: executor.Attempt | None = None
@@ -425,7 +445,7 @@ class Dispatcher:
         finally:
             del self._running[key]
             self._reasons.pop(key, None)
-            self._reports.ended(key)
+            self._reports.ended(key[0])
             self.in_flight -= 1
             self._window.finished()
             self.per_handler[item.handler] -= 1
@@ -442,7 +462,7 @@ class Dispatcher:
         """Move a running attempt's deadline to ``seconds`` from now, within its
         handler's ``max_timeout``; returns the seconds it has left. Callable from a
         handler's thread: it only replaces one float the watchdog reads."""
-        run = self._running.get(int(item.id))
+        run = self._running.get((int(item.id), item.attempt))
         now = time.monotonic()
         if run is None:
             return 0.0  # the attempt is over (stopped meanwhile)
@@ -471,7 +491,7 @@ class Dispatcher:
             raise ValueError(
                 "add_items: " + "; ".join(f"item {e['path']}: {e['message']}" for e in errors[:5])
             )
-        run = self._running.get(int(item.id))
+        run = self._running.get((int(item.id), item.attempt))
         if run is None:
             raise RuntimeError("add_items: this attempt is over (stopped or finished)")
         if len(run.added) + len(parsed) > self._cfg.server.max_items_per_batch:
@@ -482,13 +502,13 @@ class Dispatcher:
         run.added.extend(parsed)
         return len(parsed)
 
-    def _stop(self, item_id: int, run: Running, reason: StopReason) -> bool:
+    def _stop(self, key: AttemptKey, run: Running, reason: StopReason) -> bool:
         """Stop one running attempt: record why, then cancel its worker's scope
         (which runs nothing else meanwhile: the worker is inside this attempt).
         The first reason stands; returns False if it was already being stopped."""
-        if item_id in self._reasons:
+        if key in self._reasons:
             return False
-        self._reasons[item_id] = reason
+        self._reasons[key] = reason
         run.scope.cancel()
         return True
 
@@ -498,8 +518,8 @@ class Dispatcher:
             await anyio.sleep(TIMEOUT_TICK_S)
             now = time.monotonic()
             late = [(k, r) for k, r in self._running.items() if r.deadline <= now]
-            for item_id, run in late:
-                self._stop(item_id, run, StopReason.TIMEOUT)
+            for key, run in late:
+                self._stop(key, run, StopReason.TIMEOUT)
 
     def _finish(
         self,
@@ -520,13 +540,17 @@ class Dispatcher:
 
     async def _watch_stopping_batches(self) -> None:
         """Backstop for a missed cancel or pause NOTIFY: ask the database which of
-        our claimed items belong to batches being stopped or paused."""
+        our claimed items belong to batches being stopped or paused, and which of
+        our attempts it no longer runs under our lease (an item cancelled)."""
         while True:
             await anyio.sleep(CONTROL_CHECK_S)
             if not self.owned:
                 continue
+            attempts = list(self._running)
+            attempts += [(int(i.id), i.attempt) for i in self._ready.items()]
             try:
                 rows = await self._q.stopping_batches_of_lease(self._lease_id)
+                gone = await self._q.attempts_not_running(self._lease_id, attempts)
             except DatabaseUnavailable:
                 continue  # the claim loop reports the outage; try again next round
             for r in rows:
@@ -534,6 +558,8 @@ class Dispatcher:
                     self.release_waiting(str(r.batch_id))
                 else:
                     self.cancel_batch(str(r.batch_id))
+            for item_id, attempt in gone:
+                self.cancel_item(item_id, attempt)
 
 
 def status_line(d: Dispatcher) -> str:

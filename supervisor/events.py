@@ -2,13 +2,13 @@
 
 Every transition function in the database NOTIFYs: ``<schema>_wake`` (new
 runnable work), ``<schema>_batch`` (``id:version:status`` of a changed batch),
-``<schema>_control`` (``cancel:<batch id>``, ``pause:<batch id>``) and
-``<schema>_schedule`` (a batch was scheduled or rescheduled). One dedicated
-connection per daemon LISTENs and fans out to the dispatcher (wake-ups,
-cancels), the scheduler and to SSE streams (per-batch wake-ups). Changes made
-by any daemon reach every daemon. When LISTEN is unavailable (pooler in
-transaction mode, connection lost) the consumers fall back to polling;
-``listening`` says which mode is in force.
+``<schema>_control`` (``cancel:<batch id>``, ``pause:<batch id>``,
+``cancel_item:<item id>:<attempt>``) and ``<schema>_schedule`` (a batch was
+scheduled or rescheduled). One dedicated connection per daemon LISTENs and fans
+out to the dispatcher (wake-ups, cancels), the scheduler and to SSE streams
+(per-batch wake-ups). Changes made by any daemon reach every daemon. When LISTEN
+is unavailable (pooler in transaction mode, connection lost) the consumers fall
+back to polling; ``listening`` says which mode is in force.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ class Bus:
         self.on_cancel: Callable[[str], None] = lambda batch_id: None
         self.on_pause: Callable[[str], None] = lambda batch_id: None
         self.on_schedule: Callable[[], None] = lambda: None
+        self.on_cancel_item: Callable[[int, int], None] = lambda item_id, attempt: None
         self._subscribers: dict[str, set[Wakeup]] = defaultdict(set)
         self.listening = False
         self._lost = anyio.Event()
@@ -116,6 +117,10 @@ class Bus:
                 self.on_cancel(batch_id)
             elif action == "pause":
                 self.on_pause(batch_id)
+            elif action == "cancel_item":
+                item_id, _, attempt = batch_id.partition(":")
+                if item_id.isdigit() and attempt.isdigit():
+                    self.on_cancel_item(int(item_id), int(attempt))
 
     def _terminated(self, conn: Any) -> None:
         self._lost.set()

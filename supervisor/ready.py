@@ -27,6 +27,10 @@ class ReadyQueues:
     def waiting(self, handler: str) -> int:
         return len(self._queues[handler])
 
+    def items(self) -> list[Item]:
+        """Every waiting item (a copy)."""
+        return [item for queue in self._queues.values() for item in queue]
+
     def ids(self) -> set[int]:
         return {int(item.id) for queue in self._queues.values() for item in queue}
 

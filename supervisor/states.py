@@ -70,9 +70,10 @@ ITEM_TRANSITIONS: dict[ItemStatus, frozenset[ItemStatus]] = {
             ItemStatus.CANCELLED,
         }
     ),
-    ItemStatus.SUCCEEDED: frozenset(),
-    ItemStatus.FAILED: frozenset({ItemStatus.QUEUED}),  # batch retry
-    ItemStatus.CANCELLED: frozenset({ItemStatus.QUEUED}),  # batch retry with include_cancelled
+    ItemStatus.SUCCEEDED: frozenset({ItemStatus.QUEUED}),  # item retry (a rerun)
+    ItemStatus.FAILED: frozenset({ItemStatus.QUEUED}),  # batch or item retry
+    # batch retry with include_cancelled, item retry
+    ItemStatus.CANCELLED: frozenset({ItemStatus.QUEUED}),
 }
 
 

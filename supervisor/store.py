@@ -354,6 +354,22 @@ class ControlResult:
 
 NOT_FOUND = ControlResult(ControlKind.NOT_FOUND)
 
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ItemControlResult:
+    """The answer of an item control (cancel_item, retry_item): a batch control's
+    answer plus the item's status before the control and its batch (both None
+    when no item of the tenant has that id), so a conflict can name the status."""
+
+    result: ControlResult
+    status: str | None
+    batch_id: uuid.UUID | None
+
+    @classmethod
+    def of(cls, r: Record) -> ItemControlResult:
+        return cls(ControlResult.parse(r["outcome"]), r["status"], r["batch_id"])
+
+
 # The unique index over the exclusive keys of unfinished batches (migration 0012).
 EXCLUSIVE_INDEX = "batches_exclusive"
 
@@ -612,6 +628,24 @@ class Queries:
             )
         return ControlResult.parse(text)
 
+    async def cancel_item(
+        self, item_id: int, *, tenant: str | None, actor: str
+    ) -> ItemControlResult:
+        """Cancel one queued or running item (a running one is fenced at once)."""
+        r = await self._ex.fetchrow("cancel_item", item_id, tenant, actor)
+        assert r is not None  # a function call returns its one row
+        return ItemControlResult.of(r)
+
+    async def retry_item(
+        self, item_id: int, *, tenant: str | None, actor: str
+    ) -> ItemControlResult:
+        """Queue one finished item again. Raises :class:`ExclusiveKeyTaken` when
+        reopening its batch would take back a key another batch holds by now."""
+        with _exclusive_refusal():
+            r = await self._ex.fetchrow("retry_item", item_id, tenant, actor)
+        assert r is not None
+        return ItemControlResult.of(r)
+
     async def patch_batch(
         self,
         batch_id: uuid.UUID,
@@ -727,6 +761,18 @@ class Queries:
         r = await self._ex.fetchrow("record_progress", lease, ids, attempts, progress)
         assert r is not None
         return int(r["items"])
+
+    async def attempts_not_running(
+        self, lease: uuid.UUID, attempts: Sequence[tuple[int, int]]
+    ) -> list[tuple[int, int]]:
+        """Of these ``(item id, attempt)`` pairs, those the database no longer
+        runs under ``lease``."""
+        if not attempts:
+            return []
+        rows = await self._ex.fetch(
+            "attempts_not_running", lease, [i for i, _ in attempts], [a for _, a in attempts]
+        )
+        return [(int(r["id"]), int(r["attempt"])) for r in rows]
 
     async def stopping_batches_of_lease(self, lease: uuid.UUID) -> list[StoppingBatch]:
         rows = await self._ex.fetch("stopping_batches_of_lease", lease)

@@ -262,3 +262,19 @@ async def adds_bad(item: Item) -> Any:
     """Adds an entry whose key is not a string (a handler's bug)."""
     item.add_items([{"key": 5, "payload": {}}])
     return None
+
+
+async def until_file_shielded(item: Item) -> Any:
+    """Like :func:`until_file`, but deaf to the daemon's stop: it runs until the
+    file named by payload["file"] exists whatever happens, then succeeds. The
+    attempt of a cancelled item that its daemon cannot stop, so its late
+    outcome reaches the database."""
+    import anyio
+
+    _log_run(item, "start")
+    path = str(item.payload["file"])
+    with anyio.CancelScope(shield=True):
+        while not os.path.exists(path):
+            await anyio.sleep(0.02)
+    _log_run(item, "done")
+    return {"released": path}

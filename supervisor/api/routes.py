@@ -408,18 +408,74 @@ async def batch_results(request: web.Request) -> web.StreamResponse:
         )
 
 
+def _item_id(request: web.Request) -> int:
+    """The item id of the URL; 404 for text that cannot name one (a bigint)."""
+    raw = request.match_info["id"]
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+        raise Problem(404, f"no item {raw!r}")
+    return int(raw)
+
+
 @routes.get("/v1/items/{id}")
 async def get_item(request: web.Request) -> web.Response:
     ctx = ctx_of(request)
     who = principal(request)
     who.require("read")
-    raw = request.match_info["id"]
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
-        raise Problem(404, f"no item {raw!r}")
-    row = await ctx.q.get_item(int(raw), tenant=who.tenant_filter)
+    item_id = _item_id(request)
+    row = await ctx.q.get_item(item_id, tenant=who.tenant_filter)
     if row is None:
-        raise Problem(404, f"no item {raw!r}")
+        raise Problem(404, f"no item {request.match_info['id']!r}")
     return _json(models.item_json(row, with_errors=True, tracebacks=who.sees_tracebacks))
+
+
+ItemControl = Callable[[store.Queries, int, Principal], Awaitable[store.ItemControlResult]]
+
+
+async def _item_control(request: web.Request, run: ItemControl) -> web.Response:
+    """Run one item control for the caller: 404 for an id that names no item of
+    its tenant, 409 naming the item's status (``item_status``) when the item is
+    not in a state the control applies to, else 200 with the item as it is now.
+    The body may be absent or ``{}``: the controls take no options."""
+    who = principal(request)
+    who.require("write")  # before reading the body: a 403 is no 422
+    body = await _read_json(request)
+    if body is not None and body != {}:
+        raise ValidationFailed([{"path": "", "message": "an item control takes no body (or {})"}])
+    ctx = ctx_of(request)
+    item_id = _item_id(request)
+    try:
+        out = await run(ctx.q, item_id, who)
+    except batches.ExclusiveKeyBusy as exc:  # reopening its batch would take back a held key
+        raise _key_busy(exc) from None
+    if out.result.kind is store.ControlKind.NOT_FOUND:
+        raise Problem(404, f"no item {request.match_info['id']!r}")
+    if out.result.kind is store.ControlKind.CONFLICT:
+        raise Problem(
+            409,
+            out.result.reason,
+            extensions={"item_status": out.status, "batch_id": str(out.batch_id)},
+        )
+    row = await ctx.q.get_item(item_id, tenant=who.tenant_filter)
+    if row is None:  # its batch was deleted just now
+        raise Problem(404, f"no item {request.match_info['id']!r}")
+    return _json(models.item_json(row, with_errors=True, tracebacks=who.sees_tracebacks))
+
+
+@routes.post("/v1/items/{id}/cancel")
+async def cancel_item(request: web.Request) -> web.Response:
+    """Cancel a queued or running item; its batch follows in the same transaction."""
+    return await _item_control(
+        request, lambda q, iid, who: q.cancel_item(iid, tenant=who.tenant_filter, actor=who.name)
+    )
+
+
+@routes.post("/v1/items/{id}/retry")
+async def retry_item(request: web.Request) -> web.Response:
+    """Queue a failed, cancelled or succeeded item again; a finished batch reopens."""
+    return await _item_control(
+        request,
+        lambda q, iid, who: batches.retry_item(q, iid, tenant=who.tenant_filter, actor=who.name),
+    )
 
 
 @routes.get("/v1/batches/{id}/summary")

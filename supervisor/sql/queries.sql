@@ -263,6 +263,14 @@ RETURNING id;
 SELECT DISTINCT i.batch_id, b.status FROM @schema.items i JOIN @schema.batches b ON b.id = i.batch_id
  WHERE i.status = 'running' AND i.lease = $1 AND (b.stop_reason IS NOT NULL OR b.status = 'paused');
 
+-- name: attempts_not_running
+-- Which of these attempts ($2 item ids, $3 attempts) lease $1 no longer runs
+-- (the item was cancelled, or reclaimed): the backstop of a missed cancel_item NOTIFY.
+SELECT x.id, x.attempt FROM unnest($2::bigint[], $3::integer[]) AS x (id, attempt)
+ WHERE NOT EXISTS (SELECT 1 FROM @schema.items i
+                    WHERE i.id = x.id AND i.status = 'running' AND i.lease = $1
+                      AND i.attempts = x.attempt);
+
 -- name: cancel_batch
 -- Cancel: queued items at once, running ones are stopped by their daemon.
 SELECT @schema.cancel_batch(p_batch => $1, p_tenant => $2, p_actor => $3) AS outcome;
@@ -276,6 +284,16 @@ SELECT @schema.pause_batch(p_batch => $1, p_tenant => $2, p_actor => $3, p_pause
 -- Failed (and optionally cancelled) items back to queued with a fresh attempt budget.
 SELECT @schema.retry_batch(
     p_batch => $1, p_tenant => $2, p_actor => $3, p_include_cancelled => $4) AS outcome;
+
+-- name: cancel_item
+-- Cancel one queued or running item (fenced: a running one loses its lease).
+SELECT o_outcome AS outcome, o_status AS status, o_batch AS batch_id
+  FROM @schema.cancel_item(p_item => $1, p_tenant => $2, p_actor => $3);
+
+-- name: retry_item
+-- One failed, cancelled or succeeded item back to queued with a fresh attempt budget.
+SELECT o_outcome AS outcome, o_status AS status, o_batch AS batch_id
+  FROM @schema.retry_item(p_item => $1, p_tenant => $2, p_actor => $3);
 
 -- name: patch_batch
 -- Change priority, max_concurrency, max_failures or not_before of a live batch.

@@ -118,6 +118,8 @@ class BatchMachine(RuleBasedStateMachine):
                 self.status = "failed"
             elif c["failed"] == 0 and c["cancelled"] == 0:
                 self.status = "completed"
+            elif c["succeeded"] == 0 and c["failed"] == 0:
+                self.status = "cancelled"
             elif c["succeeded"] == 0:
                 self.status = "failed"
             else:
@@ -387,6 +389,55 @@ class BatchMachine(RuleBasedStateMachine):
             it.status = "queued"
             it.max_attempts += self.budget
         self.settle(reopen=True)
+
+    def item_control(
+        self, run: Callable[[store.Queries], Coroutine[Any, Any, store.ItemControlResult]]
+    ) -> str:
+        """An item control's answer as the SQL spells it ('ok', 'conflict:…')."""
+        out: store.ItemControlResult = self.run(run(store.Queries(self.db)))
+        conflict = out.result.kind is store.ControlKind.CONFLICT
+        return f"conflict:{out.result.reason}" if conflict else str(out.result.kind)
+
+    @precondition(lambda self: bool(self.items))
+    @rule(data=st.data())
+    def cancel_item(self, data: st.DataObject) -> None:
+        """One item cancelled: queued or running (its lease fenced: a later outcome
+        of that attempt is refused), the batch settled with it; a cancelled item
+        again changes nothing."""
+        item_id = data.draw(st.sampled_from(sorted(self.items)))
+        it = self.items[item_id]
+        out = self.item_control(lambda q: q.cancel_item(item_id, tenant=None, actor="test"))
+        self.changed = False
+        if it.status == "cancelled":
+            assert out == "ok", out
+        elif it.status in ("succeeded", "failed"):
+            assert out.startswith("conflict:") and it.status in out, out
+        else:
+            assert out == "ok", out
+            it.status, it.lease = "cancelled", None
+            self.settle()
+
+    @precondition(lambda self: bool(self.items))
+    @rule(data=st.data())
+    def retry_item(self, data: st.DataObject) -> None:
+        """One finished item queued again with a fresh budget; a finished batch
+        reopens as with retry_batch, unless its failure budget would stop it again."""
+        item_id = data.draw(st.sampled_from(sorted(self.items)))
+        it = self.items[item_id]
+        out = self.item_control(lambda q: q.retry_item(item_id, tenant=None, actor="test"))
+        self.changed = False
+        failed_after = self.counts()["failed"] - (it.status == "failed")
+        if it.status in ("queued", "running"):
+            assert out.startswith("conflict:") and it.status in out, out
+        elif self.status == "cancelling":
+            assert out.startswith("conflict:"), out
+        elif self.max_failures is not None and failed_after > self.max_failures:
+            assert out.startswith("conflict:") and "failure budget" in out, out
+        else:
+            assert out == "ok", out
+            it.status = "queued"
+            it.max_attempts += self.budget
+            self.settle(reopen=True)
 
     # -- after every step ----------------------------------------------------------------
 

@@ -4,6 +4,7 @@
 -- when nothing is queued or running: cancelled when it was stopped by a cancel or
 -- by a dependency that ended as its after_policy forbids (p_stop_reason
 -- 'dependency'), failed when stopped by its failure budget, else completed,
+-- cancelled (its items were cancelled one by one, none succeeded or failed),
 -- failed (nothing succeeded) or completed_with_errors. Otherwise: cancelling
 -- while stopping, waiting while a dependency has not ended (p_waiting),
 -- scheduled while its not_before has not come (p_scheduled; a batch both waiting
@@ -22,6 +23,7 @@ SELECT CASE
         WHEN p_stop_reason IN ('cancel', 'dependency') THEN 'cancelled'
         WHEN p_stop_reason = 'max_failures' THEN 'failed'
         WHEN p_failed = 0 AND p_cancelled = 0 THEN 'completed'
+        WHEN p_succeeded = 0 AND p_failed = 0 THEN 'cancelled'
         WHEN p_succeeded = 0 THEN 'failed'
         ELSE 'completed_with_errors' END
     WHEN p_stop_reason IS NOT NULL THEN 'cancelling'

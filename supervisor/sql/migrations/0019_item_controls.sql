@@ -1,0 +1,9 @@
+-- 0019_item_controls: controls of one item (POST /v1/items/{id}/retry and
+-- .../cancel), the functions retry_item and cancel_item. No table changes: an
+-- item control writes the audit log of the item's batch (batch_events), and the
+-- batch follows in the same transaction through _settle.
+--
+-- _batch_status: a batch whose items were all cancelled one by one, with none
+-- succeeded or failed, ends 'cancelled' (it had no stop reason, so the rule said
+-- 'failed', though nothing failed). Without item controls no batch reached that
+-- state without a stop reason.
