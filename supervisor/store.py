@@ -422,6 +422,7 @@ class Queries:
         keys: Sequence[str | None],
         payloads: Sequence[str],
         created: str,
+        limit_keys: Sequence[str] = (),
     ) -> BatchRow | None:
         """Insert the batch, the items given (JSON text payloads; none when they
         follow by COPY), its 'created' event (``created``: JSON text) and the
@@ -454,6 +455,7 @@ class Queries:
             b.after_policy,
             b.runnable,
             b.key_after,
+            limit_keys,
         )
         return None if r is None else BatchRow.of(r)
 
@@ -627,6 +629,36 @@ class Queries:
     ) -> list[ClaimedItem]:
         rows = await self._ex.fetch(
             "claim_items", handler, limit, worker, lease, global_cap, rate, burst
+        )
+        return [ClaimedItem.of(r) for r in rows]
+
+    async def claim_keyed_items(
+        self,
+        *,
+        handler: str,
+        limit: int,
+        worker: str,
+        lease: uuid.UUID,
+        global_cap: int | None,
+        rate: float | None,
+        burst: float,
+        key_cap: int | None,
+        key_rate: float | None,
+        key_burst: float,
+    ) -> list[ClaimedItem]:
+        """:meth:`claim_items` under the handler's limits per key as well."""
+        rows = await self._ex.fetch(
+            "claim_keyed_items",
+            handler,
+            limit,
+            worker,
+            lease,
+            global_cap,
+            rate,
+            burst,
+            key_cap,
+            key_rate,
+            key_burst,
         )
         return [ClaimedItem.of(r) for r in rows]
 

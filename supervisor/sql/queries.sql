@@ -41,7 +41,8 @@ INSERT INTO @schema.schema_migrations (version, name) VALUES ($1, $2);
 -- runs after (empty: none), $22 its after_policy, $23 whether they let it run yet
 -- (false: it is created waiting; the caller holds share locks on them, see
 -- lock_dependencies). $24: the batch of its exclusive key it is queued behind
--- (on_conflict "queue"; an edge of policy 'terminal'), or NULL.
+-- (on_conflict "queue"; an edge of policy 'terminal'), or NULL. $25: the items'
+-- limit keys, in the order of $17 (empty: the handler has no key limit).
 WITH b AS (
     INSERT INTO @schema.batches (
         id, tenant, handler, status, priority, max_concurrency, max_attempts, attempt_budget,
@@ -58,9 +59,10 @@ WITH b AS (
     UNION ALL
     SELECT b.id, $24::uuid, 'terminal' FROM b WHERE $24::uuid IS NOT NULL
 ), new_items AS (
-    INSERT INTO @schema.items (batch_id, seq, key, handler, payload, max_attempts)
-    SELECT b.id, u.seq - 1, u.key, b.handler, u.payload, $16
-      FROM b, unnest($17::text[], $18::jsonb[]) WITH ORDINALITY AS u (key, payload, seq)
+    INSERT INTO @schema.items (batch_id, seq, key, handler, payload, max_attempts, limit_key)
+    SELECT b.id, u.seq - 1, u.key, b.handler, u.payload, $16, u.limit_key
+      FROM b, unnest($17::text[], $18::jsonb[], $25::text[]) WITH ORDINALITY
+              AS u (key, payload, limit_key, seq)
 ), created AS (
     INSERT INTO @schema.batch_events (batch_id, action, actor, detail)
     SELECT b.id, 'created', $14, $19 FROM b
@@ -192,6 +194,14 @@ SELECT
 SELECT * FROM @schema.claim_items(
     p_handler => $1, p_limit => $2, p_worker => $3, p_lease => $4,
     p_global_cap => $5, p_rate => $6, p_burst => $7);
+
+-- name: claim_keyed_items
+-- claim_items for a handler with a key limit: at most $8 running and $9/s starts
+-- per limit key, fair across keys (functions/claim_keyed_items.sql).
+SELECT * FROM @schema.claim_keyed_items(
+    p_handler => $1, p_limit => $2, p_worker => $3, p_lease => $4,
+    p_global_cap => $5, p_rate => $6, p_burst => $7,
+    p_key_cap => $8, p_key_rate => $9, p_key_burst => $10);
 
 -- name: apply_outcomes
 -- Fenced outcome write for many items at once; returns applied items and finished batches.
