@@ -46,13 +46,16 @@ class NewBatch:
     after: tuple[uuid.UUID, ...] | None = None  # runs once these have ended (as after_policy says)
     after_policy: states.AfterPolicy | None = None  # set exactly when ``after`` is
     on_conflict: str | None = None  # "queue": wait behind the key's batches; else refused
+    # The items' limit keys (key_limits.py), in item order; None when the handler
+    # has no key limit. Derived from the payloads, so not part of the request digest.
+    limit_keys: Sequence[str] | None = None
 
     def request_hash(self) -> str:
         """Digest of the content, to tell an idempotent repeat from a conflicting one."""
         head = {
             f.name: value
             for f in dataclasses.fields(self)
-            if f.name != "items"
+            if f.name not in ("items", "limit_keys")
             and not ((value := getattr(self, f.name)) is None and f.name in _DIGEST_WHEN_SET)
         }
         h = hashlib.sha256(json.dumps(head, sort_keys=True, default=str).encode())
@@ -189,21 +192,41 @@ async def _insert(
             keys=[key for key, _ in nb.items],
             payloads=[payload for _, payload in nb.items],
             created=created,
+            limit_keys=nb.limit_keys or (),
         )
     async with db.transaction("submit") as tx:
         batch = await store.Queries(tx).submit_batch(
             row, item_max_attempts=budget, keys=(), payloads=(), created=created
         )
         if batch is not None:
-            await tx.copy_items(
-                db.schema,
-                ITEM_COLUMNS,
-                [
-                    (row.id, i, key, nb.handler, payload, budget)
-                    for i, (key, payload) in enumerate(nb.items)
-                ],
-            )
+            await _copy_items(tx, db.schema, nb, row.id, budget)
     return batch
+
+
+async def _copy_items(
+    tx: dbm.Tx, schema: str, nb: NewBatch, batch_id: uuid.UUID, budget: int
+) -> None:
+    """The items of a large submission, by COPY (with their limit keys, if any)."""
+    if nb.limit_keys is None:
+        await tx.copy_items(
+            schema,
+            ITEM_COLUMNS,
+            [
+                (batch_id, i, key, nb.handler, payload, budget)
+                for i, (key, payload) in enumerate(nb.items)
+            ],
+        )
+        return
+    await tx.copy_items(
+        schema,
+        (*ITEM_COLUMNS, "limit_key"),
+        [
+            (batch_id, i, key, nb.handler, payload, budget, limit_key)
+            for i, ((key, payload), limit_key) in enumerate(
+                zip(nb.items, nb.limit_keys, strict=True)
+            )
+        ],
+    )
 
 
 class _TailMoved(Exception):
@@ -264,16 +287,10 @@ async def _insert_locked(
             keys=[key for key, _ in nb.items] if len(nb.items) <= INLINE_ITEMS else (),
             payloads=[p for _, p in nb.items] if len(nb.items) <= INLINE_ITEMS else (),
             created=created,
+            limit_keys=(nb.limit_keys or ()) if len(nb.items) <= INLINE_ITEMS else (),
         )
         if batch is not None and len(nb.items) > INLINE_ITEMS:
-            await tx.copy_items(
-                db.schema,
-                ITEM_COLUMNS,
-                [
-                    (row.id, i, key, nb.handler, payload, budget)
-                    for i, (key, payload) in enumerate(nb.items)
-                ],
-            )
+            await _copy_items(tx, db.schema, nb, row.id, budget)
     return batch
 
 

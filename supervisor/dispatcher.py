@@ -39,7 +39,7 @@ import anyio.abc
 
 from supervisor import db as dbm
 from supervisor import executor, prefetch, states, store
-from supervisor.config import Config
+from supervisor.config import Config, HandlerConfig
 from supervisor.errors import DatabaseUnavailable
 from supervisor.events import Wakeup
 from supervisor.executor import StopReason
@@ -259,20 +259,18 @@ class Dispatcher:
                     # would leave its items running under our lease with no one on
                     # them. What it returns is enqueued; the stop releases it.
                     with anyio.CancelScope(shield=True):
-                        rows = await self._q.claim_items(
-                            handler=name,
-                            limit=n,
-                            worker=self._worker,
-                            lease=self._lease_id,
-                            global_cap=hcfg.global_concurrency,
-                            rate=hcfg.rate_per_s,
-                            burst=max(1.0, (hcfg.rate_per_s or 0.0) * RATE_BURST_S),
-                        )
+                        rows = await self._claim(hcfg, n)
                     for row in rows:
                         self._enqueue(name, row)
                     claimed += len(rows)
                     saturated = saturated or len(rows) == n
-                    limited = hcfg.rate_per_s is not None or hcfg.global_concurrency is not None
+                    # Keyed limits count as limits: another daemon's finished item
+                    # frees a key's slot, and a key's tokens refill, unannounced.
+                    limited = (
+                        hcfg.rate_per_s is not None
+                        or hcfg.global_concurrency is not None
+                        or hcfg.key_limit is not None
+                    )
                     throttled = throttled or (limited and len(rows) < n)
                     if not rows and not limited:
                         # Skip this handler's claim round trip until something says
@@ -309,6 +307,34 @@ class Dispatcher:
             refill = max(1, min(batch_size, self._window.size() // 4))
             while self.free_slots() < refill and time.monotonic() < deadline:
                 await self._wakeup.wait(max(0.0, deadline - time.monotonic()))
+
+    async def _claim(self, hcfg: HandlerConfig, n: int) -> list[store.ClaimedItem]:
+        """Up to ``n`` items of one handler: ``claim_items``, or ``claim_keyed_items``
+        for a handler with a key limit (only those pay for the keys)."""
+        burst = max(1.0, (hcfg.rate_per_s or 0.0) * RATE_BURST_S)
+        kl = hcfg.key_limit
+        if kl is None:
+            return await self._q.claim_items(
+                handler=hcfg.name,
+                limit=n,
+                worker=self._worker,
+                lease=self._lease_id,
+                global_cap=hcfg.global_concurrency,
+                rate=hcfg.rate_per_s,
+                burst=burst,
+            )
+        return await self._q.claim_keyed_items(
+            handler=hcfg.name,
+            limit=n,
+            worker=self._worker,
+            lease=self._lease_id,
+            global_cap=hcfg.global_concurrency,
+            rate=hcfg.rate_per_s,
+            burst=burst,
+            key_cap=kl.concurrency,
+            key_rate=kl.rate_per_s,
+            key_burst=max(1.0, (kl.rate_per_s or 0.0) * RATE_BURST_S),
+        )
 
     async def _release_orphans(self) -> None:
         """After a failed claim: items the database says we run but we do not know.

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from supervisor import states
+from supervisor import key_limits, states
 from supervisor.api.problems import Problem, ValidationFailed
 from supervisor.batches import NewBatch
 from supervisor.models import compact_json
@@ -211,9 +211,17 @@ def _unknown(body: Mapping[str, Any], known: tuple[str, ...], errors: list[dict[
 
 
 def submission(
-    body: Any, *, header_key: str | None, handler_exists: Callable[[str], bool], max_items: int
+    body: Any,
+    *,
+    header_key: str | None,
+    handler_exists: Callable[[str], bool],
+    max_items: int,
+    key_pointer: Callable[[str], str | None] = lambda _handler: None,
 ) -> NewBatch:
-    """Validate a POST /v1/batches body into a NewBatch, or raise with every error."""
+    """Validate a POST /v1/batches body into a NewBatch, or raise with every error.
+
+    ``key_pointer``: the JSON Pointer of a handler's key limit (None: it has none);
+    each item's limit key is taken from its payload here, once."""
     if not isinstance(body, dict):
         raise ValidationFailed([{"path": "", "message": "the body must be a JSON object"}])
     errors: list[dict[str, str]] = []
@@ -225,6 +233,9 @@ def submission(
     elif not handler_exists(handler):
         errors.append({"path": "/handler", "message": f"unknown handler {handler!r}"})
 
+    pointer = key_pointer(handler) if isinstance(handler, str) and handler_exists(handler) else None
+    tokens = key_limits.parse_pointer(pointer) if pointer is not None else None
+    limit_keys: list[str] | None = [] if tokens is not None else None
     raw_items = body.get("items")
     items: list[tuple[str | None, str]] = []
     if not isinstance(raw_items, list) or not raw_items:
@@ -274,6 +285,11 @@ def submission(
             text = storable_json(payload, payload_path, errors)
             if text is not None:
                 items.append((key, text))
+            if tokens is not None and limit_keys is not None:
+                try:
+                    limit_keys.append(key_limits.key_of(payload, tokens))
+                except ValueError as exc:
+                    errors.append({"path": f"{payload_path}{pointer}", "message": str(exc)})
             if len(errors) >= 50:
                 break
 
@@ -355,6 +371,7 @@ def submission(
         after=after,
         after_policy=after_policy,
         on_conflict=on_conflict,
+        limit_keys=limit_keys,
     )
 
 
