@@ -222,7 +222,17 @@ class Dispatcher:
         batch_size = self._cfg.worker.claim_batch_size
         turn = 0
         failures = 0
+        # Items queued before their handler had a key limit have no key, and a
+        # keyed claim does not see them: give them theirs first.
+        unkeyed = [n for n in names if self._handlers[n].config.key_limit is not None]
         while True:
+            if unkeyed:
+                try:
+                    await self._assign_limit_keys(unkeyed)
+                except DatabaseUnavailable:
+                    await anyio.sleep(0.2 + random.random() * 0.3)
+                    continue  # still away; try again before claiming anything
+                unkeyed = []
             if self._orphan_check:
                 try:
                     await self._release_orphans()
@@ -307,6 +317,14 @@ class Dispatcher:
             refill = max(1, min(batch_size, self._window.size() // 4))
             while self.free_slots() < refill and time.monotonic() < deadline:
                 await self._wakeup.wait(max(0.0, deadline - time.monotonic()))
+
+    async def _assign_limit_keys(self, names: list[str]) -> None:
+        for name in names:
+            kl = self._handlers[name].config.key_limit
+            assert kl is not None
+            n = await self._q.assign_limit_keys(handler=name, tokens=kl.tokens)
+            if n:
+                log.info("dispatcher.limit_keys_assigned handler=%s items=%s", name, n)
 
     async def _claim(self, hcfg: HandlerConfig, n: int) -> list[store.ClaimedItem]:
         """Up to ``n`` items of one handler: ``claim_items``, or ``claim_keyed_items``

@@ -662,6 +662,10 @@ class Queries:
         )
         return [ClaimedItem.of(r) for r in rows]
 
+    async def assign_limit_keys(self, *, handler: str, tokens: Sequence[str]) -> int:
+        """Give the handler's queued items without a limit key theirs; how many."""
+        return int(await self._ex.fetchval("assign_limit_keys", handler, list(tokens)))
+
     async def apply_outcomes(self, o: Outcomes) -> Transitions:
         rows = await self._ex.fetch(
             "apply_outcomes",

@@ -203,6 +203,31 @@ SELECT * FROM @schema.claim_keyed_items(
     p_global_cap => $5, p_rate => $6, p_burst => $7,
     p_key_cap => $8, p_key_rate => $9, p_key_burst => $10);
 
+-- name: assign_limit_keys
+-- The limit keys of a handler's queued items that have none (submitted before it
+-- had a key limit), from their payloads at $2 (the pointer's tokens) as at
+-- submission: a string itself, an integer or a boolean its JSON text, anything
+-- else (missing, null, a value refused at submission) the shared key ''. Rows
+-- being claimed are skipped (SKIP LOCKED: two starting daemons never wait on
+-- each other). Returns how many items got a key.
+WITH todo AS (
+    SELECT i.id FROM @schema.items i
+     WHERE i.handler = $1 AND i.status = 'queued' AND i.limit_key IS NULL
+       FOR UPDATE SKIP LOCKED
+), done AS (
+    UPDATE @schema.items i
+       SET limit_key = CASE
+               WHEN jsonb_typeof(i.payload #> $2::text[]) IN ('string', 'boolean')
+                   THEN i.payload #>> $2::text[]
+               WHEN jsonb_typeof(i.payload #> $2::text[]) = 'number'
+                    AND (i.payload #>> $2::text[]) ~ '^-?[0-9]+$'
+                   THEN i.payload #>> $2::text[]
+               ELSE '' END
+      FROM todo WHERE i.id = todo.id
+    RETURNING 1
+)
+SELECT count(*)::integer FROM done;
+
 -- name: apply_outcomes
 -- Fenced outcome write for many items at once; returns applied items and finished batches.
 SELECT * FROM @schema.apply_outcomes(

@@ -199,3 +199,36 @@ async def test_a_keyed_claim_keeps_the_handlers_global_cap(db: dbm.Database) -> 
     lease = new_lease()
     assert len(await claim(db, lease, 10, key_cap=1, global_cap=4)) == 4
     assert await claim(db, new_lease(), 10, key_cap=1, global_cap=4) == []
+
+
+async def test_items_queued_before_the_key_limit_get_their_keys_as_at_submission(
+    db: dbm.Database, conn: asyncpg.Connection
+) -> None:
+    payloads: list[Any] = [
+        {"domain": "a.example"},
+        {"domain": 42},
+        {"domain": True},
+        {"domain": 1.5},
+        {"domain": {"x": 1}},
+        {"domain": None},
+        {},
+        "bare",
+    ]
+    nb = batches.NewBatch(handler=HANDLER, items=[(None, json.dumps(p)) for p in payloads])
+    await batches.submit(db, nb, tenant="t", actor="test", attempt_budget=3, callback_handler=None)
+    # Not seen by a keyed claim until they have keys.
+    assert await claim(db, new_lease(), 10, key_cap=1) == []
+    q = store.Queries(db)
+    assert await q.assign_limit_keys(handler=HANDLER, tokens=POINTER) == len(payloads)
+    assert await q.assign_limit_keys(handler=HANDLER, tokens=POINTER) == 0
+    rows = await conn.fetch(f"SELECT payload, limit_key FROM {db.schema}.items ORDER BY seq")
+    keys = [r["limit_key"] for r in rows]
+    assert keys == ["a.example", "42", "true", "", "", "", "", ""]
+    # The same as submission gives, where submission accepts the value.
+    for p, k in zip(payloads, keys, strict=True):
+        try:
+            assert key_limits.key_of(p, POINTER) == k
+        except ValueError:
+            pass  # refused at submission (422)
+    got = await claim(db, new_lease(), 10, key_cap=1)
+    assert len(got) == 4  # "a.example", "42", "true" and one of those sharing ""
