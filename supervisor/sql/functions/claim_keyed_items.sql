@@ -222,8 +222,10 @@ BEGIN
     IF v_total >= v_limit THEN
         v_last := v_items_key[v_total];
     END IF;
-    INSERT INTO @schema.key_cursors AS kc (handler, last_key) VALUES (p_handler, v_last)
-        ON CONFLICT (handler) DO UPDATE SET last_key = excluded.last_key;
+    IF v_last IS DISTINCT FROM v_cursor THEN
+        INSERT INTO @schema.key_cursors AS kc (handler, last_key) VALUES (p_handler, v_last)
+            ON CONFLICT (handler) DO UPDATE SET last_key = excluded.last_key;
+    END IF;
     IF v_total = 0 THEN
         RETURN;
     END IF;
