@@ -232,3 +232,17 @@ async def test_items_queued_before_the_key_limit_get_their_keys_as_at_submission
             pass  # refused at submission (422)
     got = await claim(db, new_lease(), 10, key_cap=1)
     assert len(got) == 4  # "a.example", "42", "true" and one of those sharing ""
+
+
+async def test_a_large_submission_copies_its_items_limit_keys(
+    db: dbm.Database, conn: asyncpg.Connection
+) -> None:
+    n = batches.INLINE_ITEMS + 1  # past the one-statement submission: COPY
+    await submit(db, [f"d{i % 7}" for i in range(n)])
+    rows = await conn.fetch(
+        f"SELECT limit_key, count(*) AS n FROM {db.schema}.items GROUP BY limit_key"
+    )
+    assert {r["limit_key"]: r["n"] for r in rows} == {
+        f"d{k}": len(range(k, n, 7)) for k in range(7)
+    }
+    assert len(await claim(db, new_lease(), 100, key_cap=1)) == 7
