@@ -5,11 +5,12 @@ key, nor more starts per key than its rate allows."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 from collections import defaultdict
 from typing import Any
 
-from tests.daemon import DEFAULT_HANDLERS
+from tests.daemon import DEFAULT_HANDLERS, wait_for
 from tests.test_scheduling import echo_handler, max_overlap, runlog
 
 DOMAINS = ["a.example", "b.example", "c.example", "d.example"]
@@ -94,3 +95,34 @@ def test_a_payload_value_that_cannot_be_a_key_is_refused_naming_it(daemons: Any)
     d.wait_status(ok["id"], "completed", timeout=30)
     status, listing, _ = d.api("GET", "/v1/batches")
     assert status == 200 and len(listing["batches"]) == 1, listing
+
+
+def test_a_killed_daemons_item_holds_its_key_until_it_is_reclaimed(
+    daemons: Any, tmp_path: pathlib.Path
+) -> None:
+    """Daemon a runs x#0, which hangs, and is killed; b must not start x#1 (key
+    concurrency 1) until its reaper has reclaimed x#0 (one attempt: failed)."""
+    log = tmp_path / "runs.jsonl"
+    handlers = dict(DEFAULT_HANDLERS) | {
+        "scrape": echo_handler(max_attempts=1, key_limit={"key": "/domain", "concurrency": 1})
+    }
+    env = {"BSV_TEST_RUNLOG": str(log)}
+    a = daemons("a", handlers=handlers, env=env)
+    batch = a.submit(
+        "scrape",
+        [
+            {"key": "x#0", "payload": {"domain": "x", "sleep": 3600}},
+            {"key": "x#1", "payload": {"domain": "x"}},
+        ],
+    )
+    wait_for(lambda: any(e["key"] == "x#0" for e in runlog(log)), 20, what="x#0 started on a")
+    b = daemons("b", handlers=handlers, env=env)
+    a.kill()
+    b.wait_status(batch["id"], "completed_with_errors", timeout=60)
+    items = {i["key"]: i for i in b.items(batch["id"])}
+    assert items["x#0"]["status"] == "failed" and items["x#1"]["status"] == "succeeded", items
+    assert "WorkerLost" in json.dumps(items["x#0"]["error"])
+    # x#1 started only once x#0 had left running (reclaimed), never beside it.
+    assert items["x#1"]["started_at"] >= items["x#0"]["finished_at"], items
+    starts = [e for e in runlog(log) if e["event"] == "start"]
+    assert [e["key"] for e in starts] == ["x#0", "x#1"], starts
