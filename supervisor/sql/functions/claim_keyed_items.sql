@@ -30,7 +30,7 @@ DECLARE
     v_limit integer := p_limit;
     v_running integer;
     v_tokens double precision;
-    v_now timestamptz := clock_timestamp();
+    v_now timestamptz;
     v_visit integer;
     v_cursor text;
     v_last text;
@@ -55,6 +55,9 @@ DECLARE
     v_ord bigint[];
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('@sname:claim:' || p_handler));
+    -- The buckets' clock is read under the lock: a claim that waited for it must
+    -- not date its bucket writes before those of the claim it waited for.
+    v_now := clock_timestamp();
     IF p_global_cap IS NOT NULL THEN
         SELECT count(*) INTO v_running FROM @schema.items i
          WHERE i.status = 'running' AND i.handler = p_handler;
