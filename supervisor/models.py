@@ -145,6 +145,7 @@ def item_json(it: ItemRow, *, with_errors: bool = False, tracebacks: bool = True
         "created_at": rfc3339(it.created_at),
         "started_at": rfc3339(it.started_at),
         "finished_at": rfc3339(it.finished_at),
+        "limit_key": it.limit_key,
     }
     if with_errors and isinstance(it, ItemDetail):
         errors = loads(it.errors)

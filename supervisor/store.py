@@ -118,6 +118,7 @@ class ItemRow(_FromRecord):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    limit_key: str | None  # its handler's key_limit key, set at submission
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -140,7 +140,8 @@ SELECT * FROM @schema.batches
 -- name: list_items
 -- A batch's items in id order, keyset-paged on id; status filter optional.
 SELECT id, batch_id, key, status, payload, result, attempts, max_attempts,
-       errors -> -1 AS error, run_after, worker, created_at, started_at, finished_at
+       errors -> -1 AS error, run_after, worker, created_at, started_at, finished_at,
+       limit_key
   FROM @schema.items
  WHERE batch_id = $1 AND ($2::text IS NULL OR status = $2) AND id > $3
  ORDER BY id
@@ -160,7 +161,7 @@ SELECT id, key, status, attempts, result, errors -> -1 AS error
 -- One item with its whole error history, visible to the tenant.
 SELECT i.id, i.batch_id, i.key, i.status, i.payload, i.result, i.attempts, i.max_attempts,
        i.errors -> -1 AS error, i.errors, i.errors_dropped, i.run_after, i.worker,
-       i.created_at, i.started_at, i.finished_at
+       i.created_at, i.started_at, i.finished_at, i.limit_key
   FROM @schema.items i JOIN @schema.batches b ON b.id = i.batch_id
  WHERE i.id = $1 AND ($2::text IS NULL OR b.tenant = $2);
 

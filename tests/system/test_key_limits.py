@@ -93,6 +93,7 @@ def test_a_payload_value_that_cannot_be_a_key_is_refused_naming_it(daemons: Any)
     # written by the refused submission).
     ok = d.submit("scrape", [{"site": {}}, {"site": {"domain": 7}}, "bare"])
     d.wait_status(ok["id"], "completed", timeout=30)
+    assert [i["limit_key"] for i in d.items(ok["id"])] == ["", "7", ""]
     status, listing, _ = d.api("GET", "/v1/batches")
     assert status == 200 and len(listing["batches"]) == 1, listing
 
