@@ -246,3 +246,42 @@ async def test_a_large_submission_copies_its_items_limit_keys(
         f"d{k}": len(range(k, n, 7)) for k in range(7)
     }
     assert len(await claim(db, new_lease(), 100, key_cap=1)) == 7
+
+
+async def test_a_keyed_claim_reads_indexes_not_the_queue(
+    db: dbm.Database, conn: asyncpg.Connection
+) -> None:
+    """Its cost follows the keys it looks at: no statement of the claim scans
+    items (or the buckets) whole, however deep the queue, once statistics say
+    it is deep."""
+    await submit(db, [f"site{i % 5000}.example" for i in range(20_000)])
+    lease = new_lease()
+    await claim(db, lease, 50, key_cap=1, key_rate=100.0)  # buckets and a cursor exist
+    await conn.execute(f"ANALYZE {db.schema}.items")
+    try:
+        await conn.execute("LOAD 'auto_explain'")
+    except asyncpg.PostgresError as e:  # pragma: no cover - depends on the server build
+        pytest.skip(f"auto_explain is not available in this PostgreSQL build: {e}")
+    await conn.execute(
+        "SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;"
+        "SET client_min_messages = log"
+    )
+    plans: list[str] = []
+    conn.add_log_listener(lambda _c, msg: plans.append(str(msg.message)))
+    rows = await conn.fetch(
+        db.sql("claim_keyed_items"),
+        HANDLER,
+        100,
+        "w2",
+        uuid.uuid4(),
+        None,
+        None,
+        1.0,
+        1,
+        100.0,
+        1.0,
+    )
+    assert len(rows) == 100
+    assert any("items_key_runnable" in p for p in plans), plans
+    scans = [p for p in plans if "Seq Scan on items" in p or "Seq Scan on key_rate" in p]
+    assert scans == [], scans
