@@ -50,6 +50,7 @@ SCENARIOS: dict[str, Callable[[Ctx, Results], Awaitable[None]]] = {
     "latency_small": latency_small.run,
     "io": iobound.run,
     "claim_cost": claim_cost.run,
+    "claim_cost_keys": claim_cost.run_keys,
     "results": export.run,
     "horizon": horizon.run,
 }

@@ -18,6 +18,7 @@ written to ``claim-plans-<level>.txt`` (in ``--profile DIR``, else printed only)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import statistics
@@ -27,7 +28,7 @@ from typing import Any
 import asyncpg
 
 from bench.context import Ctx
-from bench.harness import Results, running_daemon
+from bench.harness import BENCH_HANDLERS, Results, batch_body, running_daemon
 from bench.small import submit_from_clients
 
 LEVELS = (10, 100, 1_000, 3_000, 10_000)
@@ -206,3 +207,148 @@ async def run(ctx: Ctx, results: Results) -> None:
                     await conn.close()
         finally:
             await ctx.server.drop_database(dsn)
+
+
+# --------------------------------------------------------------- keyed limits
+# Scenario ``claim_cost_keys``: claim_keyed_items beside claim_items, in one run on
+# one database. A 'hold' item occupies the daemon's one worker; then three
+# batches stay queued: KEYED_ITEMS 'hold' items (no key limit: claim_items),
+# KEYED_ITEMS 'hold_keyed' items with as many distinct keys (key_limit
+# concurrency 1), and KEYED_ITEMS 'hold_deep' items over 10 keys (concurrency
+# 1000). Each claim (500 items) is timed as in claim_cost: CALLS calls, each
+# rolled back after a VACUUM, median; the calls of the three alternate. Last,
+# claim_items in savepoints of one transaction, with and without the two indexes
+# of keyed limits (dropped inside the transaction, which is rolled back), three
+# times alternated: what those indexes cost claims of handlers without key limits.
+KEYED_ITEMS = 10_000
+KEYED_HANDLERS = BENCH_HANDLERS | {
+    "hold_keyed": {**BENCH_HANDLERS["hold"], "key_limit": {"key": "/d", "concurrency": 1}},
+    "hold_deep": {**BENCH_HANDLERS["hold"], "key_limit": {"key": "/d", "concurrency": 1000}},
+}
+KEYED_SQL = (
+    "SELECT count(*) FROM supervisor.claim_keyed_items($1, 500, 'bench-probe', "
+    "gen_random_uuid(), NULL, NULL, 1, $2, NULL, 1)"
+)
+
+
+async def _timed(conn: asyncpg.Connection, sql: str, *args: Any) -> tuple[float, int]:
+    await _vacuum(conn)
+    tx = conn.transaction()
+    await tx.start()
+    t0 = time.perf_counter()
+    got = int(await conn.fetchval(sql, *args))
+    elapsed = time.perf_counter() - t0
+    await tx.rollback()
+    return elapsed, got
+
+
+async def run_keys(ctx: Ctx, results: Results) -> None:
+    n = ctx.scaled(KEYED_ITEMS, 100)
+    for _ in range(ctx.runs):
+        dsn = await ctx.server.new_database("claimkeys")
+        try:
+            async with running_daemon(
+                ctx.work_dir, dsn, "claimkeys", worker=WORKER, handlers=KEYED_HANDLERS
+            ) as (d, session):
+                await d.post_batch(session, batch_body("hold", 1))
+                conn = await asyncpg.connect(dsn)
+                try:
+                    for _ in range(600):  # the worker takes the 'hold' item (30 s at most)
+                        if await conn.fetchval(
+                            "SELECT count(*) FROM supervisor.items WHERE status = 'running'"
+                        ):
+                            break
+                        await asyncio.sleep(0.05)
+                    await d.post_batch(session, batch_body("hold", n, {}))
+                    keyed = [{"d": f"site{i}.example"} for i in range(n)]
+                    deep = [{"d": f"deep{i % 10}.example"} for i in range(n)]
+                    for handler, payloads in (("hold_keyed", keyed), ("hold_deep", deep)):
+                        body = json.dumps({"handler": handler, "items": payloads}).encode()
+                        await d.post_batch(session, body)
+                    await conn.execute("VACUUM ANALYZE supervisor.batches")
+                    await conn.execute("VACUUM ANALYZE supervisor.items")
+                    times: dict[str, list[float]] = {"plain": [], "keyed": [], "deep": []}
+                    got: dict[str, int] = {}
+                    for _ in range(CALLS):
+                        for name, sql, args in (
+                            ("plain", CLAIM_SQL, ()),
+                            ("keyed", KEYED_SQL, ("hold_keyed", 1)),
+                            ("deep", KEYED_SQL, ("hold_deep", 1000)),
+                        ):
+                            t, got[name] = await _timed(conn, sql, *args)
+                            times[name].append(t)
+                    with_ix: list[float] = []
+                    without_ix: list[float] = []
+                    for _ in range(3):  # alternated: the machine's noise hits both
+                        await _vacuum(conn)
+                        with_ix.append(await _savepoint_claims(conn, drop=False))
+                        await _vacuum(conn)
+                        without_ix.append(await _savepoint_claims(conn, drop=True))
+                finally:
+                    await conn.close()
+        finally:
+            await ctx.server.drop_database(dsn)
+        labels = {
+            "plain": f"claim_items, one {n:,}-item batch (no key limit)",
+            "keyed": f"claim_keyed_items, {n:,} items of {n:,} distinct keys",
+            "deep": f"claim_keyed_items, {n:,} items of 10 keys",
+        }
+        for name, label in labels.items():
+            med = statistics.median(times[name])
+            results.add(
+                f"claim_cost_keys.{name}", f"claim_cost_keys: {label}", "ms", 1000 * med, False
+            )
+            results.add(
+                f"claim_cost_keys.{name}.per_item",
+                f"claim_cost_keys: per item claimed, {name} ({got[name]} per call)",
+                "us",
+                1e6 * med / max(1, got[name]),
+                False,
+            )
+        results.add(
+            "claim_cost_keys.plain_savepoints",
+            "claim_cost_keys: claim_items, in savepoints, with the indexes of keyed limits",
+            "ms",
+            1000 * statistics.median(with_ix),
+            False,
+        )
+        results.add(
+            "claim_cost_keys.plain_without_key_indexes",
+            "claim_cost_keys: claim_items, in savepoints, those indexes dropped",
+            "ms",
+            1000 * statistics.median(without_ix),
+            False,
+        )
+
+
+async def _savepoint_claims(conn: asyncpg.Connection, *, drop: bool) -> float:
+    """Median claim_items time, each claim in a savepoint of one transaction that
+    is rolled back after (no VACUUM between, so both variants are measured alike);
+    ``drop``: with items_key_runnable and items_key_running dropped first."""
+    times: list[float] = []
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        if drop:
+            await conn.execute(
+                "DROP INDEX supervisor.items_key_runnable, supervisor.items_key_running"
+            )
+        await _vacuum_free_warmup(conn)
+        for _ in range(CALLS):
+            sp = conn.transaction()
+            await sp.start()
+            t0 = time.perf_counter()
+            await conn.fetchval(CLAIM_SQL)
+            times.append(time.perf_counter() - t0)
+            await sp.rollback()
+    finally:
+        await tx.rollback()
+    return statistics.median(times)
+
+
+async def _vacuum_free_warmup(conn: asyncpg.Connection) -> None:
+    """One claim, rolled back, so that both variants start with plans cached."""
+    sp = conn.transaction()
+    await sp.start()
+    await conn.fetchval(CLAIM_SQL)
+    await sp.rollback()

@@ -149,6 +149,8 @@ def _toml(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, int | float):
         return repr(v)
+    if isinstance(v, dict):  # an inline table (a handler's key_limit)
+        return "{" + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + "}"
     return json.dumps(v)
 
 

@@ -51,13 +51,16 @@ class NewBatch:
     on_conflict: str | None = None  # "queue": wait behind the key's batches; else refused
     not_before: datetime | None = None  # in UTC; no item is claimed before it
     max_items: int | None = None  # how far handlers may grow it (add_items); None: the server's
+    # The items' limit keys (key_limits.py), in item order; None when the handler
+    # has no key limit. Derived from the payloads, so not part of the request digest.
+    limit_keys: Sequence[str] | None = None
 
     def request_hash(self) -> str:
         """Digest of the content, to tell an idempotent repeat from a conflicting one."""
         head = {
             f.name: value
             for f in dataclasses.fields(self)
-            if f.name != "items"
+            if f.name not in ("items", "limit_keys")
             and not ((value := getattr(self, f.name)) is None and f.name in _DIGEST_WHEN_SET)
         }
         h = hashlib.sha256(json.dumps(head, sort_keys=True, default=str).encode())
@@ -196,6 +199,7 @@ async def _insert(
             keys=[key for key, _ in nb.items],
             payloads=[payload for _, payload in nb.items],
             created=created,
+            limit_keys=nb.limit_keys or (),
         )
     async with db.transaction("submit") as tx:
         batch = await store.Queries(tx).submit_batch(
@@ -264,6 +268,7 @@ async def _insert_locked(
             keys=[key for key, _ in nb.items] if len(nb.items) <= INLINE_ITEMS else (),
             payloads=[p for _, p in nb.items] if len(nb.items) <= INLINE_ITEMS else (),
             created=created,
+            limit_keys=(nb.limit_keys or ()) if len(nb.items) <= INLINE_ITEMS else (),
         )
         if batch is not None and len(nb.items) > INLINE_ITEMS:
             await tx.copy_items(db.schema, *_copied_items(nb, batch, budget=budget))
@@ -273,18 +278,22 @@ async def _insert_locked(
 def _copied_items(
     nb: NewBatch, batch: store.BatchRow, *, budget: int
 ) -> tuple[Sequence[str], list[tuple[Any, ...]]]:
-    """The columns and rows of a submission's items by COPY. A batch created
-    scheduled (not_before later than its created_at, both the database's clock)
-    gives its items that run_after, as submit_batch does for the items it inserts."""
-    if batch.not_before is not None and batch.not_before > batch.created_at:
-        at = batch.not_before
-        return (*ITEM_COLUMNS, "run_after"), [
-            (batch.id, i, key, nb.handler, payload, budget, at)
-            for i, (key, payload) in enumerate(nb.items)
-        ]
-    return ITEM_COLUMNS, [
+    """The columns and rows of a submission's items by COPY, as submit_batch
+    inserts them: a batch created scheduled (not_before later than its created_at,
+    both the database's clock) gives its items that run_after, and a handler with
+    a key limit gives each item its limit key."""
+    columns: tuple[str, ...] = ITEM_COLUMNS
+    rows: list[tuple[Any, ...]] = [
         (batch.id, i, key, nb.handler, payload, budget) for i, (key, payload) in enumerate(nb.items)
     ]
+    if batch.not_before is not None and batch.not_before > batch.created_at:
+        at = batch.not_before
+        columns += ("run_after",)
+        rows = [(*r, at) for r in rows]
+    if nb.limit_keys is not None:
+        columns += ("limit_key",)
+        rows = [(*r, k) for r, k in zip(rows, nb.limit_keys, strict=True)]
+    return columns, rows
 
 
 async def _refused(

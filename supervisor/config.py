@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from supervisor import key_limits
 from supervisor.errors import ConfigError
 
 T = TypeVar("T")
@@ -201,6 +202,18 @@ class BackoffConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class KeyLimitConfig:
+    """A handler's limits per key (supervisor/key_limits.py): at most
+    ``concurrency`` running and ``rate_per_s`` starts per key, across every daemon."""
+
+    key: str  # the JSON Pointer into the payload, as configured
+    tokens: tuple[str, ...]  # its reference tokens
+    concurrency: int | None = None
+    rate_limit: str | None = None
+    rate_per_s: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class HandlerConfig:
     name: str
     type: str
@@ -216,6 +229,7 @@ class HandlerConfig:
     global_concurrency: int | None = None
     rate_limit: str | None = None
     rate_per_s: float | None = None
+    key_limit: KeyLimitConfig | None = None
     on_complete: str | None = None
     headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
     signing_secret: str | None = None
@@ -532,6 +546,7 @@ _HANDLER_KEYS = [
     "concurrency",
     "global_concurrency",
     "rate_limit",
+    "key_limit",
     "on_complete",
     "headers",
     "signing_secret",
@@ -589,6 +604,7 @@ def _handlers(ck: _Checker, raw: Mapping[str, Any]) -> dict[str, HandlerConfig]:
                 rate_per_s = parse_rate(rate_limit)
             except ValueError as exc:
                 ck.problems.append(f"{p}.rate_limit: {exc}")
+        key_limit = _key_limit(ck, t, p)
         env = ck.get(t, p, "env", dict, {})
         for ek, ev in env.items():
             if not isinstance(ev, str):
@@ -624,6 +640,7 @@ def _handlers(ck: _Checker, raw: Mapping[str, Any]) -> dict[str, HandlerConfig]:
             global_concurrency=ck.positive_int(t, p, "global_concurrency", None),
             rate_limit=rate_limit,
             rate_per_s=rate_per_s,
+            key_limit=key_limit,
             on_complete=ck.get(t, p, "on_complete", str, None),
             headers={str(k): str(v) for k, v in headers.items()},
             env={str(k): str(v) for k, v in env.items()},
@@ -637,6 +654,47 @@ def _handlers(ck: _Checker, raw: Mapping[str, Any]) -> dict[str, HandlerConfig]:
             more = f" (did you mean {hint[0]!r}?)" if hint else ""
             ck.problems.append(f"handlers.{name}.on_complete: no handler {h.on_complete!r}{more}")
     return out
+
+
+def _key_limit(ck: _Checker, t: Mapping[str, Any], p: str) -> KeyLimitConfig | None:
+    """``[handlers.NAME.key_limit]``: a key pointer and at least one limit per key."""
+    if "key_limit" not in t:
+        return None
+    kp = f"{p}.key_limit"
+    k = t["key_limit"]
+    if not isinstance(k, dict):
+        ck.problems.append(f"{kp}: expected a table, got {type(k).__name__}")
+        return None
+    ck.unknown(kp, k, ["key", "concurrency", "rate_limit"])
+    pointer = ck.get(k, kp, "key", str, None)
+    tokens: tuple[str, ...] = ()
+    if pointer is None:
+        if "key" not in k:
+            ck.problems.append(
+                f'{kp}.key: required, a JSON Pointer into the payload like "/domain"'
+            )
+    else:
+        try:
+            tokens = key_limits.parse_pointer(pointer)
+        except ValueError as exc:
+            ck.problems.append(f"{kp}.key: {exc}")
+    rate_limit = ck.get(k, kp, "rate_limit", str, None)
+    rate_per_s = None
+    if rate_limit is not None:
+        try:
+            rate_per_s = parse_rate(rate_limit)
+        except ValueError as exc:
+            ck.problems.append(f"{kp}.rate_limit: {exc}")
+    concurrency = ck.positive_int(k, kp, "concurrency", None)
+    if "concurrency" not in k and "rate_limit" not in k:
+        ck.problems.append(f"{kp}: needs concurrency, rate_limit or both (the limits per key)")
+    return KeyLimitConfig(
+        key=pointer or "",
+        tokens=tokens,
+        concurrency=concurrency,
+        rate_limit=rate_limit,
+        rate_per_s=rate_per_s,
+    )
 
 
 def _is_loopback(host: str) -> bool:

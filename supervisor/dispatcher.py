@@ -41,7 +41,7 @@ import anyio.abc
 from supervisor import db as dbm
 from supervisor import executor, prefetch, progress, states, store
 from supervisor.api import schemas
-from supervisor.config import Config
+from supervisor.config import Config, HandlerConfig
 from supervisor.errors import DatabaseUnavailable
 from supervisor.events import Wakeup
 from supervisor.executor import StopReason
@@ -68,8 +68,8 @@ class Running:
     scope: anyio.CancelScope  # the worker's scope: cancelling it stops this attempt
     deadline: float  # time.monotonic() past which it has timed out
     limit: float  # how far item.extend() may move the deadline (max_timeout)
-    # items it adds to its batch (key, payload JSON), written with its success
-    added: list[tuple[str | None, str]] = dataclasses.field(default_factory=list)
+    # items it adds to its batch (key, payload JSON, limit key), written with its success
+    added: list[executor.Added] = dataclasses.field(default_factory=list)
 
 
 class Dispatcher:
@@ -249,7 +249,17 @@ class Dispatcher:
         batch_size = self._cfg.worker.claim_batch_size
         turn = 0
         failures = 0
+        # Items queued before their handler had a key limit have no key, and a
+        # keyed claim does not see them: give them theirs first.
+        unkeyed = [n for n in names if self._handlers[n].config.key_limit is not None]
         while True:
+            if unkeyed:
+                try:
+                    await self._assign_limit_keys(unkeyed)
+                except DatabaseUnavailable:
+                    await anyio.sleep(0.2 + random.random() * 0.3)
+                    continue  # still away; try again before claiming anything
+                unkeyed = []
             if self._orphan_check:
                 try:
                     await self._release_orphans()
@@ -286,20 +296,18 @@ class Dispatcher:
                     # would leave its items running under our lease with no one on
                     # them. What it returns is enqueued; the stop releases it.
                     with anyio.CancelScope(shield=True):
-                        rows = await self._q.claim_items(
-                            handler=name,
-                            limit=n,
-                            worker=self._worker,
-                            lease=self._lease_id,
-                            global_cap=hcfg.global_concurrency,
-                            rate=hcfg.rate_per_s,
-                            burst=max(1.0, (hcfg.rate_per_s or 0.0) * RATE_BURST_S),
-                        )
+                        rows = await self._claim(hcfg, n)
                     for row in rows:
                         self._enqueue(name, row)
                     claimed += len(rows)
                     saturated = saturated or len(rows) == n
-                    limited = hcfg.rate_per_s is not None or hcfg.global_concurrency is not None
+                    # Keyed limits count as limits: another daemon's finished item
+                    # frees a key's slot, and a key's tokens refill, unannounced.
+                    limited = (
+                        hcfg.rate_per_s is not None
+                        or hcfg.global_concurrency is not None
+                        or hcfg.key_limit is not None
+                    )
                     throttled = throttled or (limited and len(rows) < n)
                     if not rows and not limited:
                         # Skip this handler's claim round trip until something says
@@ -336,6 +344,42 @@ class Dispatcher:
             refill = max(1, min(batch_size, self._window.size() // 4))
             while self.free_slots() < refill and time.monotonic() < deadline:
                 await self._wakeup.wait(max(0.0, deadline - time.monotonic()))
+
+    async def _assign_limit_keys(self, names: list[str]) -> None:
+        for name in names:
+            kl = self._handlers[name].config.key_limit
+            assert kl is not None
+            n = await self._q.assign_limit_keys(handler=name, tokens=kl.tokens)
+            if n:
+                log.info("dispatcher.limit_keys_assigned handler=%s items=%s", name, n)
+
+    async def _claim(self, hcfg: HandlerConfig, n: int) -> list[store.ClaimedItem]:
+        """Up to ``n`` items of one handler: ``claim_items``, or ``claim_keyed_items``
+        for a handler with a key limit (only those pay for the keys)."""
+        burst = max(1.0, (hcfg.rate_per_s or 0.0) * RATE_BURST_S)
+        kl = hcfg.key_limit
+        if kl is None:
+            return await self._q.claim_items(
+                handler=hcfg.name,
+                limit=n,
+                worker=self._worker,
+                lease=self._lease_id,
+                global_cap=hcfg.global_concurrency,
+                rate=hcfg.rate_per_s,
+                burst=burst,
+            )
+        return await self._q.claim_keyed_items(
+            handler=hcfg.name,
+            limit=n,
+            worker=self._worker,
+            lease=self._lease_id,
+            global_cap=hcfg.global_concurrency,
+            rate=hcfg.rate_per_s,
+            burst=burst,
+            key_cap=kl.concurrency,
+            key_rate=kl.rate_per_s,
+            key_burst=max(1.0, (kl.rate_per_s or 0.0) * RATE_BURST_S),
+        )
 
     async def _release_orphans(self) -> None:
         """After a failed claim: items the database says we run but we do not know.
@@ -486,7 +530,16 @@ class Dispatcher:
         outcome write (see :mod:`supervisor.outbox`); raises ValueError naming a
         bad entry, or the attempt being over. Callable from a handler's thread."""
         errors: list[dict[str, str]] = []
-        parsed = schemas.item_entries(list(entries), errors, path="", dedupe=True)
+        kl = self._handlers[item.handler].config.key_limit
+        limit_keys: list[str] = []
+        parsed = schemas.item_entries(
+            list(entries),
+            errors,
+            path="",
+            dedupe=True,
+            key_limit=(kl.key, kl.tokens) if kl is not None else None,
+            limit_keys=limit_keys,
+        )
         if errors:
             raise ValueError(
                 "add_items: " + "; ".join(f"item {e['path']}: {e['message']}" for e in errors[:5])
@@ -499,7 +552,12 @@ class Dispatcher:
                 f"add_items: more than {self._cfg.server.max_items_per_batch} items added by "
                 "one attempt ([server] max_items_per_batch)"
             )
-        run.added.extend(parsed)
+        if kl is None:
+            run.added.extend((key, payload, None) for key, payload in parsed)
+        else:
+            run.added.extend(
+                (key, payload, lk) for (key, payload), lk in zip(parsed, limit_keys, strict=True)
+            )
         return len(parsed)
 
     def _stop(self, key: AttemptKey, run: Running, reason: StopReason) -> bool:
@@ -526,7 +584,7 @@ class Dispatcher:
         item: Item,
         result: executor.Attempt,
         started: float,
-        added: list[tuple[str | None, str]] | None = None,
+        added: list[executor.Added] | None = None,
     ) -> None:
         """Hand an outcome to the outbox; the claim stays counted until it is written."""
         self._outbox.put(executor.record(item, self._lease, result, started, added or ()))

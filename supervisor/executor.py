@@ -61,6 +61,11 @@ class Attempt:
     delay_s: float = 0.0
 
 
+# An item an attempt adds to its batch: its key, payload (JSON text) and limit key
+# (None unless its handler has a key_limit).
+Added = tuple[str | None, str, str | None]
+
+
 @dataclasses.dataclass(slots=True)
 class OutcomeRecord:
     """One fenced write: the outcome of attempt ``attempt`` under ``lease``."""
@@ -75,9 +80,9 @@ class OutcomeRecord:
     error_json: str | None
     delay_s: float
     duration_s: float
-    # items the attempt added to its batch (key, payload JSON text): written with a
-    # succeeded outcome, in its transaction (see supervisor.outbox)
-    added: Sequence[tuple[str | None, str]] = ()
+    # items the attempt added to its batch: written with a succeeded outcome, in
+    # its transaction (see supervisor.outbox)
+    added: Sequence[Added] = ()
 
 
 def storable_text(text: str) -> str:
@@ -305,7 +310,7 @@ def record(
     lease: str,
     attempt: Attempt,
     started: float,
-    added: Sequence[tuple[str | None, str]] = (),
+    added: Sequence[Added] = (),
 ) -> OutcomeRecord:
     """The write of an attempt's outcome; what it added goes only with a success."""
     return OutcomeRecord(

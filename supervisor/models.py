@@ -259,6 +259,7 @@ def item_json(it: ItemRow, *, with_errors: bool = False, tracebacks: bool = True
         "started_at": rfc3339(it.started_at),
         "finished_at": rfc3339(it.finished_at),
         "progress": loads(it.progress),
+        "limit_key": it.limit_key,
     }
     if with_errors and isinstance(it, ItemDetail):
         errors = loads(it.errors)

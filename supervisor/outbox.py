@@ -152,12 +152,14 @@ class Outbox:
         attempts: list[int] = []
         keys: list[str | None] = []
         payloads: list[str] = []
+        limit_keys: list[str | None] = []
         for r in chunk:
-            for key, payload in r.added:
+            for key, payload, limit_key in r.added:
                 parents.append(r.item_id)
                 attempts.append(r.attempt)
                 keys.append(key)
                 payloads.append(payload)
+                limit_keys.append(limit_key)
         results = await q.add_items(
             lease=uuid.UUID(chunk[0].lease),
             batches=[uuid.UUID(b) for b in {r.batch_id for r in chunk}],
@@ -165,6 +167,7 @@ class Outbox:
             attempts=attempts,
             keys=keys,
             payloads=payloads,
+            limit_keys=limit_keys,
             default_max=self._default_max_items,
             actor=self._actor,
         )

@@ -121,6 +121,7 @@ class ItemRow(_FromRecord):
     started_at: datetime | None
     finished_at: datetime | None
     progress: str | None  # jsonb text: the last report written of its last attempt
+    limit_key: str | None  # its handler's key_limit key, set at submission
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -465,6 +466,7 @@ class Queries:
         keys: Sequence[str | None],
         payloads: Sequence[str],
         created: str,
+        limit_keys: Sequence[str] = (),
     ) -> BatchRow | None:
         """Insert the batch, the items given (JSON text payloads; none when they
         follow by COPY), its 'created' event (``created``: JSON text) and the
@@ -499,6 +501,7 @@ class Queries:
             b.key_after,
             b.not_before,
             b.max_items,
+            limit_keys,
         )
         return None if r is None else BatchRow.of(r)
 
@@ -708,6 +711,40 @@ class Queries:
         )
         return [ClaimedItem.of(r) for r in rows]
 
+    async def claim_keyed_items(
+        self,
+        *,
+        handler: str,
+        limit: int,
+        worker: str,
+        lease: uuid.UUID,
+        global_cap: int | None,
+        rate: float | None,
+        burst: float,
+        key_cap: int | None,
+        key_rate: float | None,
+        key_burst: float,
+    ) -> list[ClaimedItem]:
+        """:meth:`claim_items` under the handler's limits per key as well."""
+        rows = await self._ex.fetch(
+            "claim_keyed_items",
+            handler,
+            limit,
+            worker,
+            lease,
+            global_cap,
+            rate,
+            burst,
+            key_cap,
+            key_rate,
+            key_burst,
+        )
+        return [ClaimedItem.of(r) for r in rows]
+
+    async def assign_limit_keys(self, *, handler: str, tokens: Sequence[str]) -> int:
+        """Give the handler's queued items without a limit key theirs; how many."""
+        return int(await self._ex.fetchval("assign_limit_keys", handler, list(tokens)))
+
     async def apply_outcomes(self, o: Outcomes) -> Transitions:
         rows = await self._ex.fetch(
             "apply_outcomes",
@@ -732,13 +769,23 @@ class Queries:
         attempts: list[int],
         keys: list[str | None],
         payloads: list[str],
+        limit_keys: list[str | None],
         default_max: int,
         actor: str,
     ) -> list[AddedItems]:
         """Parallel arrays, one entry per added item (payloads: JSON text); call in
         the outcome write's transaction, before :meth:`apply_outcomes`."""
         rows = await self._ex.fetch(
-            "add_items", lease, batches, parents, attempts, keys, payloads, default_max, actor
+            "add_items",
+            lease,
+            batches,
+            parents,
+            attempts,
+            keys,
+            payloads,
+            limit_keys,
+            default_max,
+            actor,
         )
         return [AddedItems.of(r) for r in rows]
 

@@ -153,3 +153,14 @@ def test_an_exec_command_adds_items_with_control_lines(
     assert done["counts"]["total"] == 3
     assert sorted(str(it["key"]) for it in d.items(b["id"])) == ["None", "x", "y"]
     assert all(it["result"] == {"root": bool(it["payload"])} for it in d.items(b["id"]))
+
+
+def test_items_added_under_a_key_limit_get_their_limit_key(daemons: Any) -> None:
+    # The keyed claim takes only items with a limit key: one added without it
+    # would never run.
+    keyed = HANDLERS["crawl"] | {"key_limit": {"key": "/page", "concurrency": 1}}
+    d = daemons(handlers=HANDLERS | {"keyed_crawl": keyed})
+    b = d.submit("keyed_crawl", [{"key": "1", "payload": {"site": SITE, "page": "1"}}])
+    done = d.wait_status(b["id"], "completed")
+    assert done["counts"]["total"] == 5
+    assert {it["key"]: it["limit_key"] for it in d.items(b["id"])} == {p: p for p in SITE}

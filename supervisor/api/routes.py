@@ -21,6 +21,7 @@ from supervisor.api import results, schemas, sse
 from supervisor.api.auth import Principal
 from supervisor.api.context import CTX, ApiContext, principal
 from supervisor.api.problems import Problem, ValidationFailed
+from supervisor.config import Config
 
 routes = web.RouteTableDef()
 JSON_CT = "application/json"
@@ -125,6 +126,16 @@ async def _read_json(request: web.Request) -> Any:
         return await anyio.to_thread.run_sync(schemas.parse_json, raw) if raw else None
 
 
+def _key_pointer(cfg: Config) -> Callable[[str], str | None]:
+    """The JSON Pointer of each handler's key limit (None: it has none)."""
+
+    def pointer(name: str) -> str | None:
+        kl = cfg.handlers[name].key_limit
+        return kl.key if kl is not None else None
+
+    return pointer
+
+
 @routes.post("/v1/batches")
 async def create_batch(request: web.Request) -> web.Response:
     ctx = ctx_of(request)
@@ -140,6 +151,7 @@ async def create_batch(request: web.Request) -> web.Response:
             header_key=header_key,
             handler_exists=lambda name: name in ctx.cfg.handlers,
             max_items=ctx.cfg.server.max_items_per_batch,
+            key_pointer=_key_pointer(ctx.cfg),
         )
 
     # A large submission holds several times its size while it is parsed, checked

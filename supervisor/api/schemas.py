@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from supervisor import states
+from supervisor import key_limits, states
 from supervisor.api.problems import Problem, ValidationFailed
 from supervisor.batches import NewBatch
 from supervisor.models import compact_json
@@ -218,28 +218,39 @@ def _unknown(body: Mapping[str, Any], known: tuple[str, ...], errors: list[dict[
             )
 
 
+def _payload_of(entry: Any, path: str) -> tuple[Any, str]:
+    """An items-array entry's payload and its JSON Pointer: the entry itself, or
+    its "payload" when it is ``{"payload": ..., "key": ...}`` (the key optional)."""
+    if (
+        type(entry) is dict
+        and "payload" in entry
+        and (len(entry) == 1 or (len(entry) == 2 and "key" in entry))
+    ):
+        return entry["payload"], f"{path}/payload"
+    return entry, path
+
+
 def item_entries(
     raw_items: list[Any],
     errors: list[dict[str, str]],
     *,
     path: str = "/items",
     dedupe: bool = False,
+    key_limit: tuple[str, tuple[str, ...]] | None = None,
+    limit_keys: list[str] | None = None,
 ) -> list[tuple[str | None, str]]:
     """Each entry of an items array as (key, payload JSON text): a bare payload, or
     ``{"payload": ..., "key": ...}``. Problems go to ``errors`` (at most about 50),
     named by JSON Pointer under ``path``. A key given twice is an error, or with
-    ``dedupe`` the later entry is dropped (a handler adding every link it found)."""
+    ``dedupe`` the later entry is dropped (a handler adding every link it found).
+    ``key_limit`` (the handler's pointer and its tokens): each returned entry's
+    limit key is appended to ``limit_keys``, in step."""
     items: list[tuple[str | None, str]] = []
     seen: dict[str, int] = {}
     for i, entry in enumerate(raw_items):
         key: str | None = None
-        payload = entry
-        if (
-            type(entry) is dict
-            and "payload" in entry
-            and (len(entry) == 1 or (len(entry) == 2 and "key" in entry))
-        ):
-            payload = entry["payload"]
+        payload, payload_path = _payload_of(entry, f"{path}/{i}")
+        if payload_path != f"{path}/{i}":  # {"payload": ..., "key": ...}
             k = entry.get("key")
             if k is not None:
                 if not isinstance(k, str) or not k or len(k) > KEY_MAX:
@@ -264,21 +275,32 @@ def item_entries(
                 else:
                     seen[k] = i
                     key = k
-            payload_path = f"{path}/{i}/payload"
-        else:
-            payload_path = f"{path}/{i}"
         text = storable_json(payload, payload_path, errors)
         if text is not None:
             items.append((key, text))
+        if key_limit is not None and limit_keys is not None:
+            pointer, tokens = key_limit
+            try:
+                limit_keys.append(key_limits.key_of(payload, tokens))
+            except ValueError as exc:
+                errors.append({"path": f"{payload_path}{pointer}", "message": str(exc)})
         if len(errors) >= 50:
             break
     return items
 
 
 def submission(
-    body: Any, *, header_key: str | None, handler_exists: Callable[[str], bool], max_items: int
+    body: Any,
+    *,
+    header_key: str | None,
+    handler_exists: Callable[[str], bool],
+    max_items: int,
+    key_pointer: Callable[[str], str | None] = lambda _handler: None,
 ) -> NewBatch:
-    """Validate a POST /v1/batches body into a NewBatch, or raise with every error."""
+    """Validate a POST /v1/batches body into a NewBatch, or raise with every error.
+
+    ``key_pointer``: the JSON Pointer of a handler's key limit (None: it has none);
+    each item's limit key is taken from its payload here, once."""
     if not isinstance(body, dict):
         raise ValidationFailed([{"path": "", "message": "the body must be a JSON object"}])
     errors: list[dict[str, str]] = []
@@ -290,6 +312,9 @@ def submission(
     elif not handler_exists(handler):
         errors.append({"path": "/handler", "message": f"unknown handler {handler!r}"})
 
+    pointer = key_pointer(handler) if isinstance(handler, str) and handler_exists(handler) else None
+    tokens = key_limits.parse_pointer(pointer) if pointer is not None else None
+    limit_keys: list[str] | None = [] if tokens is not None else None
     raw_items = body.get("items")
     items: list[tuple[str | None, str]] = []
     if not isinstance(raw_items, list) or not raw_items:
@@ -301,7 +326,12 @@ def submission(
             "per batch ([server] max_items_per_batch)",
         )
     else:
-        items = item_entries(raw_items, errors)
+        items = item_entries(
+            raw_items,
+            errors,
+            key_limit=(pointer, tokens) if pointer is not None and tokens is not None else None,
+            limit_keys=limit_keys,
+        )
 
     metadata = body.get("metadata", {})
     if metadata is None:
@@ -392,6 +422,7 @@ def submission(
         on_conflict=on_conflict,
         not_before=not_before,
         max_items=max_items_cap,
+        limit_keys=limit_keys,
     )
 
 

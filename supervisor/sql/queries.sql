@@ -46,6 +46,8 @@ INSERT INTO @schema.schema_migrations (version, name) VALUES ($1, $2);
 -- scheduled, its items' run_after is that time, and the scheduler is told
 -- instead of the claimers.
 -- $26: its max_items (NULL: the daemons' [server] max_items_per_batch).
+-- $27: the items' limit keys, in the order of $17 (empty: the handler has no key
+-- limit).
 WITH b AS (
     INSERT INTO @schema.batches (
         id, tenant, handler, status, priority, max_concurrency, max_attempts, attempt_budget,
@@ -66,10 +68,12 @@ WITH b AS (
     UNION ALL
     SELECT b.id, $24::uuid, 'terminal' FROM b WHERE $24::uuid IS NOT NULL
 ), new_items AS (
-    INSERT INTO @schema.items (batch_id, seq, key, handler, payload, max_attempts, run_after)
+    INSERT INTO @schema.items (batch_id, seq, key, handler, payload, max_attempts, run_after,
+                               limit_key)
     SELECT b.id, u.seq - 1, u.key, b.handler, u.payload, $16,
-           greatest(coalesce(b.not_before, now()), now())
-      FROM b, unnest($17::text[], $18::jsonb[]) WITH ORDINALITY AS u (key, payload, seq)
+           greatest(coalesce(b.not_before, now()), now()), u.limit_key
+      FROM b, unnest($17::text[], $18::jsonb[], $27::text[]) WITH ORDINALITY
+              AS u (key, payload, limit_key, seq)
 ), created AS (
     INSERT INTO @schema.batch_events (batch_id, action, actor, detail)
     SELECT b.id, 'created', $14, $19 FROM b
@@ -149,7 +153,8 @@ SELECT * FROM @schema.batches
 -- name: list_items
 -- A batch's items in id order, keyset-paged on id; status filter optional.
 SELECT id, batch_id, key, status, payload, result, attempts, max_attempts,
-       errors -> -1 AS error, run_after, worker, created_at, started_at, finished_at, progress
+       errors -> -1 AS error, run_after, worker, created_at, started_at, finished_at, progress,
+       limit_key
   FROM @schema.items
  WHERE batch_id = $1 AND ($2::text IS NULL OR status = $2) AND id > $3
  ORDER BY id
@@ -169,7 +174,7 @@ SELECT id, key, status, attempts, result, errors -> -1 AS error
 -- One item with its whole error history, visible to the tenant.
 SELECT i.id, i.batch_id, i.key, i.status, i.payload, i.result, i.attempts, i.max_attempts,
        i.errors -> -1 AS error, i.errors, i.errors_dropped, i.run_after, i.worker,
-       i.created_at, i.started_at, i.finished_at, i.progress
+       i.created_at, i.started_at, i.finished_at, i.progress, i.limit_key
   FROM @schema.items i JOIN @schema.batches b ON b.id = i.batch_id
  WHERE i.id = $1 AND ($2::text IS NULL OR b.tenant = $2);
 
@@ -230,6 +235,39 @@ SELECT * FROM @schema.claim_items(
     p_handler => $1, p_limit => $2, p_worker => $3, p_lease => $4,
     p_global_cap => $5, p_rate => $6, p_burst => $7);
 
+-- name: claim_keyed_items
+-- claim_items for a handler with a key limit: at most $8 running and $9/s starts
+-- per limit key, fair across keys (functions/claim_keyed_items.sql).
+SELECT * FROM @schema.claim_keyed_items(
+    p_handler => $1, p_limit => $2, p_worker => $3, p_lease => $4,
+    p_global_cap => $5, p_rate => $6, p_burst => $7,
+    p_key_cap => $8, p_key_rate => $9, p_key_burst => $10);
+
+-- name: assign_limit_keys
+-- The limit keys of a handler's queued items that have none (submitted before it
+-- had a key limit), from their payloads at $2 (the pointer's tokens) as at
+-- submission: a string itself, an integer or a boolean its JSON text, anything
+-- else (missing, null, a value refused at submission) the shared key ''. Rows
+-- being claimed are skipped (SKIP LOCKED: two starting daemons never wait on
+-- each other). Returns how many items got a key.
+WITH todo AS (
+    SELECT i.id FROM @schema.items i
+     WHERE i.handler = $1 AND i.status = 'queued' AND i.limit_key IS NULL
+       FOR UPDATE SKIP LOCKED
+), done AS (
+    UPDATE @schema.items i
+       SET limit_key = CASE
+               WHEN jsonb_typeof(i.payload #> $2::text[]) IN ('string', 'boolean')
+                   THEN i.payload #>> $2::text[]
+               WHEN jsonb_typeof(i.payload #> $2::text[]) = 'number'
+                    AND (i.payload #>> $2::text[]) ~ '^-?[0-9]+$'
+                   THEN i.payload #>> $2::text[]
+               ELSE '' END
+      FROM todo WHERE i.id = todo.id
+    RETURNING 1
+)
+SELECT count(*)::integer FROM done;
+
 -- name: apply_outcomes
 -- Fenced outcome write for many items at once; returns applied items and finished batches.
 SELECT * FROM @schema.apply_outcomes(
@@ -241,7 +279,7 @@ SELECT * FROM @schema.apply_outcomes(
 -- transaction before apply_outcomes; one row per live parent (see add_items.sql).
 SELECT * FROM @schema.add_items(
     p_lease => $1, p_batches => $2, p_parents => $3, p_attempts => $4, p_keys => $5,
-    p_payloads => $6, p_default_max => $7, p_actor => $8);
+    p_payloads => $6, p_limit_keys => $7, p_default_max => $8, p_actor => $9);
 
 -- name: reclaim_leases
 -- Reclaim the running items of leases that are gone (WorkerLost).

@@ -2,8 +2,8 @@
 -- the transaction of those attempts' outcomes, just before apply_outcomes, so a
 -- crash loses or duplicates none of them: they exist exactly when the outcome
 -- that added them was written. Arguments are parallel arrays, one entry per added
--- item: the adding item (p_parents) and its attempt, the new item's key and
--- payload. p_batches names every batch of the outcome write (locked here first,
+-- item: the adding item (p_parents) and its attempt, the new item's key, payload
+-- and limit key (its handler's key_limit; NULL without one). p_batches names every batch of the outcome write (locked here first,
 -- in id order, as apply_outcomes will lock them: one lock order).
 --
 -- An entry is skipped (not an error) when its parent's attempt no longer holds
@@ -17,7 +17,7 @@
 -- live parent in an open batch.
 CREATE OR REPLACE FUNCTION @schema.add_items(
     p_lease uuid, p_batches uuid[], p_parents bigint[], p_attempts integer[], p_keys text[],
-    p_payloads jsonb[], p_default_max integer, p_actor text)
+    p_payloads jsonb[], p_limit_keys text[], p_default_max integer, p_actor text)
 RETURNS TABLE (parent bigint, added integer, skipped integer, refused boolean,
                total integer, max_items integer)
 LANGUAGE plpgsql
@@ -39,15 +39,15 @@ BEGIN
     WITH e AS (
         -- The entries of live parents in open batches; fresh: it adds an item (no
         -- key, or a key new to the batch and first in this call).
-        SELECT x.parent, x.batch_id, x.ord, x.key, x.payload,
+        SELECT x.parent, x.batch_id, x.ord, x.key, x.payload, x.limit_key,
                (x.key IS NULL OR (x.first AND NOT EXISTS (
                    SELECT 1 FROM @schema.items i2
                     WHERE i2.batch_id = x.batch_id AND i2.key = x.key))) AS fresh
-          FROM (SELECT u.parent, it.batch_id, u.ord, u.key, u.payload,
+          FROM (SELECT u.parent, it.batch_id, u.ord, u.key, u.payload, u.limit_key,
                        row_number() OVER (PARTITION BY it.batch_id, u.key ORDER BY u.ord) = 1
                            AS first
-                  FROM unnest(p_parents, p_attempts, p_keys, p_payloads) WITH ORDINALITY
-                       AS u (parent, attempt, key, payload, ord)
+                  FROM unnest(p_parents, p_attempts, p_keys, p_payloads, p_limit_keys)
+                       WITH ORDINALITY AS u (parent, attempt, key, payload, limit_key, ord)
                   JOIN @schema.items it ON it.id = u.parent AND it.status = 'running'
                                        AND it.lease = p_lease AND it.attempts = u.attempt
                   JOIN @schema.batches bt ON bt.id = it.batch_id AND bt.stop_reason IS NULL
@@ -63,10 +63,11 @@ BEGIN
                   FROM e GROUP BY e.parent, e.batch_id) p
           JOIN @schema.batches bt ON bt.id = p.batch_id
     ), ins AS (
-        INSERT INTO @schema.items (batch_id, seq, key, handler, payload, max_attempts)
+        INSERT INTO @schema.items (batch_id, seq, key, handler, payload, max_attempts, limit_key)
         SELECT e.batch_id,
                bt.total - 1 + row_number() OVER (PARTITION BY e.batch_id ORDER BY e.ord),
-               e.key, bt.handler, e.payload, coalesce(bt.max_attempts, bt.attempt_budget)
+               e.key, bt.handler, e.payload, coalesce(bt.max_attempts, bt.attempt_budget),
+               e.limit_key
           FROM e
           JOIN per_parent pp ON pp.parent = e.parent AND pp.ok
           JOIN @schema.batches bt ON bt.id = e.batch_id
