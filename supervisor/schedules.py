@@ -44,7 +44,7 @@ import anyio.abc
 import anyio.to_thread
 import cronsim
 
-from supervisor import batches, store
+from supervisor import batches, models, store
 from supervisor import db as dbm
 from supervisor.api import schemas
 from supervisor.api.problems import Problem
@@ -158,7 +158,7 @@ class Plan:
             | {
                 "schedule": {
                     "name": c.name,
-                    "slot_at": slot.slot_at.astimezone(UTC).isoformat(),
+                    "slot_at": models.rfc3339(slot.slot_at.astimezone(UTC)),
                     "kind": slot.kind,
                 }
             },
@@ -393,7 +393,7 @@ class Schedules:
 
 
 def _iso(t: datetime | None) -> str | None:
-    return None if t is None else t.astimezone(UTC).isoformat()
+    return None if t is None else models.rfc3339(t.astimezone(UTC))
 
 
 def run_json(r: store.ScheduleRun | None) -> dict[str, Any] | None:
