@@ -254,6 +254,14 @@ def parser() -> argparse.ArgumentParser:
         sub.add_parser("redeliver", help="run a batch's finished completion callback again")
     )
     rd.add_argument("id")
+    sl = with_url(sub.add_parser("schedules", help="list the schedules: next fire, last slot"))
+    sl.add_argument("--json", action="store_true")
+    sc = with_url(
+        sub.add_parser("schedule", help="show, pause, resume or run now (an extra run) a schedule")
+    )
+    sc.add_argument("action", choices=("show", "pause", "resume", "run"))
+    sc.add_argument("name")
+    sc.add_argument("--json", action="store_true")
     return p
 
 

@@ -175,3 +175,12 @@ async def until_file(item: Item) -> Any:
     if item.payload.get("then_fail"):
         raise PermanentError("failed once released, as asked")
     return {"released": path}
+
+
+def schedule_items(slot: Any) -> list[Any]:
+    """A schedule's items_from: one item naming the slot it was called for."""
+    return [{"key": slot.kind, "payload": {"slot_at": slot.slot_at.isoformat()}}]
+
+
+def schedule_items_fail(slot: Any) -> list[Any]:
+    raise RuntimeError(f"no portfolios for {slot.schedule}")
