@@ -32,7 +32,7 @@ def show(d: Daemon, name: str = "tick") -> dict[str, Any]:
 def slot_runs(db_url: str, name: str = "tick") -> list[Any]:
     return db_rows(
         db_url,
-        "SELECT slot_at, kind, outcome, batch_id, detail FROM supervisor.schedule_runs"
+        "SELECT id, slot_at, kind, outcome, batch_id, detail FROM supervisor.schedule_runs"
         " WHERE schedule = $1 AND kind <> 'manual' ORDER BY slot_at",
         name,
     )
@@ -225,3 +225,36 @@ def test_cli_lists_pauses_resumes_and_runs_a_schedule(daemons: DaemonFactory) ->
     assert out.returncode == 0 and '"paused": false' in out.stdout, out
     out = d.cli("schedule", "show", "nope")
     assert out.returncode == 1 and "404" in out.stderr, out
+
+
+def test_retention_forgets_old_runs_but_keeps_the_slot_the_next_one_counts_from(
+    daemons: DaemonFactory, db_url: str
+) -> None:
+    # "minutely" fires once a minute, a few seconds from now; "busy" every second.
+    # Once retention has deleted a run of busy newer than minutely's run, the same
+    # sweep could have deleted minutely's too: it must have kept it (the next
+    # slot is counted from it; without it the slot would be due again).
+    second = (db_now(db_url) + 6 * SECOND).second
+    extra = {
+        "schedules": {
+            "minutely": {"cron": f"{second} * * * * *", "handler": "echo", "items": [1]},
+            "busy": {"cron": "* * * * * *", "handler": "echo", "items": [1]},
+        },
+        "retention": {"finished_after": "2s", "interval": "1s"},
+    }
+    daemons(extra=extra)
+    kept = wait_runs(db_url, 1, name="minutely")[0]
+
+    def run_rows() -> list[Any]:
+        return db_rows(
+            db_url, "SELECT id, schedule, slot_at, created_at FROM supervisor.schedule_runs"
+        )
+
+    def newer_busy_run() -> Any:
+        got = [r for r in run_rows() if r["schedule"] == "busy" and r["slot_at"] > kept["slot_at"]]
+        return got[0] if got else None
+
+    busy = wait_for(newer_busy_run, 20, 0.05, "a run of busy after minutely's")
+    wait_for(lambda: busy["id"] not in [r["id"] for r in run_rows()], 20, 0.1, "busy's run deleted")
+    rows = [r for r in run_rows() if r["schedule"] == "minutely"]
+    assert [(r["slot_at"], r["id"]) for r in rows] == [(kept["slot_at"], kept["id"])], rows
