@@ -131,7 +131,12 @@ class Slot:
 
 
 class ItemsFailed(Exception):
-    """``items_from`` raised, or its items are not what POST /v1/batches accepts."""
+    """``items_from`` raised, or its items are not what POST /v1/batches accepts
+    (``errors``: the validation errors, JSON Pointers into the batch's body)."""
+
+    def __init__(self, text: str, errors: list[dict[str, str]] | None = None) -> None:
+        super().__init__(text)
+        self.errors = errors or []
 
 
 class SlotTaken(Exception):
@@ -182,7 +187,7 @@ class Plan:
         except Problem as exc:
             errors = exc.errors or [{"path": "", "message": exc.detail}]
             raise ItemsFailed(
-                "; ".join(f"{e['path'] or '/'}: {e['message']}" for e in errors[:5])
+                "; ".join(f"{e['path'] or '/'}: {e['message']}" for e in errors[:5]), errors
             ) from None
 
     async def items(self, slot: Slot) -> list[Any]:
@@ -233,7 +238,10 @@ def build_all(cfg: Config) -> dict[str, Plan]:
         except ConfigError as exc:
             problems += exc.problems
         except ItemsFailed as exc:
-            problems.append(f"schedules.{name}.items: {exc}")
+            for e in exc.errors or [{"path": "/items", "message": str(exc)}]:
+                # The body's top-level field is the schedule's key of the same name.
+                field = e["path"].split("/")[1] if e["path"].startswith("/") else "items"
+                problems.append(f"schedules.{name}.{field}: {e['path']}: {e['message']}")
     if problems:
         raise ConfigError(problems)
     return plans
