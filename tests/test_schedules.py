@@ -7,6 +7,7 @@ fire every second; expectations are compared with the database's clock."""
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -258,3 +259,32 @@ def test_retention_forgets_old_runs_but_keeps_the_slot_the_next_one_counts_from(
     wait_for(lambda: busy["id"] not in [r["id"] for r in run_rows()], 20, 0.1, "busy's run deleted")
     rows = [r for r in run_rows() if r["schedule"] == "minutely"]
     assert [(r["slot_at"], r["id"]) for r in rows] == [(kept["slot_at"], kept["id"])], rows
+
+
+def test_a_tenants_tokens_see_and_control_only_its_schedules(daemons: DaemonFactory) -> None:
+    secrets = {"a": "token-of-a", "b": "token-of-b", "ro": "token-read-only"}
+    tokens = [
+        {
+            "name": name,
+            "tenant": "B" if name == "b" else "A",
+            "sha256": hashlib.sha256(secret.encode()).hexdigest(),
+            "scopes": ["read"] if name == "ro" else ["read", "write"],
+        }
+        for name, secret in secrets.items()
+    ]
+    extra = schedule(cron="0 0 1 1 *", tenant="A") | {"auth": {"tokens": tokens}}
+    d = daemons(extra=extra)
+
+    def as_(who: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {secrets[who]}"}
+
+    code, mine, _ = d.api("GET", "/v1/schedules", headers=as_("a"))
+    assert code == 200 and [s["name"] for s in mine["schedules"]] == ["tick"], mine
+    code, theirs, _ = d.api("GET", "/v1/schedules", headers=as_("b"))
+    assert code == 200 and theirs["schedules"] == [], theirs
+    assert_problem(d.api("GET", "/v1/schedules/tick", headers=as_("b")), 404)
+    assert_problem(d.api("POST", "/v1/schedules/tick/pause", headers=as_("b")), 404)
+    assert_problem(d.api("POST", "/v1/schedules/tick/run", headers=as_("ro")), 403)
+    assert_problem(d.api("GET", "/v1/schedules"), 401)
+    code, body, _ = d.api("POST", "/v1/schedules/tick/run", headers=as_("a"))
+    assert code == 201 and body["batch"]["tenant"] == "A", body
