@@ -109,14 +109,20 @@ def test_two_daemons_fire_exactly_one_batch_per_slot_without_gaps(
 
 
 def down_for_three_slots(daemons: DaemonFactory, db_url: str, extra: dict[str, Any]) -> datetime:
-    """Run one daemon until the schedule fired twice, stop it, let at least three
-    slots pass by the database's clock, start it again; the last slot before."""
-    d = daemons("d1", extra=extra)
+    """Run two daemons until the schedule fired twice, stop both, let at least
+    three slots pass by the database's clock, start both again; the last slot
+    before. Both restarted daemons compute the catch-up, each from its own clock
+    reading: still one catch-up run."""
+    ds = [daemons(name, extra=extra) for name in ("d1", "d2")]
     created(db_url, 2)
-    assert d.stop() == 0, d.log()
+    for d in ds:
+        assert d.stop() == 0, d.log()
     last: datetime = max(r["slot_at"] for r in runs(db_url))
     wait_db_clock_past(db_url, last + 4 * SECOND)
-    d.start()
+    for d in ds:
+        d.start(wait=False)
+    for d in ds:
+        d.wait_ready()
     return last
 
 
