@@ -8,6 +8,7 @@ fire every second; expectations are compared with the database's clock."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -180,9 +181,10 @@ def test_overlap_queue_chains_the_runs_behind_each_other(
 ) -> None:
     d = daemons(extra=schedule(handler="sleeper", items=[{"sleep": 3600}], overlap="queue"))
     runs = wait_runs(db_url, 3)
-    assert d.batch(str(runs[0]["batch_id"]))["status"] == "running"
-    second = d.batch(str(runs[1]["batch_id"]))
-    assert second["status"] == "waiting" and second["waiting_on"] == [str(runs[0]["batch_id"])]
+    d.wait_status(str(runs[0]["batch_id"]), "running")
+    for before, batch in itertools.pairwise(runs):
+        b = d.batch(str(batch["batch_id"]))
+        assert b["status"] == "waiting" and b["waiting_on"] == [str(before["batch_id"])], b
 
 
 def test_items_from_is_called_at_fire_time_and_its_failure_is_the_runs_outcome(
