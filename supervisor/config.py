@@ -252,6 +252,7 @@ class ScheduleConfig:
     overlap: str = "skip"  # the previous run still unfinished: skip, queue or cancel
     catch_up: str = "skip"  # slots missed while no daemon ran: skip, or run the latest
     grace_s: float = 60.0  # a slot fired later than this counts as missed
+    items_timeout_s: float = 60.0  # items_from must return within this
 
     @property
     def key(self) -> str:
@@ -695,6 +696,7 @@ _SCHEDULE_KEYS = [
     "overlap",
     "catch_up",
     "grace",
+    "items_timeout",
 ]
 _SCHEDULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -773,6 +775,7 @@ def _schedules(
             overlap=overlap,
             catch_up=catch_up,
             grace_s=ck.duration(t, p, "grace", 60.0),
+            items_timeout_s=ck.duration(t, p, "items_timeout", 60.0),
         )
     return out
 

@@ -60,6 +60,10 @@ RETRY_S = 1.0
 # Wake this long after a slot, so the database's clock has certainly passed it.
 AFTER_SLOT_S = 0.005
 _TINY = timedelta(microseconds=1)
+# Worker threads of a daemon's plain-def items_from functions, apart from anyio's
+# default pool that python handlers use: threads of hung functions (abandoned at
+# their timeout) use these up, never the handlers' ones, and no more than these.
+ITEMS_THREADS = 4
 
 
 # ------------------------------------------------------------------------ slot arithmetic
@@ -190,17 +194,28 @@ class Plan:
                 "; ".join(f"{e['path'] or '/'}: {e['message']}" for e in errors[:5]), errors
             ) from None
 
-    async def items(self, slot: Slot) -> list[Any]:
-        """The run's items: the static ones, or what ``items_from`` returns."""
+    async def items(self, slot: Slot, threads: anyio.CapacityLimiter) -> list[Any]:
+        """The run's items: the static ones, or what ``items_from`` returns (a
+        plain def runs in a thread of ``threads``)."""
         if self.items_from is None:
             return list(self.cfg.items)
         fn = self.items_from
+        limit = self.cfg.items_timeout_s
         try:
-            if inspect.iscoroutinefunction(fn):
-                got = await fn(slot)
-            else:
-                got = await anyio.to_thread.run_sync(fn, slot)
+            # A hung function must not stop this daemon's other schedules: past the
+            # limit the run fails (a thread that never returns is abandoned).
+            with anyio.fail_after(limit):
+                if inspect.iscoroutinefunction(fn):
+                    got = await fn(slot)
+                else:
+                    got = await anyio.to_thread.run_sync(
+                        fn, slot, abandon_on_cancel=True, limiter=threads
+                    )
             return list(got)
+        except TimeoutError:
+            raise ItemsFailed(
+                f"items_from {self.cfg.items_from!r} did not return within {limit:g}s"
+            ) from None
         except Exception as exc:  # the operator's code: its failure is this run's outcome
             raise ItemsFailed(
                 f"items_from {self.cfg.items_from!r} raised {type(exc).__name__}: {exc}"
@@ -269,10 +284,12 @@ async def fire(
     kind: str,
     worker: str,
     actor: str | None = None,
+    threads: anyio.CapacityLimiter | None = None,
 ) -> Fired:
     """One run: ``kind`` "scheduled" or "catch_up" for a slot, "manual" (with
     ``slot_at`` None) for run-now, "missed" to record a passed-over slot.
-    A manual run refused by the overlap policy raises ExclusiveKeyBusy."""
+    A manual run refused by the overlap policy raises ExclusiveKeyBusy.
+    ``threads``: for a plain-def items_from (default: a thread of its own)."""
     name = plan.cfg.name
     q = store.Queries(db)
 
@@ -291,7 +308,8 @@ async def fire(
     when = slot_at or datetime.now(UTC)
     slot = Slot(name, when.astimezone(_zone(plan.cfg)), kind)
     try:
-        nb = plan.submission(await plan.items(slot), slot, cfg.server.max_items_per_batch)
+        items = await plan.items(slot, threads or anyio.CapacityLimiter(1))
+        nb = plan.submission(items, slot, cfg.server.max_items_per_batch)
     except ItemsFailed as exc:
         log.error("schedules.items_failed schedule=%s slot=%s: %s", name, when.isoformat(), exc)
         if kind == "manual":
@@ -348,6 +366,7 @@ class Schedules:
         self._q = store.Queries(db)
         self._plans = dict(plans)
         self._scope = anyio.CancelScope()
+        self._threads: anyio.CapacityLimiter | None = None  # made in run's event loop
 
     def stop(self) -> None:
         """Fire nothing more (a draining daemon); harmless before start or twice."""
@@ -373,6 +392,7 @@ class Schedules:
                         slot_at=d.slot_at,
                         kind=d.kind,
                         worker=self._cfg.worker.name,
+                        threads=self._threads,
                     )
             upcoming = next_slot(plan.cfg, st.now)
             if upcoming is not None:
@@ -386,6 +406,7 @@ class Schedules:
             if not self._plans:
                 task_status.started()
                 return
+            self._threads = anyio.CapacityLimiter(ITEMS_THREADS)
             await dbm.with_retry(lambda: self._q.ensure_schedules(list(self._plans)))
             task_status.started()
             while True:

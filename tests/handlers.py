@@ -184,3 +184,9 @@ def schedule_items(slot: Any) -> list[Any]:
 
 def schedule_items_fail(slot: Any) -> list[Any]:
     raise RuntimeError(f"no portfolios for {slot.schedule}")
+
+
+def schedule_items_hang(slot: Any) -> list[Any]:
+    """A schedule's items_from that does not return for an hour."""
+    time.sleep(3600)
+    return []

@@ -290,3 +290,29 @@ def test_a_tenants_tokens_see_and_control_only_its_schedules(daemons: DaemonFact
     assert_problem(d.api("GET", "/v1/schedules"), 401)
     code, body, _ = d.api("POST", "/v1/schedules/tick/run", headers=as_("a"))
     assert code == 201 and body["batch"]["tenant"] == "A", body
+
+
+def test_a_hung_items_from_fails_its_run_and_does_not_hold_back_other_schedules(
+    daemons: DaemonFactory, db_url: str
+) -> None:
+    extra = {
+        "schedules": {
+            "hung": {
+                "cron": "* * * * * *",
+                "handler": "echo",
+                "items_from": "tests.handlers:schedule_items_hang",
+                "items_timeout": "500ms",
+            },
+            "tick": {"cron": "* * * * * *", "handler": "echo", "items": [1]},
+        }
+    }
+    sync = {"sync_echo": {"type": "python", "target": "tests.handlers:sync_echo"}}
+    d = daemons(extra=extra, handlers=DEFAULT_HANDLERS | sync)
+    # More hung calls than the schedules' threads: the later ones time out waiting
+    # for a thread, and the handlers' threads are not the ones used up.
+    failed = wait_runs(db_url, 6, name="hung", outcome="failed")
+    assert all("did not return within 0.5s" in r["detail"] for r in failed), failed
+    wait_runs(db_url, 3)  # "tick" fires meanwhile
+    b = d.submit("sync_echo", [{"n": i} for i in range(8)])
+    d.wait_status(b["id"], "completed")
+    assert d.stop(timeout=30) == 0, d.log()  # abandoned threads do not keep it alive
