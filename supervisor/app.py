@@ -6,10 +6,10 @@ Start order (each ``await tg.start`` returns once the component is ready):
 API (probes answer while the database is still coming) → embedded-server watch
 (if we own the server) → migrate → events bus → outbox → progress writer →
 heartbeat (registers, reclaims a gone predecessor) → reaper → scheduler → metrics
-sampler → retention → watchdog → callbacks → dispatcher → READY=1.
+sampler → retention → watchdog → schedules → callbacks → dispatcher → READY=1.
 
 Stop (SIGTERM/SIGINT): draining (readyz 503, workers row, metrics, STOPPING=1)
-→ dispatcher and callbacks stop claiming → running items get drain_timeout
+→ schedules stop firing → dispatcher and callbacks stop claiming → running items get drain_timeout
 (a second signal skips the wait) → what still runs is released → every outcome
 is written → deregister → API and the rest stop → embedded server stops → exit 0.
 """
@@ -37,6 +37,7 @@ from supervisor import (
     reaper,
     retention,
     scheduler,
+    schedules,
     states,
     store,
     systemd,
@@ -68,6 +69,7 @@ class Daemon:
         self.state = "starting"
         self.pg: embedded.EmbeddedPostgres | None = None
         self.api: ApiServer | None = None
+        self.plans: dict[str, schedules.Plan] = {}
         self._on_first_signal: Callable[[], None] = lambda: None
         self._on_second_signal: Callable[[], None] = lambda: None
 
@@ -96,6 +98,7 @@ class Daemon:
 
     async def run(self) -> int:
         built = handlers.build_all(self.cfg)  # a broken handler stops us before anything starts
+        self.plans = schedules.build_all(self.cfg)  # so does a schedule's bad items
         main = anyio.CancelScope()
         self._on_first_signal = main.cancel  # before we serve, a signal just aborts start-up
         try:
@@ -167,6 +170,7 @@ class Daemon:
                 self.metrics.track_abandoned_threads(name, functools.partial(_abandoned, h))
         bus = events.Bus(db, cfg.database.listen_url or dsn, cfg.database.schema)
         cbs = callbacks.Callbacks(cfg, db, built, self.lease, self.metrics)
+        timer = schedules.Schedules(cfg, db, self.plans)
 
         def on_wake(payload: str) -> None:
             disp.wake(payload)
@@ -218,6 +222,7 @@ class Daemon:
             serving=lambda: self.state in ("running", "draining"),
             draining=lambda: self.state == "draining",
             health=health,
+            plans=self.plans,
         )
         self.api = ApiServer(ctx)
 
@@ -226,6 +231,7 @@ class Daemon:
             systemd.notify("STOPPING=1")
             hb.wake()
             bus.close_streams()
+            timer.stop()
             disp.stop_claiming()
             cbs.stop_claiming()
 
@@ -250,6 +256,7 @@ class Daemon:
             await root.start(sampler.run)
             await root.start(retention.Retention(cfg, db).run)
             await root.start(systemd.Watchdog(lambda: dispatcher.status_line(disp), health).run)
+            await root.start(timer.run)
             async with anyio.create_task_group() as work:
                 await work.start(cbs.run)
                 await work.start(disp.run)

@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -126,6 +126,11 @@ class ExclusiveKeyBusy(Exception):
         self.status = status
 
 
+# Work done first in a submission's transaction, given the new batch's id: a
+# schedule claims its slot there, so the slot and its batch commit together.
+InTransaction = Callable[[store.Queries, uuid.UUID], Awaitable[None]]
+
+
 async def submit(
     db: dbm.Database,
     nb: NewBatch,
@@ -134,8 +139,10 @@ async def submit(
     actor: str,
     attempt_budget: int,
     callback_handler: str | None,
+    in_tx: InTransaction | None = None,
 ) -> Submitted:
-    """Insert a batch and all its items atomically: all or nothing."""
+    """Insert a batch and all its items atomically: all or nothing. ``in_tx``
+    runs first in the same transaction; whatever it raises undoes the submission."""
     batch_id = uuid.uuid4()
     digest = nb.request_hash() if nb.idempotency_key is not None else None
     total = len(nb.items)
@@ -163,9 +170,13 @@ async def submit(
     )
     for _ in range(KEY_ROUNDS):
         try:
-            batch = await _insert(db, nb, row, budget=nb.max_attempts or attempt_budget)
+            batch = await _insert(
+                db, nb, row, budget=nb.max_attempts or attempt_budget, in_tx=in_tx
+            )
         except _TailMoved:
             continue
+        except _Refused:
+            batch = None
         except (UnknownDependencies, DependencyEnded, ExclusiveKeyBusy):
             # A repeat of a request that created its batch answers with that batch,
             # whatever its dependencies have become since.
@@ -184,13 +195,18 @@ async def submit(
 
 
 async def _insert(
-    db: dbm.Database, nb: NewBatch, row: store.NewBatchRow, *, budget: int
+    db: dbm.Database,
+    nb: NewBatch,
+    row: store.NewBatchRow,
+    *,
+    budget: int,
+    in_tx: InTransaction | None = None,
 ) -> store.BatchRow | None:
     """The batch with its items, event and wake-ups; None when a unique index
     refused it (nothing was written)."""
     created = json.dumps({"items": len(nb.items), "handler": nb.handler})
-    if nb.after or nb.exclusive_key is not None:
-        return await _insert_locked(db, nb, row, budget=budget, created=created)
+    if nb.after or nb.exclusive_key is not None or in_tx is not None:
+        return await _insert_locked(db, nb, row, budget=budget, created=created, in_tx=in_tx)
     if len(nb.items) <= INLINE_ITEMS:
         # One statement, atomic on its own: one round trip for the whole submission.
         return await store.Queries(db).submit_batch(
@@ -211,12 +227,23 @@ async def _insert(
 
 
 class _TailMoved(Exception):
-    """The exclusive key's newest batch changed between the read outside the
-    transaction and the one under the key's lock: submit again."""
+    """The exclusive key's newest batch changed between the read before its row
+    was locked and the one under the key's lock: submit again."""
+
+
+class _Refused(Exception):
+    """A unique index refused the batch after ``in_tx`` had written: raised to
+    undo that too (the caller then looks up who refused it)."""
 
 
 async def _insert_locked(
-    db: dbm.Database, nb: NewBatch, row: store.NewBatchRow, *, budget: int, created: str
+    db: dbm.Database,
+    nb: NewBatch,
+    row: store.NewBatchRow,
+    *,
+    budget: int,
+    created: str,
+    in_tx: InTransaction | None = None,
 ) -> store.BatchRow | None:
     """A batch with dependencies or an exclusive key. The dependencies (and the
     batch of the key it would queue behind) are share-locked and read in its
@@ -225,16 +252,17 @@ async def _insert_locked(
     is then locked (_exclusive_key_lock; after the row locks, as everywhere), so
     the key's batches cannot change until commit: with one unfinished, the
     submission is refused (ExclusiveKeyBusy) or, with on_conflict "queue", waits
-    behind the newest (a 'terminal' edge)."""
+    behind the newest (a 'terminal' edge). ``in_tx`` runs first, and the key's
+    newest batch is read after it (it may have cancelled that one)."""
     deps = list(nb.after or ())
     queue = nb.exclusive_key is not None and nb.on_conflict == "queue"
-    seen = None
-    if queue and nb.exclusive_key is not None:
-        seen = await store.Queries(db).exclusive_tail(
-            tenant=row.tenant, exclusive_key=nb.exclusive_key
-        )
     async with db.transaction("submit") as tx:
         q = store.Queries(tx)
+        if in_tx is not None:
+            await in_tx(q, row.id)
+        seen = None
+        if queue and nb.exclusive_key is not None:
+            seen = await q.exclusive_tail(tenant=row.tenant, exclusive_key=nb.exclusive_key)
         locks = deps + ([seen[0]] if seen is not None and seen[0] not in deps else [])
         found = await q.lock_dependencies(locks, tenant=row.tenant) if locks else {}
         missing = [a for a in deps if a not in found]
@@ -270,6 +298,8 @@ async def _insert_locked(
             created=created,
             limit_keys=(nb.limit_keys or ()) if len(nb.items) <= INLINE_ITEMS else (),
         )
+        if batch is None and in_tx is not None:
+            raise _Refused
         if batch is not None and len(nb.items) > INLINE_ITEMS:
             await tx.copy_items(db.schema, *_copied_items(nb, batch, budget=budget))
     return batch

@@ -21,7 +21,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
-from supervisor import __version__, client, config, embedded, handlers, logs, store
+from supervisor import __version__, client, config, embedded, handlers, logs, schedules, store
 from supervisor import db as dbm
 from supervisor.errors import ConfigError, HandlerLoadError, SchemaTooNew, SupervisorError
 
@@ -98,6 +98,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(args)
     problems = handlers.check_all(cfg)
+    try:
+        schedules.build_all(cfg)
+    except ConfigError as exc:
+        problems += exc.problems
     if not cfg.database_url and cfg.embedded.bin_dir:
         try:
             embedded.find_bin_dir(cfg.embedded.bin_dir)
@@ -266,6 +270,14 @@ def parser() -> argparse.ArgumentParser:
     ):
         iv = with_url(item_verbs.add_parser(verb, help=text))
         iv.add_argument("id", help="the item id")
+    sl = with_url(sub.add_parser("schedules", help="list the schedules: next fire, last slot"))
+    sl.add_argument("--json", action="store_true")
+    sc = with_url(
+        sub.add_parser("schedule", help="show, pause, resume or run now (an extra run) a schedule")
+    )
+    sc.add_argument("action", choices=("show", "pause", "resume", "run"))
+    sc.add_argument("name")
+    sc.add_argument("--json", action="store_true")
     return p
 
 

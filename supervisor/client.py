@@ -1,6 +1,6 @@
 """The HTTP client verbs of the command line (``submit``, ``status``, ``watch``,
 ``list``, ``results``, ``cancel``, ``pause``, ``resume``, ``retry``, ``redeliver``,
-``item retry``, ``item cancel``):
+``item retry``, ``item cancel``, ``schedules``, ``schedule``):
 API calls with one-line errors, the SSE reader, the live progress renderer and the
 resumable reader of a batch's results (:func:`results`, also for programs).
 
@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -520,11 +521,49 @@ def _submission(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+def _print_schedule(sc: dict[str, Any]) -> None:
+    """One schedule on one line: name, state, next fire, last slot and its batch."""
+    last = sc.get("last_slot") or {}
+    if last:
+        batch = last.get("batch_id") or "-"
+        status = last.get("batch_status") or last.get("outcome")
+        last_text = f"last {last.get('slot_at')} {last.get('kind')} {status} {batch}"
+    else:
+        last_text = "never fired"
+    state = "paused" if sc.get("paused") else f"next {sc.get('next_fire_at') or '-'}"
+    print(_printable(f"{sc['name']:<20} {sc['cron']} ({sc['timezone']})  {state}  {last_text}"))
+
+
+async def _schedules(s: aiohttp.ClientSession, base: str, args: argparse.Namespace) -> int:
+    """``schedules`` and ``schedule show|pause|resume|run NAME``."""
+    if args.command == "schedules":
+        data = await _call(s, "GET", f"{base}/v1/schedules")
+        if args.json:
+            print(json.dumps(data, indent=2))
+        for sc in [] if args.json else data["schedules"]:
+            _print_schedule(sc)
+        return 0
+    url = f"{base}/v1/schedules/{urllib.parse.quote(args.name, safe='')}"
+    if args.action == "show":
+        sc = await _call(s, "GET", url)
+    else:
+        sc = await _call(s, "POST", f"{url}/{args.action}")
+    if args.json:
+        print(json.dumps(sc, indent=2))
+    elif args.action == "run":
+        print(f"schedule {_printable(args.name)}: batch {sc['batch']['id']}")
+    else:
+        _print_schedule(sc)
+    return 0
+
+
 def cmd_client(args: argparse.Namespace) -> int:
     async def go() -> int:
         base = _client_url(args)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
             verb = args.command
+            if verb in ("schedules", "schedule"):
+                return await _schedules(s, base, args)
             if verb == "submit":
                 body = _submission(args)
                 b = await _call(s, "POST", f"{base}/v1/batches", json=body)

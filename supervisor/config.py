@@ -17,9 +17,13 @@ import socket
 import ssl
 import tomllib
 import urllib.parse
+import zoneinfo
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+
+import cronsim
 
 from supervisor import key_limits
 from supervisor.errors import ConfigError
@@ -35,6 +39,8 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
 HANDLER_TYPES = ("python", "http", "exec")
+OVERLAP_POLICIES = ("skip", "queue", "cancel")
+CATCH_UP_POLICIES = ("skip", "latest")
 SCOPES = ("read", "write", "admin")
 
 
@@ -244,6 +250,33 @@ class HandlerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """``[schedules.NAME]``: a batch submitted at every slot of a cron expression
+    (see supervisor/schedules.py for the slot rules)."""
+
+    name: str
+    cron: str  # 5 fields, or 6 with seconds first (cronsim)
+    timezone: str = "UTC"  # the zone the cron fields are read in (zoneinfo)
+    handler: str = ""
+    items: tuple[Any, ...] = ()  # static items, as POST /v1/batches takes them
+    items_from: str = ""  # "module:function" called at fire time (instead of items)
+    tenant: str = "default"
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    priority: int = 0
+    max_attempts: int | None = None
+    exclusive_key: str = ""  # "": "schedule:NAME"
+    overlap: str = "skip"  # the previous run still unfinished: skip, queue or cancel
+    catch_up: str = "skip"  # slots missed while no daemon ran: skip, or run the latest
+    grace_s: float = 60.0  # a slot fired later than this counts as missed
+    items_timeout_s: float = 60.0  # items_from must return within this
+
+    @property
+    def key(self) -> str:
+        """The exclusive key the schedule's batches hold (overlap is decided on it)."""
+        return self.exclusive_key or f"schedule:{self.name}"
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     database: DatabaseConfig = dataclasses.field(default_factory=DatabaseConfig)
     embedded: EmbeddedConfig = dataclasses.field(default_factory=EmbeddedConfig)
@@ -254,6 +287,7 @@ class Config:
     tokens: tuple[TokenConfig, ...] = ()
     handlers: Mapping[str, HandlerConfig] = dataclasses.field(default_factory=dict)
     path: str = ""
+    schedules: Mapping[str, ScheduleConfig] = dataclasses.field(default_factory=dict)
 
     @property
     def database_url(self) -> str:
@@ -391,7 +425,17 @@ def _read_section(ck: _Checker, raw: Mapping[str, Any], path: str, cls: type[T],
 def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
     """Build and validate a Config from parsed TOML; raises ConfigError listing every problem."""
     ck = _Checker()
-    top = ["database", "embedded", "server", "worker", "logging", "retention", "auth", "handlers"]
+    top = [
+        "database",
+        "embedded",
+        "server",
+        "worker",
+        "logging",
+        "retention",
+        "auth",
+        "handlers",
+        "schedules",
+    ]
     ck.unknown("", raw, top)
 
     database = _read_section(ck, raw, "database", DatabaseConfig)
@@ -440,6 +484,7 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
 
     tokens = _tokens(ck, ck.section(raw, "auth"))
     handlers = _handlers(ck, ck.section(raw, "handlers"))
+    schedules = _schedules(ck, ck.section(raw, "schedules"), handlers)
     for i, tok in enumerate(tokens):
         for h in tok.handlers or ():
             if h not in handlers:
@@ -459,7 +504,16 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
     if ck.problems:
         raise ConfigError(ck.problems)
     return Config(
-        database, embedded, server, worker, logging_cfg, retention, tokens, handlers, path
+        database,
+        embedded,
+        server,
+        worker,
+        logging_cfg,
+        retention,
+        tokens,
+        handlers,
+        path,
+        schedules,
     )
 
 
@@ -695,6 +749,104 @@ def _key_limit(ck: _Checker, t: Mapping[str, Any], p: str) -> KeyLimitConfig | N
         rate_limit=rate_limit,
         rate_per_s=rate_per_s,
     )
+
+
+_SCHEDULE_KEYS = [
+    "cron",
+    "timezone",
+    "handler",
+    "items",
+    "items_from",
+    "tenant",
+    "metadata",
+    "priority",
+    "max_attempts",
+    "exclusive_key",
+    "overlap",
+    "catch_up",
+    "grace",
+    "items_timeout",
+]
+_SCHEDULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def cron_problem(expr: str, timezone: str) -> str | None:
+    """Why ``expr`` in ``timezone`` is not a usable schedule (None if it is)."""
+    try:
+        zone = zoneinfo.ZoneInfo(timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return f"timezone: unknown time zone {timezone!r} (an IANA name like 'Europe/Zurich')"
+    try:
+        next(cronsim.CronSim(expr, datetime.now(UTC).astimezone(zone)))
+    except cronsim.CronSimError as exc:
+        return f"cron: {expr!r} is not a cron expression: {exc}"
+    except StopIteration:
+        return f"cron: {expr!r} never fires"
+    return None
+
+
+def _schedules(
+    ck: _Checker, raw: Mapping[str, Any], handlers: Mapping[str, HandlerConfig]
+) -> dict[str, ScheduleConfig]:
+    """``[schedules.NAME]`` tables; the items themselves are checked by
+    supervisor.schedules (with the API's own validation) before the daemon starts."""
+    out: dict[str, ScheduleConfig] = {}
+    for name, t in raw.items():
+        p = f"schedules.{name}"
+        if not isinstance(t, dict):
+            ck.problems.append(f"{p}: expected a table")
+            continue
+        if not _SCHEDULE_NAME.match(name):
+            ck.problems.append(f"{p}: a schedule name is 1 to 100 letters, digits, '_', '.' or '-'")
+        ck.unknown(p, t, _SCHEDULE_KEYS)
+        cron = ck.get(t, p, "cron", str, "")
+        timezone = ck.get(t, p, "timezone", str, "UTC")
+        if not cron:
+            ck.problems.append(f"{p}.cron: required, e.g. '0 2 * * *'")
+        elif why := cron_problem(cron, timezone):
+            ck.problems.append(f"{p}.{why}")
+        handler = ck.get(t, p, "handler", str, "")
+        if handler not in handlers:
+            hint = difflib.get_close_matches(handler, list(handlers), n=1)
+            more = f" (did you mean {hint[0]!r}?)" if hint else ""
+            ck.problems.append(f"{p}.handler: no handler {handler!r}{more}")
+        items = ck.get(t, p, "items", list, [])
+        items_from = ck.get(t, p, "items_from", str, "")
+        if bool(items) == bool(items_from):
+            ck.problems.append(f"{p}: exactly one of items (a non-empty list) or items_from")
+        if items_from and not re.fullmatch(r"[\w.]+:[\w.]+", items_from):
+            ck.problems.append(
+                f"{p}.items_from: expected 'package.module:function', got {items_from!r}"
+            )
+        priority = ck.get(t, p, "priority", int, 0)
+        overlap = ck.get(t, p, "overlap", str, "skip")
+        if overlap not in OVERLAP_POLICIES:
+            ck.problems.append(
+                f"{p}.overlap: must be one of {', '.join(OVERLAP_POLICIES)}, got {overlap!r}"
+            )
+        catch_up = ck.get(t, p, "catch_up", str, "skip")
+        if catch_up not in CATCH_UP_POLICIES:
+            ck.problems.append(
+                f"{p}.catch_up: must be one of {', '.join(CATCH_UP_POLICIES)}, got {catch_up!r}"
+            )
+        out[name] = ScheduleConfig(
+            name=name,
+            cron=cron,
+            timezone=timezone,
+            handler=handler,
+            items=tuple(items),
+            items_from=items_from,
+            tenant=ck.get(t, p, "tenant", str, "default") or "default",
+            metadata=ck.get(t, p, "metadata", dict, {}),
+            priority=priority,
+            max_attempts=ck.positive_int(t, p, "max_attempts", None),
+            exclusive_key=ck.get(t, p, "exclusive_key", str, ""),
+            overlap=overlap,
+            catch_up=catch_up,
+            grace_s=ck.duration(t, p, "grace", 60.0),
+            items_timeout_s=ck.duration(t, p, "items_timeout", 60.0),
+        )
+    return out
 
 
 def _is_loopback(host: str) -> bool:

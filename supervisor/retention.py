@@ -1,5 +1,7 @@
 """Deletes terminal batches older than ``[retention] finished_after``, with
-their items and audit log, in bounded chunks so no single transaction is huge."""
+their items and audit log, and schedule runs as old (but never a schedule's
+latest slot, which the next slot is counted from), in bounded chunks so no
+single transaction is huge."""
 
 from __future__ import annotations
 
@@ -33,8 +35,16 @@ class Retention:
             total += deleted
             if deleted < CHUNK:
                 break
-        if total:
-            log.info("retention.deleted batches=%s", total)
+        runs = 0
+        while True:
+            deleted = await self._q.retention_delete_schedule_runs(
+                created_before_s=self._cfg.retention.finished_after_s, limit=CHUNK
+            )
+            runs += deleted
+            if deleted < CHUNK:
+                break
+        if total or runs:
+            log.info("retention.deleted batches=%s schedule_runs=%s", total, runs)
         return total
 
     async def run(

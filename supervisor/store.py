@@ -393,6 +393,48 @@ def _exclusive_refusal() -> Iterator[None]:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ScheduleState(_FromRecord):
+    """A schedule's durable state, with the database clock it was read at."""
+
+    name: str
+    paused: bool
+    since: datetime  # slots after this are due
+    paused_at: datetime | None
+    paused_by: str | None
+    last_slot_at: datetime | None  # the latest slot with a run (not manual)
+    now: datetime
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ScheduleRun(_FromRecord):
+    """One run of a schedule, with its batch's status (None once deleted)."""
+
+    id: int
+    schedule: str
+    slot_at: datetime
+    kind: str  # scheduled, catch_up, manual
+    outcome: str  # created, skipped, missed, failed
+    batch_id: uuid.UUID | None
+    detail: str | None
+    worker: str | None
+    created_at: datetime
+    batch_status: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NewScheduleRun:
+    """The parameters of ``claim_schedule_slot``."""
+
+    schedule: str
+    slot_at: datetime | None  # None: now (a manual run)
+    kind: str
+    outcome: str
+    batch_id: uuid.UUID | None
+    detail: str | None
+    worker: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class NewBatchRow:
     """The batch row of ``submit_batch``."""
 
@@ -908,6 +950,43 @@ class Queries:
     async def retention_delete(self, *, finished_before_s: float, limit: int) -> int:
         """Delete up to ``limit`` due terminal batches; how many were deleted."""
         return len(await self._ex.fetch("retention_delete", finished_before_s, limit))
+
+    async def retention_delete_schedule_runs(self, *, created_before_s: float, limit: int) -> int:
+        """Forget up to ``limit`` old schedule runs (never a schedule's latest slot)."""
+        status = await self._ex.execute("retention_delete_schedule_runs", created_before_s, limit)
+        return int(status.rsplit(" ", 1)[-1])
+
+    # -- schedules -------------------------------------------------------------------
+
+    async def ensure_schedules(self, names: Sequence[str]) -> None:
+        await self._ex.execute("ensure_schedules", list(names))
+
+    async def schedule_states(self, names: Sequence[str]) -> list[ScheduleState]:
+        return [ScheduleState.of(r) for r in await self._ex.fetch("schedule_states", list(names))]
+
+    async def claim_schedule_slot(self, run: NewScheduleRun) -> str:
+        """'claimed', 'taken', 'paused' or 'unknown' (see claim_schedule_slot.sql)."""
+        verdict: str = await self._ex.fetchval(
+            "claim_schedule_slot",
+            run.schedule,
+            run.slot_at,
+            run.kind,
+            run.outcome,
+            run.batch_id,
+            run.detail,
+            run.worker,
+        )
+        return verdict
+
+    async def schedule_unfinished_batches(self, schedule: str) -> list[uuid.UUID]:
+        rows = await self._ex.fetch("schedule_unfinished_batches", schedule)
+        return [r["id"] for r in rows]
+
+    async def set_schedule_paused(self, schedule: str, *, paused: bool, actor: str) -> None:
+        await self._ex.execute("set_schedule_paused", schedule, paused, actor)
+
+    async def schedule_last_runs(self, names: Sequence[str]) -> list[ScheduleRun]:
+        return [ScheduleRun.of(r) for r in await self._ex.fetch("schedule_last_runs", list(names))]
 
     async def doctor_drift(self) -> list[Drift]:
         return [Drift.of(r) for r in await self._ex.fetch("doctor_drift")]

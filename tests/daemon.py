@@ -72,6 +72,10 @@ def render_toml(cfg: Mapping[str, Any]) -> str:
                 h = trusted_as_root(h)
                 lines.append(f"[handlers.{name}]")
                 lines += [f"{k} = {toml_value(v)}" for k, v in h.items()]
+        elif section == "schedules":
+            for name, sc in body.items():
+                lines.append(f"[schedules.{name}]")
+                lines += [f"{k} = {toml_value(v)}" for k, v in sc.items()]
         elif section == "auth":
             for t in body.get("tokens", []):
                 lines.append("[[auth.tokens]]")

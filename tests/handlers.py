@@ -278,3 +278,18 @@ async def until_file_shielded(item: Item) -> Any:
             await anyio.sleep(0.02)
     _log_run(item, "done")
     return {"released": path}
+
+
+def schedule_items(slot: Any) -> list[Any]:
+    """A schedule's items_from: one item naming the slot it was called for."""
+    return [{"key": slot.kind, "payload": {"slot_at": slot.slot_at.isoformat()}}]
+
+
+def schedule_items_fail(slot: Any) -> list[Any]:
+    raise RuntimeError(f"no portfolios for {slot.schedule}")
+
+
+def schedule_items_hang(slot: Any) -> list[Any]:
+    """A schedule's items_from that does not return for an hour."""
+    time.sleep(3600)
+    return []

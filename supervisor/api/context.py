@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import anyio
 from aiohttp import web
@@ -17,6 +18,9 @@ from supervisor.api.problems import Problem
 from supervisor.config import Config
 from supervisor.events import Bus
 from supervisor.metrics import Metrics
+
+if TYPE_CHECKING:  # supervisor.schedules imports the API's validation
+    from supervisor.schedules import Plan
 
 
 class StreamSlots:
@@ -62,6 +66,8 @@ class ApiContext:
     # Large request bodies are parsed one at a time (see routes.LARGE_BODY_BYTES).
     large_bodies: anyio.Semaphore = dataclasses.field(default_factory=lambda: anyio.Semaphore(1))
     streams: StreamSlots = dataclasses.field(init=False)  # from cfg.server's stream caps
+    # The configured schedules, checked (supervisor.schedules.build_all).
+    plans: Mapping[str, Plan] = dataclasses.field(default_factory=dict)
 
     q: store.Queries = dataclasses.field(init=False)  # the typed queries, on db's pool
 

@@ -16,7 +16,7 @@ import anyio
 import anyio.to_thread
 from aiohttp import web
 
-from supervisor import batches, models, states, store
+from supervisor import batches, models, schedules, states, store
 from supervisor.api import results, schemas, sse
 from supervisor.api.auth import Principal
 from supervisor.api.context import CTX, ApiContext, principal
@@ -571,4 +571,89 @@ async def metrics(request: web.Request) -> web.Response:
     body = ctx_of(request).metrics.render()
     return web.Response(
         body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
+
+
+# -- schedules -----------------------------------------------------------------------
+
+
+def _visible_plans(request: web.Request) -> list[schedules.Plan]:
+    """The schedules of the caller's tenant (every schedule for admins)."""
+    who = principal(request)
+    who.require("read")
+    tenant = who.tenant_filter
+    return [p for p in ctx_of(request).plans.values() if tenant is None or p.cfg.tenant == tenant]
+
+
+def _plan_or_404(request: web.Request) -> schedules.Plan:
+    name = request.match_info["name"]
+    for p in _visible_plans(request):
+        if p.cfg.name == name:
+            return p
+    raise Problem(404, f"no schedule {name!r}")
+
+
+async def _schedule_json(request: web.Request, plan: schedules.Plan) -> dict[str, Any]:
+    return (await schedules.describe(ctx_of(request).q, [plan]))[0]
+
+
+@routes.get("/v1/schedules")
+async def list_schedules(request: web.Request) -> web.Response:
+    plans = _visible_plans(request)
+    return _json({"schedules": await schedules.describe(ctx_of(request).q, plans)})
+
+
+@routes.get("/v1/schedules/{name}")
+async def get_schedule(request: web.Request) -> web.Response:
+    return _json(await _schedule_json(request, _plan_or_404(request)))
+
+
+async def _set_paused(request: web.Request, paused: bool) -> web.Response:
+    plan = _plan_or_404(request)
+    who = principal(request)
+    who.require("write")
+    await ctx_of(request).q.set_schedule_paused(plan.cfg.name, paused=paused, actor=who.name)
+    return _json(await _schedule_json(request, plan))
+
+
+@routes.post("/v1/schedules/{name}/pause")
+async def pause_schedule(request: web.Request) -> web.Response:
+    return await _set_paused(request, True)
+
+
+@routes.post("/v1/schedules/{name}/resume")
+async def resume_schedule(request: web.Request) -> web.Response:
+    return await _set_paused(request, False)
+
+
+@routes.post("/v1/schedules/{name}/run")
+async def run_schedule(request: web.Request) -> web.Response:
+    """Run now: one manual run outside the slot sequence (paused or not), under
+    the schedule's overlap policy; 409 when that refuses it."""
+    plan = _plan_or_404(request)
+    who = principal(request)
+    who.require("write")
+    ctx = ctx_of(request)
+    await ctx.q.ensure_schedules([plan.cfg.name])
+    try:
+        fired = await schedules.fire(
+            ctx.db,
+            ctx.cfg,
+            plan,
+            slot_at=None,
+            kind="manual",
+            worker=ctx.cfg.worker.name,
+            actor=who.name,
+        )
+    except batches.ExclusiveKeyBusy as exc:
+        raise _key_busy(exc) from None
+    except schedules.ItemsFailed as exc:
+        raise Problem(409, f"the schedule's items could not be built: {exc}") from None
+    b = fired.batch
+    if b is None:  # the schedule's row was deleted under us
+        raise Problem(409, f"schedule {plan.cfg.name!r} could not be run: {fired.detail}")
+    return _json(
+        {"schedule": await _schedule_json(request, plan), "batch": b},
+        201,
+        {"Location": f"/v1/batches/{b['id']}"},
     )

@@ -549,3 +549,67 @@ DELETE FROM @schema.items i
 -- name: doctor_repair
 -- Recompute one batch's counters from its items and re-derive its status.
 SELECT @schema.repair_batch(p_batch => $1, p_actor => $2) AS status;
+
+-- name: ensure_schedules
+-- A row for each configured schedule not seen before: its slots count from now.
+INSERT INTO @schema.schedules (name) SELECT unnest($1::text[]) ON CONFLICT (name) DO NOTHING;
+
+-- name: schedule_states
+-- Each schedule's pause flag, since and latest slot with a run, and the database
+-- clock every slot is compared against.
+SELECT s.name, s.paused, s.since, s.paused_at, s.paused_by,
+       (SELECT max(r.slot_at) FROM @schema.schedule_runs r
+         WHERE r.schedule = s.name AND r.kind <> 'manual') AS last_slot_at,
+       now() AS now
+  FROM @schema.schedules s WHERE s.name = ANY($1::text[]) ORDER BY s.name;
+
+-- name: claim_schedule_slot
+-- Record a run of a schedule (see claim_schedule_slot.sql for the answers).
+SELECT @schema.claim_schedule_slot(
+    p_schedule => $1, p_slot_at => $2, p_kind => $3, p_outcome => $4, p_batch => $5,
+    p_detail => $6, p_worker => $7) AS verdict;
+
+-- name: schedule_unfinished_batches
+-- The unfinished batches of a schedule's earlier runs (overlap = cancel), locked
+-- in id order like every batch writer.
+SELECT b.id FROM @schema.batches b
+ WHERE b.id IN (SELECT r.batch_id FROM @schema.schedule_runs r
+                 WHERE r.schedule = $1 AND r.batch_id IS NOT NULL)
+   AND b.status NOT IN ('completed', 'completed_with_errors', 'failed', 'cancelled')
+ ORDER BY b.id FOR UPDATE OF b;
+
+-- name: set_schedule_paused
+-- Pause ($2 true) or resume a schedule (a row is made if no daemon made it yet);
+-- resuming moves `since` to now: slots passed while paused do not fire.
+INSERT INTO @schema.schedules AS s (name, paused, paused_at, paused_by)
+VALUES ($1, $2, CASE WHEN $2 THEN now() END, CASE WHEN $2 THEN $3 END)
+ON CONFLICT (name) DO UPDATE
+   SET paused = $2,
+       paused_at = CASE WHEN $2 THEN now() END,
+       paused_by = CASE WHEN $2 THEN $3::text END,
+       since = CASE WHEN $2 THEN s.since ELSE now() END
+ WHERE s.paused IS DISTINCT FROM $2;
+
+-- name: schedule_last_runs
+-- Per schedule, its latest slot run and its latest manual run, with their
+-- batches' status (NULL once a batch is deleted).
+SELECT r.id, r.schedule, r.slot_at, r.kind, r.outcome, r.batch_id, r.detail, r.worker,
+       r.created_at, b.status AS batch_status
+  FROM unnest($1::text[]) AS n(name)
+ CROSS JOIN LATERAL (
+       (SELECT * FROM @schema.schedule_runs x
+         WHERE x.schedule = n.name AND x.kind <> 'manual' ORDER BY x.slot_at DESC LIMIT 1)
+       UNION ALL
+       (SELECT * FROM @schema.schedule_runs x
+         WHERE x.schedule = n.name AND x.kind = 'manual' ORDER BY x.id DESC LIMIT 1)) r
+  LEFT JOIN @schema.batches b ON b.id = r.batch_id;
+
+-- name: retention_delete_schedule_runs
+-- Forget runs created before $1 seconds ago, but never a schedule's latest slot
+-- run: it is where the next slot is counted from.
+DELETE FROM @schema.schedule_runs r
+ WHERE r.id IN (SELECT id FROM @schema.schedule_runs
+                 WHERE created_at < now() - make_interval(secs => $1) LIMIT $2)
+   AND NOT (r.kind <> 'manual' AND r.slot_at = (
+        SELECT max(x.slot_at) FROM @schema.schedule_runs x
+         WHERE x.schedule = r.schedule AND x.kind <> 'manual'));
