@@ -5,7 +5,7 @@ and the two-phase stop.
 Start order (each ``await tg.start`` returns once the component is ready):
 API (probes answer while the database is still coming) → embedded-server watch
 (if we own the server) → migrate → events bus → outbox → progress writer →
-heartbeat (registers, reclaims a gone predecessor) → reaper → scheduler → metrics
+heartbeat (registers, reclaims a gone predecessor) → reaper → delayed starter → metrics
 sampler → retention → watchdog → schedules → callbacks → dispatcher → READY=1.
 
 Stop (SIGTERM/SIGINT): draining (readyz 503, workers row, metrics, STOPPING=1)
@@ -27,6 +27,7 @@ import anyio.abc
 
 from supervisor import (
     callbacks,
+    delayed,
     dispatcher,
     embedded,
     embedded_watch,
@@ -36,7 +37,6 @@ from supervisor import (
     progress,
     reaper,
     retention,
-    scheduler,
     schedules,
     states,
     store,
@@ -187,7 +187,7 @@ class Daemon:
             disp.release_waiting(batch_id)
 
         bus.on_pause = on_pause
-        sched = scheduler.Scheduler(cfg, db, lambda: bus.listening)
+        sched = delayed.DelayedStarter(cfg, db, lambda: bus.listening)
         bus.on_schedule = sched.wake
 
         def on_cancel_item(item_id: int, attempt: int) -> None:

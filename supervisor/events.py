@@ -5,7 +5,7 @@ runnable work), ``<schema>_batch`` (``id:version:status`` of a changed batch),
 ``<schema>_control`` (``cancel:<batch id>``, ``pause:<batch id>``,
 ``cancel_item:<item id>:<attempt>``) and ``<schema>_schedule`` (a batch was
 scheduled or rescheduled). One dedicated connection per daemon LISTENs and fans
-out to the dispatcher (wake-ups, cancels), the scheduler and to SSE streams
+out to the dispatcher (wake-ups, cancels), the delayed starter and to SSE streams
 (per-batch wake-ups). Changes made by any daemon reach every daemon. When LISTEN
 is unavailable (pooler in transaction mode, connection lost) the consumers fall
 back to polling; ``listening`` says which mode is in force.

@@ -43,7 +43,7 @@ INSERT INTO @schema.schema_migrations (version, name) VALUES ($1, $2);
 -- lock_dependencies). $24: the batch of its exclusive key it is queued behind
 -- (on_conflict "queue"; an edge of policy 'terminal'), or NULL. $25: not_before
 -- (NULL: none); later than now (the database clock) the batch is created
--- scheduled, its items' run_after is that time, and the scheduler is told
+-- scheduled, its items' run_after is that time, and the delayed starters are told
 -- instead of the claimers.
 -- $26: its max_items (NULL: the daemons' [server] max_items_per_batch).
 -- $27: the items' limit keys, in the order of $17 (empty: the handler has no key

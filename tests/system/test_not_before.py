@@ -20,7 +20,7 @@ from tests.test_controls import read_events
 
 SLOW_POLL = {"poll_interval": "30s"}
 # Pick-up is meant to be within a second of not_before; this bound only has to
-# tell the scheduler's timer from the 30 s poll on a loaded test machine.
+# tell the delayed starter's timer from the 30 s poll on a loaded test machine.
 PROMPT_S = 5.0
 
 

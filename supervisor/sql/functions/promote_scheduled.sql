@@ -2,7 +2,7 @@
 -- the flag is cleared and _settle_batches derives what they are now (queued, or
 -- paused if paused meanwhile, or still waiting for a dependency), writes the
 -- event 'not_before_reached' and NOTIFYs the batch channel; the wake channel
--- tells the daemons of each handler to claim. Every daemon's scheduler calls it
+-- tells the daemons of each handler to claim. Every daemon's delayed starter calls it
 -- when the next batch is due (and at start-up, so a time that passed while every
 -- daemon was down is acted on by the first one up); the batch rows are taken
 -- FOR UPDATE SKIP LOCKED in id order, nothing else is locked, and a batch

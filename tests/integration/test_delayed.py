@@ -1,4 +1,4 @@
-"""promote_scheduled and the scheduler (supervisor/scheduler.py) against the real
+"""promote_scheduled and the delayed starter (supervisor/delayed.py) against the real
 database: a due batch is promoted once, however many daemons call it at once; a
 batch another transaction holds is skipped without waiting for it and taken on
 a later call; the answer says when the next batch is due, by the database's clock."""
@@ -13,7 +13,7 @@ import anyio
 import asyncpg
 import pytest
 
-from supervisor import batches, scheduler, store
+from supervisor import batches, delayed, store
 from supervisor import db as dbm
 from tests.integration.support import HANDLER, make_config
 
@@ -117,13 +117,13 @@ async def test_concurrent_promotions_promote_each_batch_once(
     assert {await promoted_events(conn, b) for b in ids} == {1}
 
 
-async def test_the_scheduler_waits_until_the_next_is_due_but_never_past_its_cap() -> None:
+async def test_the_delayed_starter_waits_until_the_next_is_due_but_never_past_its_cap() -> None:
     cfg = make_config(worker={"poll_interval": "2s"})
     listening = True
-    s = scheduler.Scheduler(cfg, None, lambda: listening)  # type: ignore[arg-type]
-    assert s.next_wait(None) == scheduler.IDLE_S
+    s = delayed.DelayedStarter(cfg, None, lambda: listening)  # type: ignore[arg-type]
+    assert s.next_wait(None) == delayed.IDLE_S
     assert s.next_wait(0.25) == 0.25
-    assert s.next_wait(-3.0) == scheduler.RETRY_S  # due and held by another: soon again
-    assert s.next_wait(timedelta(hours=1).total_seconds()) == scheduler.IDLE_S
+    assert s.next_wait(-3.0) == delayed.RETRY_S  # due and held by another: soon again
+    assert s.next_wait(timedelta(hours=1).total_seconds()) == delayed.IDLE_S
     listening = False  # nobody announces new schedules: poll
     assert s.next_wait(None) == 2.0 and s.next_wait(60.0) == 2.0

@@ -30,7 +30,7 @@ RETRY_S = 0.05  # a due batch someone else holds (or more than one statement's w
 IDLE_S = 30.0  # with LISTEN working, the schedule channel announces every change
 
 
-class Scheduler:
+class DelayedStarter:
     def __init__(self, cfg: Config, db: dbm.Database, listening: Callable[[], bool]) -> None:
         self._cfg = cfg
         self._db = db
@@ -67,6 +67,6 @@ class Scheduler:
                 due_in = await self.promote_once()
             except DatabaseUnavailable as exc:
                 # Not fatal: the schedule is in the database, and the next pass acts on it.
-                log.warning("scheduler.failed error=%s", exc)
+                log.warning("delayed.failed error=%s", exc)
                 due_in = self._cfg.worker.poll_interval_s
             await self._wakeup.wait(self.next_wait(due_in))
