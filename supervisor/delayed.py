@@ -36,7 +36,7 @@ class DelayedStarter:
         self._db = db
         self._listening = listening
         self._wakeup = Wakeup()
-        self._actor = f"scheduler:{cfg.worker.name}"
+        self._actor = f"not_before:{cfg.worker.name}"
 
     def wake(self) -> None:
         """A batch was scheduled or its not_before moved: look again."""
