@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from tests.pgharness import free_port
@@ -309,6 +309,28 @@ def request(
     except ValueError:
         parsed = raw.decode(errors="replace")
     return status, parsed, rh
+
+
+def sse_events(
+    url: str, headers: Mapping[str, str] | None = None, timeout: float = 30.0
+) -> Iterator[tuple[str, Any, str | None]]:
+    """(event, data, id) of each event of an SSE stream, until the server closes it
+    (or the caller stops iterating)."""
+    req = urllib.request.Request(url, headers=dict(headers or {}))
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream"), resp.headers
+        event, data, eid = "", "", None
+        for raw in resp:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data = line[5:].strip()
+            elif line.startswith("id:"):
+                eid = line[3:].strip()
+            elif not line and event:
+                yield event, json.loads(data), eid
+                event, eid = "", None
 
 
 def check_invariants(b: Mapping[str, Any]) -> None:

@@ -3,35 +3,21 @@ DELETE, the failure budget, and SSE across daemons."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-import urllib.request
 from typing import Any
 
-from tests.daemon import DEFAULT_HANDLERS, Daemon, wait_for
+from tests.daemon import DEFAULT_HANDLERS, Daemon, sse_events, wait_for
 
 
 def read_events(
     url: str, headers: dict[str, str] | None = None, timeout: float = 30
 ) -> list[tuple[str, Any, str | None, float]]:
     """(event, data, id, arrival time) for every event until the server closes."""
-    out: list[tuple[str, Any, str | None, float]] = []
-    req = urllib.request.Request(url, headers=headers or {})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        event, data, eid = "", "", None
-        for raw in resp:
-            line = raw.decode().rstrip("\n")
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                data = line[5:].strip()
-            elif line.startswith("id:"):
-                eid = line[3:].strip()
-            elif not line and event:
-                out.append((event, json.loads(data), eid, time.monotonic()))
-                event, eid = "", None
-    return out
+    return [
+        (event, data, eid, time.monotonic())
+        for event, data, eid in sse_events(url, headers, timeout)
+    ]
 
 
 def test_pause_freezes_progress_and_resume_continues(daemons: Any) -> None:

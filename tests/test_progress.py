@@ -4,16 +4,14 @@ item JSON, the batch's SSE stream and the stalled-progress gauge."""
 
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 import textwrap
 import threading
-import urllib.request
 from datetime import datetime
 from typing import Any
 
-from tests.daemon import DEFAULT_HANDLERS, wait_for
+from tests.daemon import DEFAULT_HANDLERS, sse_events, wait_for
 from tests.test_handlers_exec import exec_handler
 
 HANDLERS = dict(DEFAULT_HANDLERS) | {
@@ -56,21 +54,12 @@ def progress_shown(d: Any, batch_id: str, done: float) -> dict[str, Any] | None:
     return it if p is not None and p["done"] == done else None
 
 
-def sse_events(url: str, out: list[tuple[str, Any]], stop_on: str) -> None:
+def events_until(url: str, out: list[tuple[str, Any]], stop_on: str) -> None:
     """Collect a batch's SSE events until one of kind ``stop_on`` or the end."""
-    with urllib.request.urlopen(url, timeout=30) as resp:
-        event, data = "", ""
-        for raw in resp:
-            line = raw.decode().rstrip("\n")
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                data = line[5:].strip()
-            elif not line and event:
-                out.append((event, json.loads(data)))
-                if event == stop_on:
-                    return
-                event = ""
+    for event, data, _ in sse_events(url):
+        out.append((event, data))
+        if event == stop_on:
+            return
 
 
 def test_python_progress_shows_in_the_item_sse_and_metrics_while_it_runs(
@@ -90,7 +79,7 @@ def test_python_progress_shows_in_the_item_sse_and_metrics_while_it_runs(
     # A stream opened now gets the running item's latest progress at once.
     events: list[tuple[str, Any]] = []
     reader = threading.Thread(
-        target=sse_events, args=(f"{d.url}/v1/batches/{b['id']}/events", events, "progress")
+        target=events_until, args=(f"{d.url}/v1/batches/{b['id']}/events", events, "progress")
     )
     reader.start()
     reader.join(30)

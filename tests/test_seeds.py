@@ -19,7 +19,15 @@ from typing import Any
 
 import asyncpg
 
-from tests.daemon import DEFAULT_HANDLERS, ROOT, Daemon, check_invariants, render_toml, wait_for
+from tests.daemon import (
+    DEFAULT_HANDLERS,
+    ROOT,
+    Daemon,
+    check_invariants,
+    render_toml,
+    sse_events,
+    wait_for,
+)
 
 
 def sql_value(url: str, query: str) -> Any:
@@ -170,23 +178,9 @@ def test_seed002_no_read_ever_shows_items_done_without_terminal_batch(daemons: A
 def test_seed002_event_stream_delivers_terminal_snapshot_then_end(daemons: Any) -> None:
     d = daemons()
     b = d.submit("echo", [{"sleep": 0.3}, {"sleep": 0.3}, {"sleep": 0.6}])
-    events: list[tuple[str, Any]] = []
-    import json
-    import urllib.request
-
-    with urllib.request.urlopen(f"{d.url}/v1/batches/{b['id']}/events", timeout=20) as resp:
-        assert resp.headers["Content-Type"].startswith("text/event-stream")
-        event, data = "", ""
-        for raw in resp:
-            line = raw.decode().rstrip("\n")
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                data = line[5:].strip()
-            elif not line and event:
-                events.append((event, json.loads(data)))
-                event = ""
-        # the server closed the stream after `end`
+    url = f"{d.url}/v1/batches/{b['id']}/events"
+    events = [(event, data) for event, data, _ in sse_events(url, timeout=20)]
+    # the server closed the stream after `end`
     kinds = [k for k, _ in events]
     assert kinds[0] == "snapshot" and kinds[-1] == "end"
     last_snapshot = [v for k, v in events if k == "snapshot"][-1]

@@ -24,17 +24,15 @@ The kill time stands in for the end a killed attempt never wrote.
 from __future__ import annotations
 
 import itertools
-import json
 import pathlib
 import threading
 import time
-import urllib.request
 from collections import defaultdict
 from typing import Any
 
 from tests.chaos.common import TERMINAL, assert_no_drift, read_runlog
 from tests.conftest import DaemonFactory
-from tests.daemon import Daemon, check_invariants, wait_for
+from tests.daemon import Daemon, check_invariants, sse_events, wait_for
 from tests.system.test_operations import item_detail
 
 NAMES = ("a", "b", "c", "d")
@@ -306,17 +304,8 @@ class Stream(threading.Thread):
 
     def run(self) -> None:
         try:
-            with urllib.request.urlopen(self.url, timeout=60) as resp:
-                event, data = "", ""
-                for raw in resp:
-                    line = raw.decode().rstrip("\n")
-                    if line.startswith("event:"):
-                        event = line[6:].strip()
-                    elif line.startswith("data:"):
-                        data = line[5:].strip()
-                    elif not line and event:
-                        self.events.append((event, json.loads(data)))
-                        event = ""
+            for event, data, _ in sse_events(self.url, timeout=60):
+                self.events.append((event, data))
         except BaseException as exc:  # reported by the test that reads the stream
             self.error = exc
 
