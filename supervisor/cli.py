@@ -21,7 +21,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
-from supervisor import __version__, client, config, embedded, handlers, logs, schedules, store
+from supervisor import __version__, cli_client, config, embedded, handlers, logs, schedules, store
 from supervisor import db as dbm
 from supervisor.errors import ConfigError, HandlerLoadError, SchemaTooNew, SupervisorError
 
@@ -178,7 +178,8 @@ def parser() -> argparse.ArgumentParser:
     def with_url(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         with_config(sp)
         sp.add_argument(
-            "--url", help=f"API base URL (env BATCH_SUPERVISOR_URL, default {client.DEFAULT_URL})"
+            "--url",
+            help=f"API base URL (env BATCH_SUPERVISOR_URL, default {cli_client.DEFAULT_URL})",
         )
         return sp
 
@@ -196,7 +197,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-concurrency", type=int)
     s.add_argument("--max-attempts", type=int)
     s.add_argument(
-        "--max-failures", type=client.max_failures, help="a count, or a percentage like 10%%"
+        "--max-failures", type=cli_client.max_failures, help="a count, or a percentage like 10%%"
     )
     s.add_argument("--idempotency-key")
     s.add_argument(
@@ -222,7 +223,7 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--not-before",
-        type=client.not_before,
+        type=cli_client.not_before,
         metavar="TIME",
         help="start no item before TIME: RFC 3339 with an offset (2026-12-24T18:00:00Z), "
         "or +DURATION from now (+10m, +2h); scheduled until then",
@@ -313,7 +314,7 @@ def _exit_past_abandoned_threads(code: int) -> None:
 def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     try:
-        return COMMANDS.get(args.command, client.cmd_client)(args)
+        return COMMANDS.get(args.command, cli_client.cmd_client)(args)
     except ConfigError as exc:
         print(f"batch-supervisor: {exc}", file=sys.stderr)
         return EX_CONFIG

@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from supervisor import client
+from supervisor import cli_client
 from supervisor.api import results
 from tests.conftest import DaemonFactory
 from tests.daemon import DEFAULT_HANDLERS, ROOT, Daemon, wait_for
@@ -337,7 +337,7 @@ def test_client_results_iterates_records_and_continues_after_an_id(
 
     async def collect(**kw: Any) -> list[dict[str, Any]]:
         async with aiohttp.ClientSession() as session:
-            return [rec async for rec in client.results(session, d.url, bid, **kw)]
+            return [rec async for rec in cli_client.results(session, d.url, bid, **kw)]
 
     assert asyncio.run(collect()) == want
     assert asyncio.run(collect(after=want[1]["id"])) == want[2:]
