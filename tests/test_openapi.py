@@ -134,3 +134,23 @@ def test_errors_are_problem_json() -> None:
     problem = doc["components"]["schemas"]["Problem"]
     assert set(problem["required"]) == {"type", "title", "status", "detail"}
     assert problem["properties"]["errors"]["items"] == {"$ref": "#/components/schemas/FieldError"}
+
+
+def test_the_shapes_documented_are_the_shapes_served(daemons: Any) -> None:
+    """The members of a real batch, item listing and item (with errors) are exactly
+    the properties their schemas document (additionalProperties is false)."""
+    schemas = document()["components"]["schemas"]
+    d = daemons()
+    b = d.submit("echo", [{"key": "k", "payload": 1}])
+    d.wait_status(b["id"], "completed")
+    (listed,) = d.items(b["id"])
+    code, item, _ = d.api("GET", f"/v1/items/{listed['id']}")
+    assert code == 200
+    for name, served in [
+        ("Batch", d.batch(b["id"])),
+        ("Item", listed),
+        ("ItemWithErrors", item),
+    ]:
+        documented = set(schemas[name]["properties"])
+        assert set(served) == documented, (name, set(served) ^ documented)
+        assert set(schemas[name]["required"]) <= documented, name
