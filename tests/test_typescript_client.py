@@ -41,12 +41,30 @@ def _run(command: list[str], timeout: float) -> None:
     assert proc.returncode == 0, f"{' '.join(command)} exited {proc.returncode}\n{output}"
 
 
-def test_typescript_client_builds_and_passes_its_tests() -> None:
+_built: set[str] = set()
+
+
+def build_client(*, examples: bool = False) -> str:
+    """``npm ci`` and the build (once per session); skips without node and npm.
+    Returns the npm executable."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         pytest.skip(f"{'node' if node is None else 'npm'} is not on PATH (the TypeScript client)")
     if _node_major(node) < 18:
         pytest.skip("the TypeScript client needs Node.js 18 or later")
-    _run([npm, "ci", "--no-audit", "--no-fund", "--prefer-offline"], timeout=180)
-    _run([npm, "run", "build"], timeout=120)
+    steps = [
+        ("ci", [npm, "ci", "--no-audit", "--no-fund", "--prefer-offline"], 180.0),
+        ("build", [npm, "run", "build"], 120.0),
+    ]
+    if examples:
+        steps.append(("examples", [npm, "run", "build:examples"], 120.0))
+    for name, command, timeout in steps:
+        if name not in _built:
+            _run(command, timeout)
+            _built.add(name)
+    return npm
+
+
+def test_typescript_client_builds_and_passes_its_tests() -> None:
+    npm = build_client()
     _run([npm, "test"], timeout=240)

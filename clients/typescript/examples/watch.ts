@@ -14,6 +14,8 @@ import { ApiError, Client, type Batch } from "batch-supervisor-client";
 const params = new URLSearchParams(location.search);
 const batchId = params.get("batch") ?? "";
 const token = params.get("token") ?? sessionStorage.getItem("bsv-token");
+// The submission's `version`: item events also for items that finished before the page opened.
+const since = params.get("since") ?? undefined;
 
 const bar = document.querySelector<HTMLProgressElement>("#bar")!;
 const status = document.querySelector<HTMLElement>("#status")!;
@@ -38,6 +40,7 @@ async function main(): Promise<void> {
   try {
     const final = await client.watchBatch(batchId, {
       signal: stop.signal,
+      lastEventId: since,
       onSnapshot: show,
       onItem: (item) => {
         const li = document.createElement("li");
@@ -51,6 +54,7 @@ async function main(): Promise<void> {
     });
     show(final);
     status.textContent += " (finished)";
+    document.body.dataset.finished = final.status;
   } catch (err) {
     if (stop.signal.aborted) return;
     status.textContent = err instanceof ApiError ? `${err.status} ${err.detail}` : String(err);
