@@ -2,6 +2,7 @@
 // tiny Node HTTP server is the handler's url and checks each request.
 
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { createServer } from "node:http";
 import { after, before, describe, test } from "node:test";
 
@@ -163,4 +164,22 @@ describe("checks on a captured delivery", () => {
     }
     await assert.rejects(verifyWebhook({ body: captured.body, signature: sig }, ""), TypeError);
   });
+});
+
+test("without a global crypto (Node 18) it falls back to node:crypto's Web Crypto", async () => {
+  deliveries.length = 0;
+  await run("hook", [{ key: "node18", payload: 1 }]);
+  const d = deliveries.find((x) => x.headers["x-supervisor-signature"]);
+  const script = `
+    delete globalThis.crypto;
+    if (globalThis.crypto !== undefined) throw new Error("crypto still global");
+    const { verifyWebhook } = await import(${JSON.stringify(new URL("../dist/index.js", import.meta.url).href)});
+    const env = process.env;
+    const ok = await verifyWebhook({ body: Buffer.from(env.BODY, "base64"), signature: env.SIG }, env.SECRET);
+    const bad = await verifyWebhook({ body: Buffer.from(env.BODY, "base64"), signature: env.SIG }, "other");
+    console.log(JSON.stringify([ok?.item.key, bad]));`;
+  const out = execFileSync(process.execPath, ["--input-type=module", "-e", script], {
+    env: { ...process.env, BODY: d.body.toString("base64"), SIG: d.headers["x-supervisor-signature"], SECRET },
+  });
+  assert.deepEqual(JSON.parse(out), ["node18", null]);
 });
