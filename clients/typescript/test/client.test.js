@@ -98,6 +98,42 @@ describe("submit, watch, results", () => {
     assert.equal(both[0].error.type, "PermanentError");
   });
 
+  test("results cut in the middle of a record resume after the last complete one", async () => {
+    const items = Array.from({ length: 6 }, (_, i) => ({ key: `c${i}`, payload: "p".repeat(200) }));
+    const batch = await client.submit({ handler: "echo", items });
+    await client.watchBatch(batch.id);
+    const requests = [];
+    const cutting = new Client({
+      baseUrl: daemon.url,
+      fetch: async (url, init) => {
+        const resp = await fetch(url, init);
+        requests.push(new URL(url).searchParams.get("after"));
+        if (requests.length > 1) return resp;
+        // The first response breaks off inside its third record.
+        const whole = new Uint8Array(await resp.arrayBuffer());
+        const text = new TextDecoder().decode(whole);
+        const cut = new TextEncoder().encode(text.split("\n").slice(0, 2).join("\n") + "\n" + text.split("\n")[2].slice(0, 40));
+        const body = new ReadableStream({
+          start(controller) {
+            controller.enqueue(cut);
+          },
+          pull(controller) {
+            controller.error(new TypeError("terminated"));
+          },
+        });
+        return new Response(body, { status: resp.status, headers: resp.headers });
+      },
+    });
+    const keys = [];
+    let secondId;
+    for await (const rec of cutting.results(batch.id)) {
+      keys.push(rec.key);
+      if (keys.length === 2) secondId = rec.id;
+    }
+    assert.deepEqual(keys, items.map((it) => it.key), "each record once, in order");
+    assert.deepEqual(requests, [null, secondId], "resumed with after=<the last complete record>");
+  });
+
   test("listItems pages with cursor and limit; getItem has the error history", async () => {
     const batch = await client.submit({ handler: "permanent", items: [1, 2, 3, 4, 5] });
     await client.watchBatch(batch.id);
@@ -202,9 +238,11 @@ describe("idempotent submit", () => {
         return resp;
       },
     });
-    const batch = await losing.submit({ handler: "echo", items: [1, 2], exclusive_key: key }, { idempotencyKey: key });
+    // No key given: the generated one must be reused by the retry (another key
+    // would be refused with 409, the exclusive key being held by the first batch).
+    const batch = await losing.submit({ handler: "echo", items: [1, 2], exclusive_key: key });
     assert.equal(posts, 2, "retried once");
-    assert.equal(batch.idempotency_key, key);
+    assert.match(batch.idempotency_key, /^[0-9a-f-]{36}$/);
     const listed = await client.listBatches({ exclusiveKey: key });
     assert.deepEqual(listed.batches.map((b) => b.id), [batch.id], "exactly one batch");
   });
