@@ -39,6 +39,11 @@ export async function startDaemon(spec = {}) {
       child.stdin.write("restart\n");
       await next("restarting");
     },
+    /** SIGKILL the daemon (its connections reset mid-stream) and start it again. */
+    async crash() {
+      child.stdin.write("crash\n");
+      await next("restarting after a crash");
+    },
     async log() {
       child.stdin.write("log\n");
       return (await next("the log")).log;

@@ -7,7 +7,8 @@ PostgreSQL with a fresh database and one ``batch-supervisor run`` subprocess.
 The argument (JSON, optional) gives ``handlers`` (default: the suite's) and
 ``extra`` config sections. Prints one JSON line ``{"url", "config", "log"}`` once
 the daemon is ready, then reads commands from stdin: ``restart`` (SIGTERM, wait,
-start again on the same port; answers ``{"restarted": true}``). When stdin
+start again on the same port; answers ``{"restarted": true}``), ``crash`` (the
+same with SIGKILL), ``log`` (answers ``{"log": text}``). When stdin
 closes, the daemon and the database server are stopped.
 """
 
@@ -49,6 +50,10 @@ def main() -> int:
             for line in sys.stdin:
                 if line.strip() == "restart":
                     daemon.stop()
+                    daemon.start()
+                    reply({"restarted": True})
+                elif line.strip() == "crash":
+                    daemon.kill()  # SIGKILL: connections reset, nothing drained
                     daemon.start()
                     reply({"restarted": True})
                 elif line.strip() == "log":
