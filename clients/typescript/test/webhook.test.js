@@ -7,6 +7,7 @@ import { createServer } from "node:http";
 import { after, before, describe, test } from "node:test";
 
 import { Client, verifyWebhook } from "../dist/index.js";
+import { serve } from "../examples/dist/serve-node.js";
 import example from "../examples/dist/webhook-handler.js";
 import { startDaemon } from "./daemon.js";
 
@@ -14,6 +15,7 @@ const SECRET = "a long random string, shared with the daemon";
 let daemon;
 let client;
 let server;
+let exampleServer; // the example handler, run by the example's own Node adapter
 const deliveries = []; // {body: Buffer, headers} of every request /hook received
 
 function readBody(req) {
@@ -36,16 +38,6 @@ async function handle(req, res) {
     }
     res.writeHead(200, { "Content-Type": "application/json" });
     res.end(JSON.stringify({ verified: delivery.item.id, payload: delivery.item.payload }));
-  } else if (req.url === "/example") {
-    // The example's fetch handler, behind a Node http adapter.
-    const request = new Request(`http://localhost${req.url}`, {
-      method: req.method,
-      headers: Object.entries(req.headers).map(([k, v]) => [k, String(v)]),
-      body,
-    });
-    const response = await example.fetch(request, { SUPERVISOR_SIGNING_SECRET: SECRET });
-    res.writeHead(response.status, Object.fromEntries(response.headers));
-    res.end(Buffer.from(await response.arrayBuffer()));
   } else {
     res.writeHead(404).end();
   }
@@ -57,13 +49,16 @@ before(async () => {
   });
   await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
   const base = `http://127.0.0.1:${server.address().port}`;
+  exampleServer = serve(example.fetch, { SUPERVISOR_SIGNING_SECRET: SECRET });
+  await new Promise((resolve) => exampleServer.listen(0, "127.0.0.1", resolve));
+  const exampleUrl = `http://127.0.0.1:${exampleServer.address().port}/`;
   const http = (url, extra = {}) => ({ type: "http", url, timeout: "10s", max_attempts: 1, ...extra });
   daemon = await startDaemon({
     handlers: {
       hook: http(`${base}/hook`, { signing_secret: SECRET }),
       hook_wrong_secret: http(`${base}/hook`, { signing_secret: "not the receiver's secret" }),
       hook_unsigned: http(`${base}/hook`),
-      example: http(`${base}/example`, { signing_secret: SECRET }),
+      example: http(exampleUrl, { signing_secret: SECRET }),
     },
   });
   client = new Client({ baseUrl: daemon.url });
@@ -72,6 +67,7 @@ before(async () => {
 after(async () => {
   await daemon?.close();
   await new Promise((resolve) => server?.close(resolve));
+  await new Promise((resolve) => exampleServer?.close(resolve));
 });
 
 async function run(handler, items) {
