@@ -150,9 +150,12 @@ export class Client {
       throw new TypeError("submit: batch.idempotency_key and options.idempotencyKey differ");
     }
     const key = given ?? options.idempotencyKey ?? (await randomUUID());
+    // A header carries only printable ASCII (fetch throws otherwise); the body
+    // field alone is enough, the header is a courtesy to proxies and logs.
+    const header = /^[\x20-\x7e]*$/.test(key) ? { "Idempotency-Key": key } : undefined;
     return this.#json<Batch>("POST", "/v1/batches", {
       body: { ...batch, idempotency_key: key },
-      headers: { "Idempotency-Key": key },
+      headers: header,
       repeatable: true,
       signal: options.signal,
     });

@@ -247,6 +247,14 @@ describe("idempotent submit", () => {
     assert.deepEqual(listed.batches.map((b) => b.id), [batch.id], "exactly one batch");
   });
 
+  test("a key that is not ASCII goes in the body only, and works", async () => {
+    const key = `clé-${Date.now()}-✓`;
+    const a = await client.submit({ handler: "echo", items: [1] }, { idempotencyKey: key });
+    const b = await client.submit({ handler: "echo", items: [1], idempotency_key: key });
+    assert.equal(a.idempotency_key, key);
+    assert.equal(b.id, a.id, "the repeat answers with the same batch");
+  });
+
   test("a key given twice must agree", async () => {
     await assert.rejects(
       client.submit({ handler: "echo", items: [1], idempotency_key: "a" }, { idempotencyKey: "b" }),
