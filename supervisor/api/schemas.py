@@ -275,6 +275,39 @@ def item_entries(
     return items
 
 
+def idempotency_key(
+    body: Mapping[str, Any], header_key: str | None, errors: list[dict[str, str]]
+) -> str | None:
+    """The request's idempotency key: the body's ``idempotency_key`` or the
+    Idempotency-Key header (both: they must agree)."""
+    idem = body.get("idempotency_key")
+    if idem is not None and (
+        not isinstance(idem, str) or not idem or len(idem) > IDEMPOTENCY_MAX or _bad_text(idem)
+    ):
+        errors.append(
+            {
+                "path": "/idempotency_key",
+                "message": f"must be null or a string of 1 to {IDEMPOTENCY_MAX} characters",
+            }
+        )
+        idem = None
+    if header_key is not None:
+        if not header_key or len(header_key) > IDEMPOTENCY_MAX or not header_key.isascii():
+            errors.append(
+                {
+                    "path": "Idempotency-Key",
+                    "message": f"header must be 1 to {IDEMPOTENCY_MAX} ASCII characters",
+                }
+            )
+        elif idem is not None and idem != header_key:
+            errors.append(
+                {"path": "/idempotency_key", "message": "differs from the Idempotency-Key header"}
+            )
+        else:
+            idem = header_key
+    return idem
+
+
 def submission(
     body: Any, *, header_key: str | None, handler_exists: Callable[[str], bool], max_items: int
 ) -> NewBatch:
@@ -312,31 +345,7 @@ def submission(
     else:
         storable_json(metadata, "/metadata", errors)
 
-    idem = body.get("idempotency_key")
-    if idem is not None and (
-        not isinstance(idem, str) or not idem or len(idem) > IDEMPOTENCY_MAX or _bad_text(idem)
-    ):
-        errors.append(
-            {
-                "path": "/idempotency_key",
-                "message": f"must be null or a string of 1 to {IDEMPOTENCY_MAX} characters",
-            }
-        )
-        idem = None
-    if header_key is not None:
-        if not header_key or len(header_key) > IDEMPOTENCY_MAX or not header_key.isascii():
-            errors.append(
-                {
-                    "path": "Idempotency-Key",
-                    "message": f"header must be 1 to {IDEMPOTENCY_MAX} ASCII characters",
-                }
-            )
-        elif idem is not None and idem != header_key:
-            errors.append(
-                {"path": "/idempotency_key", "message": "differs from the Idempotency-Key header"}
-            )
-        else:
-            idem = header_key
+    idem = idempotency_key(body, header_key, errors)
 
     on_complete = body.get("on_complete")
     if on_complete is not None:
