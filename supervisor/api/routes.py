@@ -327,19 +327,24 @@ async def redeliver_callback(request: web.Request) -> web.Response:
     )
 
 
+def _include_cancelled(body: Any) -> bool:
+    """A retry's body: nothing, or {"include_cancelled": true|false}."""
+    if body is None:
+        return False
+    if not isinstance(body, dict) or set(body) - {"include_cancelled"}:
+        raise ValidationFailed(
+            [{"path": "", "message": 'body may only hold {"include_cancelled": true|false}'}]
+        )
+    include = body.get("include_cancelled", False)
+    if not isinstance(include, bool):
+        raise ValidationFailed([{"path": "/include_cancelled", "message": "must be a boolean"}])
+    return include
+
+
 @routes.post("/v1/batches/{id}/retry")
 async def retry_batch(request: web.Request) -> web.Response:
     principal(request).require("write")  # before reading the body: a 403 is no 422
-    body = await _read_json(request)
-    include = False
-    if body is not None:
-        if not isinstance(body, dict) or set(body) - {"include_cancelled"}:
-            raise ValidationFailed(
-                [{"path": "", "message": 'body may only hold {"include_cancelled": true|false}'}]
-            )
-        include = body.get("include_cancelled", False)
-        if not isinstance(include, bool):
-            raise ValidationFailed([{"path": "/include_cancelled", "message": "must be a boolean"}])
+    include = _include_cancelled(await _read_json(request))
     try:
         return await _control(
             request,
