@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from supervisor import states
+from supervisor import pipeline_runs, states
 from supervisor.api.problems import Problem, ValidationFailed
 from supervisor.batches import NewBatch
 from supervisor.models import compact_json
@@ -401,6 +401,63 @@ def submission(
         on_conflict=on_conflict,
         not_before=not_before,
         max_items=max_items_cap,
+    )
+
+
+RUN_FIELDS = ("items", "metadata", "idempotency_key", "exclusive_key")
+
+
+def run_submission(
+    body: Any, *, pipeline: str, header_key: str | None, max_items: int
+) -> pipeline_runs.NewRun:
+    """Validate a POST /v1/pipelines/{name}/runs body (the first stage's items and
+    the run's fields), or raise with every error."""
+    if not isinstance(body, dict):
+        raise ValidationFailed([{"path": "", "message": "the body must be a JSON object"}])
+    errors: list[dict[str, str]] = []
+    _unknown(body, RUN_FIELDS, errors)
+    raw_items = body.get("items")
+    items: list[tuple[str | None, str]] = []
+    if not isinstance(raw_items, list) or not raw_items:
+        errors.append(
+            {"path": "/items", "message": "required: a non-empty array of the first stage's items"}
+        )
+    elif len(raw_items) > max_items:
+        raise Problem(
+            413,
+            f"/items: {len(raw_items)} items exceed the limit of {max_items} "
+            "per batch ([server] max_items_per_batch)",
+        )
+    else:
+        items = item_entries(raw_items, errors)
+    metadata = body.get("metadata", {})
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        errors.append({"path": "/metadata", "message": "must be a JSON object"})
+        metadata = {}
+    elif "pipeline_run" in metadata:
+        errors.append(
+            {
+                "path": "/metadata/pipeline_run",
+                "message": "reserved: each stage's batch names its run there",
+            }
+        )
+    else:
+        storable_json(metadata, "/metadata", errors)
+    idem = idempotency_key(body, header_key, errors)
+    exclusive_key = body.get("exclusive_key")
+    if exclusive_key is not None and (why := exclusive_key_problem(exclusive_key)):
+        errors.append({"path": "/exclusive_key", "message": why})
+        exclusive_key = None
+    if errors:
+        raise ValidationFailed(errors)
+    return pipeline_runs.NewRun(
+        pipeline=pipeline,
+        items=items,
+        metadata=metadata,
+        idempotency_key=idem,
+        exclusive_key=exclusive_key,
     )
 
 
