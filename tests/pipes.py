@@ -46,12 +46,12 @@ def not_items(results: Results) -> list[Any]:
 
 
 def gated(results: Results) -> list[Any]:
-    """As passthrough, after creating ``$BSV_PIPE_GATE.entered`` and waiting (at
-    most a minute) for ``$BSV_PIPE_GATE`` to exist: a test kills the daemon in
-    the middle of deriving the next stage's items."""
+    """As passthrough, after writing the daemon's pid to ``$BSV_PIPE_GATE.entered``
+    and waiting (at most a minute) for ``$BSV_PIPE_GATE`` to exist: a test kills
+    the daemon in the middle of deriving the next stage's items."""
     gate = pathlib.Path(os.environ["BSV_PIPE_GATE"])
     out = passthrough(results)
-    pathlib.Path(f"{gate}.entered").touch()
+    pathlib.Path(f"{gate}.entered").write_text(str(os.getpid()))
     deadline = time.monotonic() + 60
     while not gate.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
