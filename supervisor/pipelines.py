@@ -3,8 +3,8 @@
 A stage's batch can only be created once the stage before it has ended (a batch
 is created with its items, and they come from the previous stage's results).
 Every daemon runs this component. It takes a running run whose current stage's
-batch has ended (FOR UPDATE SKIP LOCKED: daemons pass each other's runs by),
-and in that one transaction either ends the run or calls the next stage's
+batch has ended (row-locked, skipping locked rows: daemons pass each other's
+runs by), and in that one transaction either ends the run or calls the next stage's
 configured items function over the ended stage's succeeded results and creates
 the next stage's batch with its stage row. The row's primary key (run_id,
 stage) is the guarantee of one batch per stage; a daemon killed at any moment
