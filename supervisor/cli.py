@@ -20,7 +20,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
-from supervisor import __version__, client, config, embedded, handlers, logs, store
+from supervisor import __version__, client, config, embedded, handlers, logs, pipelines, store
 from supervisor import db as dbm
 from supervisor.errors import ConfigError, HandlerLoadError, SchemaTooNew, SupervisorError
 
@@ -97,6 +97,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(args)
     problems = handlers.check_all(cfg)
+    try:
+        pipelines.load_functions(cfg)
+    except HandlerLoadError as exc:
+        problems.append(str(exc))
     if not cfg.database_url and cfg.embedded.bin_dir:
         try:
             embedded.find_bin_dir(cfg.embedded.bin_dir)

@@ -48,6 +48,22 @@ ERROR_TEXT_MAX = 4000
 ItemsFunction = Callable[[Iterator[dict[str, Any]]], Iterable[Any] | None]
 
 
+def load_function(ref: str) -> ItemsFunction:
+    """The items function ``ref`` ("package.module:function") names; ValueError
+    saying why when it cannot be used."""
+    module_name, _, attr = ref.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except Exception as exc:  # any import-time failure makes the function unusable
+        raise ValueError(f"cannot load {ref!r}: {type(exc).__name__}: {exc}") from exc
+    if not callable(obj):
+        raise ValueError(f"{ref!r} is not callable")
+    fn: ItemsFunction = obj
+    return fn
+
+
 def load_functions(cfg: Config) -> dict[str, ItemsFunction]:
     """Every configured items function, imported; HandlerLoadError naming each
     that cannot be (a daemon refuses to start, as with a broken handler)."""
@@ -55,22 +71,12 @@ def load_functions(cfg: Config) -> dict[str, ItemsFunction]:
     problems: list[str] = []
     for p in cfg.pipelines.values():
         for i, st in enumerate(p.stages):
-            ref = st.items
-            if ref is None or ref in out:
+            if st.items is None or st.items in out:
                 continue
-            where = f"pipelines.{p.name}.stages[{i}].items {ref!r}"
-            module_name, _, attr = ref.partition(":")
             try:
-                obj: Any = importlib.import_module(module_name)
-                for part in attr.split("."):
-                    obj = getattr(obj, part)
-            except Exception as exc:  # any import-time failure makes the pipeline unusable
-                problems.append(f"{where}: cannot load: {type(exc).__name__}: {exc}")
-                continue
-            if not callable(obj):
-                problems.append(f"{where}: not callable")
-                continue
-            out[ref] = obj
+                out[st.items] = load_function(st.items)
+            except ValueError as exc:
+                problems.append(f"pipelines.{p.name}.stages[{i}].items: {exc}")
     if problems:
         raise HandlerLoadError("; ".join(problems))
     return out
@@ -99,7 +105,7 @@ class Pipelines:
     ) -> None:
         self._cfg = cfg
         self._db = db
-        self._functions = functions
+        self._functions = dict(functions)
         self._listening = listening
         self._wakeup = Wakeup()
         self._actor = f"pipelines:{cfg.worker.name}"
@@ -130,6 +136,7 @@ class Pipelines:
 
     async def advance_one(self) -> bool:
         """Advance one due run in one transaction; False when none is due here."""
+        run: store.RunRow | None = None
         try:
             async with self._db.transaction("advance_pipeline") as tx:
                 q = store.Queries(tx)
@@ -143,7 +150,31 @@ class Pipelines:
             # The stage has its row already: nothing was written. Cannot happen
             # under the run's lock; the primary key is the guarantee if it did.
             log.error("pipelines.stage_exists error=%s", exc)
+        except DatabaseUnavailable:
+            raise
+        except Exception as exc:
+            # A poison run (whatever it makes the database or this code refuse)
+            # must not crash every daemon that takes it: it fails, with the error.
+            if run is None:
+                raise
+            log.exception("pipelines.advance_failed run=%s", run.id)
+            await self._fail(run, exc)
         return True
+
+    async def _fail(self, run: store.RunRow, exc: Exception) -> None:
+        """End a run whose advance raised, unless it moved on meanwhile."""
+        specs = pipeline_runs.specs_of(run)
+        stage = specs[min(run.current_stage + 1, len(specs) - 1)]["name"]
+        async with self._db.transaction("fail_pipeline") as tx:
+            q = store.Queries(tx)
+            now = await q.lock_pipeline_run(run.id, tenant=None)
+            if (
+                now is not None
+                and now.status == states.RunStatus.RUNNING
+                and now.current_stage == run.current_stage
+            ):
+                error = {"stage": stage, "type": type(exc).__name__, "message": _text(exc)}
+                await self._finish(q, now, states.RunStatus.FAILED, error)
 
     async def _advance(self, tx: dbm.Tx, q: store.Queries, run: store.RunRow) -> bool:
         """End the run or create its next stage; False when it is left as it is."""
@@ -227,12 +258,17 @@ class Pipelines:
         """The stage's items from the ended stage's succeeded results: its items
         function, in a worker thread, reading the results page by page."""
         ref = spec["items"]
-        fn = self._functions.get(ref)
         stage = spec["name"]
+        fn = self._functions.get(ref)
         if fn is None:
-            raise StageItemsError(
-                {"stage": stage, "message": f"items function {ref!r} is not configured here"}
-            )
+            # A run keeps its stages as they were configured at its submission:
+            # its function may be one this daemon's configuration no longer names.
+            try:
+                fn = self._functions[ref] = load_function(ref)
+            except ValueError as exc:
+                raise StageItemsError(
+                    {"stage": stage, "type": "ItemsFunctionUnavailable", "message": str(exc)}
+                ) from None
 
         async def page(after: int) -> list[store.ItemResult]:
             return await q.item_results(

@@ -291,3 +291,16 @@ def test_the_event_stream_tells_each_stage_start_and_end_then_the_end(d: Daemon)
     assert events[-1][0] == "end" and events[-1][1]["status"] == "completed", events[-1]
     snapshots = [data for e, data, _, _ in events if e == "snapshot"]
     assert snapshots[-1]["status"] == "completed" and snapshots[0]["id"] == run["id"]
+
+
+def test_a_daemon_refuses_to_start_with_an_items_function_it_cannot_load(
+    daemons: DaemonFactory,
+) -> None:
+    broken = {"broken": {"stages": stages(("x", "echo", "no_such_function"))}}
+    d = daemons(handlers=HANDLERS, extra={"pipelines": broken}, start=False)
+    res = d.cli("check", "--config", str(d.config_path))
+    assert res.returncode == 78, res
+    assert "pipelines.broken.stages[1].items" in res.stderr, res
+    d.start(wait=False)
+    assert d.wait_exit(30) == 78
+    assert "no_such_function" in d.log()
