@@ -261,6 +261,27 @@ def parser() -> argparse.ArgumentParser:
         sub.add_parser("redeliver", help="run a batch's finished completion callback again")
     )
     rd.add_argument("id")
+    pr = with_url(sub.add_parser("pipeline-run", help="start a run of a configured pipeline"))
+    pr.add_argument("pipeline")
+    pr.add_argument("file", help="the first stage's items: JSON Lines or a JSON array; - for stdin")
+    pr.add_argument("--key-field", help="use this payload field as each item's key")
+    pr.add_argument("--idempotency-key")
+    pr.add_argument(
+        "--exclusive-key", help="refused (409, naming it) while a running run has this key"
+    )
+    pr.add_argument("--metadata", help="a JSON object stored with the run and its batches")
+    pr.add_argument(
+        "--wait", action="store_true", help="follow the stages until the run ends; 0 on completed"
+    )
+    pr.add_argument("--json", action="store_true", help="print the run JSON")
+    ps = with_url(sub.add_parser("pipeline-status", help="show a pipeline run and its stages"))
+    ps.add_argument("id")
+    ps.add_argument("--json", action="store_true")
+    for verb in ("cancel", "pause", "resume", "retry"):
+        pv = with_url(sub.add_parser(f"pipeline-{verb}", help=f"{verb} a pipeline run"))
+        pv.add_argument("id")
+        if verb == "retry":
+            pv.add_argument("--include-cancelled", action="store_true")
     return p
 
 

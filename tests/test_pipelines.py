@@ -5,6 +5,7 @@ rules, the controls, idempotency and the exclusive key, and the SSE stream."""
 
 from __future__ import annotations
 
+import pathlib
 import uuid
 from typing import Any
 
@@ -304,3 +305,22 @@ def test_a_daemon_refuses_to_start_with_an_items_function_it_cannot_load(
     d.start(wait=False)
     assert d.wait_exit(30) == 78
     assert "no_such_function" in d.log()
+
+
+def test_the_cli_starts_a_run_follows_its_stages_and_shows_it(
+    d: Daemon, tmp_path: pathlib.Path
+) -> None:
+    src = tmp_path / "pages.jsonl"
+    src.write_text('{"page": 1, "links": 2}\n{"page": 2, "links": 1}\n')
+    r = d.cli("pipeline-run", "nightly", str(src), "--exclusive-key", "portfolio:1", "--wait")
+    assert r.returncode == 0, r
+    run_id, *rest = r.stdout.splitlines()
+    assert rest == [f"run {run_id} ended completed"], r.stdout
+    assert "stage summarize ended: completed" in r.stderr, r.stderr
+    r = d.cli("pipeline-status", run_id)
+    assert r.returncode == 0 and "summarize" in r.stdout and "completed" in r.stdout, r
+    r = d.cli("pipeline-cancel", run_id)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "409" in r.stderr, r
+    assert "Traceback" not in r.stderr
+    r = d.cli("pipeline-run", "nope", str(src))
+    assert r.returncode == 1 and "no pipeline 'nope'" in r.stderr, r
