@@ -33,6 +33,11 @@ def passthrough(results: Results) -> list[Any]:
     return [r["result"]["echo"] for r in results]
 
 
+def results_of(results: Results) -> list[Any]:
+    """The previous stage's results, as they are."""
+    return [r["result"] for r in results]
+
+
 def nothing(results: Results) -> list[Any]:
     return []
 

@@ -42,6 +42,13 @@ PIPELINES: dict[str, Any] = {
     "broken": {"stages": stages(("boom", "echo", "raises"))},
     "invalid": {"stages": stages(("bad", "echo", "not_items"))},
     "slow": {"stages": [{"name": "wait", "handler": "sleeper"}, *NIGHTLY[1:]]},
+    "napping": {
+        "stages": [
+            {"name": "wait", "handler": "sleeper"},
+            {"name": "again", "handler": "echo", "items": "tests.pipes:results_of"},
+            {"name": "more", "handler": "echo", "items": "tests.pipes:results_of"},
+        ]
+    },
 }
 
 
@@ -324,3 +331,42 @@ def test_the_cli_starts_a_run_follows_its_stages_and_shows_it(
     assert "Traceback" not in r.stderr
     r = d.cli("pipeline-run", "nope", str(src))
     assert r.returncode == 1 and "no pipeline 'nope'" in r.stderr, r
+
+
+def test_a_stage_that_starts_while_the_run_is_paused_starts_paused(d: Daemon) -> None:
+    run = start_run(d, "napping", [{"sleep": 1}])
+    d.wait_status(run["stages"][0]["batch_id"], "running")
+    code, body, _ = d.api("POST", f"/v1/pipeline-runs/{run['id']}/pause")
+    assert code == 200 and body["paused"], body
+    # The running item finishes (pause stops claims only), the stage ends, and
+    # the next one is created paused: none of its items starts.
+    second = wait_for(
+        lambda: get_run(d, run["id"])["stages"][1]["batch_id"], 20, what="the second stage"
+    )
+    b = d.batch(second)
+    assert b["status"] == "paused" and b["counts"]["queued"] == 1, b
+    code, body, _ = d.api("POST", f"/v1/pipeline-runs/{run['id']}/resume")
+    assert code == 200 and not body["paused"], body
+    assert wait_run(d, run["id"])["status"] == "completed"
+
+
+def test_retry_of_a_run_stopped_by_a_failed_stage_runs_it_on(
+    daemons: DaemonFactory, tmp_path: pathlib.Path
+) -> None:
+    handlers = HANDLERS | {
+        "fetch": {"type": "python", "target": "tests.handlers:until_file", "timeout": "1h"},
+    }
+    pipes = {"strict": {"stages": stages(("again", "echo", "results_of"))}}
+    d = daemons(handlers=handlers, extra={"pipelines": pipes})
+    flag = tmp_path / "go"
+    flag.touch()
+    run = start_run(d, "strict", [{"file": str(flag), "fail_first": True}])
+    stopped = wait_run(d, run["id"])
+    assert stopped["status"] == "failed" and stopped["stages"][0]["status"] == "failed", stopped
+    code, body, _ = d.api("POST", f"/v1/pipeline-runs/{run['id']}/retry")
+    assert code == 200 and body["status"] == "running", body
+    again = wait_run(d, run["id"])  # the second attempt succeeds, and the run goes on
+    assert again["status"] == "completed", again
+    assert [s["status"] for s in again["stages"]] == ["completed", "completed"], again
+    assert d.items(again["stages"][1]["batch_id"])[0]["payload"] == {"released": str(flag)}
+    assert_problem(d.api("POST", f"/v1/pipeline-runs/{run['id']}/retry", {"x": 1}), 422, "")
