@@ -114,6 +114,31 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+# A running pipeline run whose stage's batch ended this long ago was not moved on:
+# every daemon's pipelines component does that within seconds of the batch's end.
+PIPELINE_STALLED_S = 60.0
+
+
+def _run_drift(run: store.RunDrift) -> str:
+    """What is wrong with a pipeline run doctor found, and what to do."""
+    where = f"stage {run.current_stage} (batch {run.batch_id})"
+    if run.status == "running" and run.batch_status is None:
+        return (
+            f"is running but its {where} is gone; cancel the run "
+            "(POST /v1/pipeline-runs/{id}/cancel) or a daemon fails it"
+        )
+    if run.status == "running":
+        return (
+            f"is running but its {where} ended {run.batch_status} over "
+            f"{PIPELINE_STALLED_S:g}s ago and no daemon moved it on: is a daemon with this "
+            "pipeline running? (see pipelines.* in its log)"
+        )
+    return (
+        f"ended {run.status} but its {where} is {run.batch_status} (retried or changed "
+        "directly?): retry the run to steer its later stages, or cancel the batch"
+    )
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     cfg = _load(args)
 
@@ -150,10 +175,16 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                 if args.repair:
                     await q.doctor_delete_stray_items(st.batch_id)
                     print(f"  repaired: deleted the stray items of {st.batch_id}")
-            if not drift and not stray:
-                print("no drift: every batch's counters and status match its items")
+            runs = await q.doctor_pipeline_runs(stalled_after_s=PIPELINE_STALLED_S)
+            for run in runs:
+                print(f"pipeline: run {run.id} ({run.pipeline}) {_run_drift(run)}")
+            if not drift and not stray and not runs:
+                print(
+                    "no drift: every batch's counters and status match its items, and "
+                    "every pipeline run's status its stages"
+                )
                 return 0
-            return 0 if args.repair else 1
+            return 0 if args.repair and not runs else 1
 
     return asyncio.run(go())
 

@@ -480,6 +480,18 @@ class NewRunRow:
     created_by: str
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunDrift(_FromRecord):
+    """A pipeline run whose current stage disagrees with its status (doctor)."""
+
+    id: uuid.UUID
+    pipeline: str
+    status: str
+    current_stage: int
+    batch_id: uuid.UUID | None
+    batch_status: str | None  # None: the batch is gone
+
+
 class RunKeyTaken(Exception):
     """Reopening a run would give its exclusive key a second running run, and
     the database refused it (index ``pipeline_runs_exclusive``)."""
@@ -981,3 +993,7 @@ class Queries:
             if exc.constraint_name == "pipeline_runs_exclusive":
                 raise RunKeyTaken(str(exc)) from exc
             raise
+
+    async def doctor_pipeline_runs(self, *, stalled_after_s: float) -> list[RunDrift]:
+        rows = await self._ex.fetch("doctor_pipeline_runs", stalled_after_s)
+        return [RunDrift.of(r) for r in rows]

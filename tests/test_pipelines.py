@@ -370,3 +370,34 @@ def test_retry_of_a_run_stopped_by_a_failed_stage_runs_it_on(
     assert [s["status"] for s in again["stages"]] == ["completed", "completed"], again
     assert d.items(again["stages"][1]["batch_id"])[0]["payload"] == {"released": str(flag)}
     assert_problem(d.api("POST", f"/v1/pipeline-runs/{run['id']}/retry", {"x": 1}), 422, "")
+
+
+def test_doctor_names_runs_whose_stages_disagree_with_their_status(d: Daemon, db_url: str) -> None:
+    done = wait_run(d, start_run(d, "strict", [1])["id"])
+    going = start_run(d, "slow", [{"sleep": 60}])
+    res = d.cli("doctor", "--config", str(d.config_path))
+    assert res.returncode == 0 and "no drift" in res.stdout, res
+    d.kill()  # no daemon to move the drifted runs on behind doctor's back
+    # Drift made on purpose: an ended run whose current stage's batch runs, and a
+    # running run whose stage's batch ended long ago without the run moving on.
+    db_rows(
+        db_url,
+        "UPDATE supervisor.pipeline_runs SET status = 'failed', finished_at = now()"
+        " WHERE id = $1::uuid",
+        going["id"],
+    )
+    db_rows(
+        db_url,
+        "UPDATE supervisor.pipeline_runs SET status = 'running', finished_at = NULL"
+        " WHERE id = $1::uuid",
+        done["id"],
+    )
+    db_rows(
+        db_url,
+        "UPDATE supervisor.batches SET finished_at = now() - interval '1 hour' WHERE id = $1::uuid",
+        done["stages"][-1]["batch_id"],
+    )
+    res = d.cli("doctor", "--config", str(d.config_path))
+    assert res.returncode == 1, res
+    assert f"pipeline: run {going['id']} (slow) ended failed but" in res.stdout, res.stdout
+    assert f"pipeline: run {done['id']} (strict) is running but" in res.stdout, res.stdout

@@ -602,3 +602,19 @@ WITH r AS (
     RETURNING id
 )
 SELECT pg_notify('@sname_batch', r.id || ':0:run') FROM r;
+
+-- name: doctor_pipeline_runs
+-- Pipeline runs whose stages disagree with their status: a running run whose
+-- current stage's batch ended more than $1 seconds ago (no daemon moved it on)
+-- or is gone, and an ended run whose current stage's batch has not ended.
+SELECT r.id, r.pipeline, r.status, r.current_stage, s.batch_id, b.status AS batch_status
+  FROM @schema.pipeline_runs r
+  JOIN @schema.pipeline_stages s ON s.run_id = r.id AND s.stage = r.current_stage
+  LEFT JOIN @schema.batches b ON b.id = s.batch_id
+ WHERE (r.status = 'running'
+        AND (b.id IS NULL
+             OR (b.status IN ('completed', 'completed_with_errors', 'failed', 'cancelled')
+                 AND b.finished_at < now() - make_interval(secs => $1))))
+    OR (r.status <> 'running' AND s.batch_id IS NOT NULL
+        AND b.status NOT IN ('completed', 'completed_with_errors', 'failed', 'cancelled'))
+ ORDER BY r.created_at;
