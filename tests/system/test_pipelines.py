@@ -6,6 +6,7 @@ run ends with exactly one batch per stage."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import pathlib
 from typing import Any
 
@@ -92,3 +93,65 @@ def test_the_other_daemon_takes_over_a_run_whose_deriving_daemon_was_killed(
     assert ended["status"] == "completed", ended
     one_batch_per_stage(db_url, run["id"], ["fetch", "derive", "last"])
     assert "pipelines.stage_started" in survivor.log()
+
+
+def test_a_cancel_while_the_next_stage_is_derived_lets_no_later_stage_start(
+    daemons: DaemonFactory, db_url: str, tmp_path: pathlib.Path
+) -> None:
+    gate = tmp_path / "gate"
+    d = gated_daemon(daemons, "d1", gate)
+    run = start_run(d, "gated", [1, 2])
+    wait_for(pathlib.Path(f"{gate}.entered").exists, 30, what="the second stage being derived")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        cancel = pool.submit(d.api, "POST", f"/v1/pipeline-runs/{run['id']}/cancel")
+
+        def cancel_waits_for_the_run() -> bool:
+            return bool(
+                db_rows(
+                    db_url,
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query ILIKE '%pipeline_runs%FOR UPDATE%'",
+                )
+            )
+
+        wait_for(cancel_waits_for_the_run, 20, what="the cancel waiting for the run's lock")
+        gate.touch()
+        code, body, _ = cancel.result(timeout=60)
+    assert code == 200 and body["cancel_requested"], body
+    ended = wait_run(d, run["id"])
+    assert ended["status"] == "cancelled", ended
+    fetch, derive, last = ended["stages"]
+    assert fetch["status"] == "completed"
+    # The stage being created when the cancel came is created, then cancelled
+    # (unless its two echo items finished first); the one after it never starts.
+    assert derive["batch_id"] is not None and derive["status"] in ("cancelled", "completed")
+    assert last == last | {"batch_id": None, "status": "skipped"}, last
+    assert [r["stage"] for r in stage_batches(db_url, run["id"])] == ["fetch", "derive"]
+
+
+def test_a_run_cancelled_after_its_stage_completed_starts_no_later_stage(
+    daemons: DaemonFactory, db_url: str, tmp_path: pathlib.Path
+) -> None:
+    """The state a cancel leaves when it comes between a stage's end and the
+    next stage's creation (the batch completed, so only the run's flag says
+    stop), made with no daemon running: the next daemon ends the run."""
+    gate = tmp_path / "gate"
+    d1 = gated_daemon(daemons, "d1", gate)
+    run = start_run(d1, "gated", [1])
+    wait_for(pathlib.Path(f"{gate}.entered").exists, 30, what="the second stage being derived")
+    d1.kill()
+    db_rows(
+        db_url,
+        "UPDATE supervisor.pipeline_runs SET cancel_requested = true WHERE id = $1::uuid",
+        run["id"],
+    )
+    gate.touch()
+    d2 = gated_daemon(daemons, "d2", gate)
+    ended = wait_run(d2, run["id"])
+    assert ended["status"] == "cancelled", ended
+    assert [(s["status"], s["batch_id"] is None) for s in ended["stages"]] == [
+        ("completed", False),
+        ("skipped", True),
+        ("skipped", True),
+    ], ended
+    assert [r["stage"] for r in stage_batches(db_url, run["id"])] == ["fetch"]
