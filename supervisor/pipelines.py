@@ -270,7 +270,13 @@ class Pipelines:
                     {"stage": stage, "type": "ItemsFunctionUnavailable", "message": str(exc)}
                 ) from None
 
+        open_tx = True  # cleared when this call ends: see below
+
         async def page(after: int) -> list[store.ItemResult]:
+            if not open_tx:
+                # A thread abandoned at shutdown must not reach the transaction's
+                # connection: it is back in the pool, someone else's by now.
+                raise RuntimeError("the transaction deriving the stage has ended")
             return await q.item_results(
                 batch_id=batch_id, statuses=["succeeded"], after=after, limit=results.PAGE_ROWS
             )
@@ -298,6 +304,9 @@ class Pipelines:
 
         try:
             entries = await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            open_tx = False
+            raise
         except DatabaseUnavailable:
             raise  # reading the results failed: not the function's fault, try again later
         except Exception as exc:  # the function's own failure fails the run, with its error
