@@ -401,3 +401,14 @@ def test_doctor_names_runs_whose_stages_disagree_with_their_status(d: Daemon, db
     assert res.returncode == 1, res
     assert f"pipeline: run {going['id']} (slow) ended failed but" in res.stdout, res.stdout
     assert f"pipeline: run {done['id']} (strict) is running but" in res.stdout, res.stdout
+
+
+def test_a_large_stage_is_copied_and_its_results_are_read_page_by_page(d: Daemon) -> None:
+    """1,500 derived items (past the inline limit: COPY in the advancing
+    transaction), whose 1,500 results reach the next function over three pages."""
+    run = wait_run(d, start_run(d, "nightly", [{"page": 7, "links": 1500}])["id"], timeout=120)
+    assert run["status"] == "completed", run
+    extract, summarize = (d.batch(s["batch_id"]) for s in run["stages"][1:])
+    assert extract["counts"]["succeeded"] == 1500, extract
+    (summary,) = d.items(summarize["id"])
+    assert summary["payload"]["links"] == sorted(f"7/{i}" for i in range(1500))
