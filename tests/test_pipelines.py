@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import DaemonFactory
 from tests.daemon import DEFAULT_HANDLERS, Daemon, wait_for
-from tests.test_api import assert_problem, db_rows
+from tests.test_api import assert_problem, db_rows, sha256hex
 from tests.test_controls import read_events
 
 TERMINAL = ("completed", "completed_with_errors", "failed", "cancelled")
@@ -412,3 +412,38 @@ def test_a_large_stage_is_copied_and_its_results_are_read_page_by_page(d: Daemon
     assert extract["counts"]["succeeded"] == 1500, extract
     (summary,) = d.items(summarize["id"])
     assert summary["payload"]["links"] == sorted(f"7/{i}" for i in range(1500))
+
+
+def test_a_token_sees_and_steers_only_its_tenants_runs_with_its_handlers(
+    daemons: DaemonFactory, db_url: str
+) -> None:
+    tokens = [
+        {"name": "a", "tenant": "A", "sha256": sha256hex("token-a"), "scopes": ["read", "write"]},
+        {"name": "b", "tenant": "B", "sha256": sha256hex("token-b"), "scopes": ["read", "write"]},
+        {
+            "name": "narrow",
+            "tenant": "A",
+            "sha256": sha256hex("token-narrow"),
+            "scopes": ["read", "write"],
+            "handlers": ["fetch", "extract"],
+        },
+    ]
+    d = daemons(handlers=HANDLERS, extra={"pipelines": PIPELINES, "auth": {"tokens": tokens}})
+    a, b = ({"Authorization": f"Bearer token-{t}"} for t in "ab")
+    code, run, _ = d.api("POST", "/v1/pipelines/slow/runs", {"items": [{"sleep": 60}]}, a)
+    assert code == 201 and run["tenant"] == "A", run
+    code, first, _ = d.api("GET", f"/v1/batches/{run['stages'][0]['batch_id']}", None, a)
+    assert code == 200 and first["tenant"] == "A", first
+    assert_problem(d.api("GET", f"/v1/pipeline-runs/{run['id']}", None, b), 404)
+    assert_problem(d.api("POST", f"/v1/pipeline-runs/{run['id']}/cancel", None, b), 404)
+    code, listed, _ = d.api("GET", "/v1/pipeline-runs", None, b)
+    assert code == 200 and listed["runs"] == [], listed
+    # A token granted only some of a pipeline's handlers cannot start it.
+    narrow = {"Authorization": "Bearer token-narrow"}
+    problem = assert_problem(
+        d.api("POST", "/v1/pipelines/nightly/runs", {"items": [1]}, narrow), 403
+    )
+    assert "summarize" in problem["detail"], problem
+    assert len(db_rows(db_url, "SELECT id FROM supervisor.pipeline_runs")) == 1
+    code, body, _ = d.api("POST", f"/v1/pipeline-runs/{run['id']}/cancel", None, a)
+    assert code == 200, body
