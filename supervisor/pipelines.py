@@ -109,6 +109,9 @@ class Pipelines:
         self._listening = listening
         self._wakeup = Wakeup()
         self._actor = f"pipelines:{cfg.worker.name}"
+        # Runs of pipelines this daemon is not configured with are left to the
+        # daemons that are: their stages' handlers may be unknown here.
+        self._pipelines = sorted(cfg.pipelines)
 
     def wake(self) -> None:
         """A batch ended (or the listen session came back): look for runs to advance."""
@@ -118,6 +121,8 @@ class Pipelines:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         task_status.started()
+        if not self._pipelines:
+            await anyio.sleep_forever()  # no pipeline configured: no run is ours to move
         while True:
             try:
                 await self.advance_all()
@@ -140,7 +145,7 @@ class Pipelines:
         try:
             async with self._db.transaction("advance_pipeline") as tx:
                 q = store.Queries(tx)
-                claimed = await q.claim_pipeline_run()
+                claimed = await q.claim_pipeline_run(pipelines=self._pipelines)
                 if claimed is None:
                     return False
                 run = claimed[0]

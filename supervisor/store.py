@@ -962,10 +962,13 @@ class Queries:
         rows = await self._ex.fetch("pipeline_stage_rows", list(run_ids))
         return [StageRow.of(r) for r in rows]
 
-    async def claim_pipeline_run(self) -> tuple[RunRow, uuid.UUID | None, str | None] | None:
-        """A running run due to advance, locked (run it in a transaction), with
-        its current stage's batch id and that batch's status (None: gone)."""
-        r = await self._ex.fetchrow("claim_pipeline_run")
+    async def claim_pipeline_run(
+        self, *, pipelines: Sequence[str]
+    ) -> tuple[RunRow, uuid.UUID | None, str | None] | None:
+        """A running run of ``pipelines`` due to advance, locked (run it in a
+        transaction), with its current stage's batch id and that batch's status
+        (None: gone)."""
+        r = await self._ex.fetchrow("claim_pipeline_run", list(pipelines))
         if r is None:
             return None
         return RunRow.of(r), r["stage_batch_id"], r["stage_batch_status"]

@@ -557,16 +557,16 @@ SELECT s.run_id, s.stage, s.batch_id, b.status AS batch_status
  ORDER BY s.run_id, s.stage;
 
 -- name: claim_pipeline_run
--- A running run whose current stage's batch has ended (or is gone, or whose
--- cancel was asked for), locked for this transaction; SKIP LOCKED: one daemon
--- advances it, the others pass it by. With its current stage's batch status.
+-- A running run of one of the pipelines $1 (those this daemon's configuration
+-- has) whose current stage's batch has ended or is gone, locked for this
+-- transaction; SKIP LOCKED: one daemon advances it, the others pass it by. With
+-- its current stage's batch status.
 SELECT r.*, s.batch_id AS stage_batch_id, b.status AS stage_batch_status
   FROM @schema.pipeline_runs r
   JOIN @schema.pipeline_stages s ON s.run_id = r.id AND s.stage = r.current_stage
   LEFT JOIN @schema.batches b ON b.id = s.batch_id
- WHERE r.status = 'running'
-   AND (r.cancel_requested OR b.id IS NULL
-        OR b.status IN ('completed', 'completed_with_errors', 'failed', 'cancelled'))
+ WHERE r.status = 'running' AND r.pipeline = ANY ($1::text[])
+   AND (b.id IS NULL OR b.status IN ('completed', 'completed_with_errors', 'failed', 'cancelled'))
  ORDER BY r.created_at
  LIMIT 1
    FOR UPDATE OF r SKIP LOCKED;
