@@ -149,8 +149,7 @@ class Pipelines:
                 if claimed is None:
                     return False
                 run = claimed[0]
-                if not await self._advance(tx, q, run):
-                    return False
+                await self._advance(tx, q, run)
         except asyncpg.UniqueViolationError as exc:
             # The stage has its row already: nothing was written. Cannot happen
             # under the run's lock; the primary key is the guarantee if it did.
@@ -182,15 +181,22 @@ class Pipelines:
                 await self._finish(q, now, states.RunStatus.FAILED, error)
 
     async def _advance(self, tx: dbm.Tx, q: store.Queries, run: store.RunRow) -> bool:
-        """End the run or create its next stage; False when it is left as it is."""
+        """End the run or create its next stage."""
         specs = pipeline_runs.specs_of(run)
         k = run.current_stage
         rows = {r.stage: r for r in await q.pipeline_stage_rows([run.id])}
         current = rows.get(k)
         if current is None or max(rows) != k:
-            # Not fatal: doctor reports it; the other runs still move.
+            # Cannot happen (a stage row and the run's move to it are one
+            # statement); if it did, the run fails rather than stand first in
+            # every daemon's queue for ever.
             log.error("pipelines.inconsistent run=%s stage=%s", run.id, k)
-            return False
+            return await self._finish(
+                q,
+                run,
+                states.RunStatus.FAILED,
+                {"stage": specs[k]["name"], "message": "the run's stage rows disagree with it"},
+            )
         status = current.batch_status
         name = specs[k]["name"]
         degraded = run.degraded
