@@ -5,8 +5,9 @@ and the two-phase stop.
 Start order (each ``await tg.start`` returns once the component is ready):
 API (probes answer while the database is still coming) → embedded-server watch
 (if we own the server) → migrate → events bus → outbox → progress writer →
-heartbeat (registers, reclaims a gone predecessor) → reaper → delayed starter → metrics
-sampler → retention → watchdog → schedules → callbacks → dispatcher → READY=1.
+heartbeat (registers, reclaims a gone predecessor) → reaper → delayed starter →
+pipelines → metrics sampler → retention → watchdog → schedules → callbacks →
+dispatcher → READY=1.
 
 Stop (SIGTERM/SIGINT): draining (readyz 503, workers row, metrics, STOPPING=1)
 → schedules stop firing → dispatcher and callbacks stop claiming → running items get drain_timeout
@@ -34,6 +35,7 @@ from supervisor import (
     events,
     handlers,
     heartbeat,
+    pipelines,
     progress,
     reaper,
     retention,
@@ -72,6 +74,7 @@ class Daemon:
         self.plans: dict[str, schedules.Plan] = {}
         self._on_first_signal: Callable[[], None] = lambda: None
         self._on_second_signal: Callable[[], None] = lambda: None
+        self._functions: dict[str, pipelines.ItemsFunction] = {}
 
     # -- readiness ----------------------------------------------------------------
 
@@ -99,6 +102,7 @@ class Daemon:
     async def run(self) -> int:
         built = handlers.build_all(self.cfg)  # a broken handler stops us before anything starts
         self.plans = schedules.build_all(self.cfg)  # so does a schedule's bad items
+        self._functions = pipelines.load_functions(self.cfg)  # so does a broken items function
         main = anyio.CancelScope()
         self._on_first_signal = main.cancel  # before we serve, a signal just aborts start-up
         try:
@@ -172,9 +176,14 @@ class Daemon:
         cbs = callbacks.Callbacks(cfg, db, built, self.lease, self.metrics)
         timer = schedules.Schedules(cfg, db, self.plans)
 
+        pipes = pipelines.Pipelines(cfg, db, self._functions, lambda: bus.listening)
+        bus.on_batch_ended = pipes.wake
+
         def on_wake(payload: str) -> None:
             disp.wake(payload)
             cbs.wake(payload)
+            if payload == "reconnect":  # anything may have ended while we were not listening
+                pipes.wake()
 
         bus.on_wake = on_wake
 
@@ -251,6 +260,7 @@ class Daemon:
             await root.start(hb.run)
             await root.start(reaper.Reaper(cfg, db, reclaimed).run)
             await root.start(sched.run)
+            await root.start(pipes.run)
             sample_s = cfg.server.metrics_sample_interval_s
             sampler = metrics_mod.QueueSampler(db, self.metrics, sample_s)
             await root.start(sampler.run)

@@ -131,23 +131,19 @@ class ExclusiveKeyBusy(Exception):
 InTransaction = Callable[[store.Queries, uuid.UUID], Awaitable[None]]
 
 
-async def submit(
-    db: dbm.Database,
+def new_row(
     nb: NewBatch,
     *,
     tenant: str,
     actor: str,
     attempt_budget: int,
     callback_handler: str | None,
-    in_tx: InTransaction | None = None,
-) -> Submitted:
-    """Insert a batch and all its items atomically: all or nothing. ``in_tx``
-    runs first in the same transaction; whatever it raises undoes the submission."""
-    batch_id = uuid.uuid4()
-    digest = nb.request_hash() if nb.idempotency_key is not None else None
+    digest: str | None,
+) -> store.NewBatchRow:
+    """The batch row of a submission, under a new id."""
     total = len(nb.items)
-    row = store.NewBatchRow(
-        id=batch_id,
+    return store.NewBatchRow(
+        id=uuid.uuid4(),
         tenant=tenant,
         handler=nb.handler,
         priority=nb.priority,
@@ -167,6 +163,29 @@ async def submit(
         after_ids=nb.after or (),
         after_policy=nb.after_policy,
         not_before=nb.not_before,
+    )
+
+
+async def submit(
+    db: dbm.Database,
+    nb: NewBatch,
+    *,
+    tenant: str,
+    actor: str,
+    attempt_budget: int,
+    callback_handler: str | None,
+    in_tx: InTransaction | None = None,
+) -> Submitted:
+    """Insert a batch and all its items atomically: all or nothing. ``in_tx``
+    runs first in the same transaction; whatever it raises undoes the submission."""
+    digest = nb.request_hash() if nb.idempotency_key is not None else None
+    row = new_row(
+        nb,
+        tenant=tenant,
+        actor=actor,
+        attempt_budget=attempt_budget,
+        callback_handler=callback_handler,
+        digest=digest,
     )
     for _ in range(KEY_ROUNDS):
         try:
@@ -204,7 +223,7 @@ async def _insert(
 ) -> store.BatchRow | None:
     """The batch with its items, event and wake-ups; None when a unique index
     refused it (nothing was written)."""
-    created = json.dumps({"items": len(nb.items), "handler": nb.handler})
+    created = created_detail(nb)
     if nb.after or nb.exclusive_key is not None or in_tx is not None:
         return await _insert_locked(db, nb, row, budget=budget, created=created, in_tx=in_tx)
     if len(nb.items) <= INLINE_ITEMS:
@@ -218,11 +237,38 @@ async def _insert(
             limit_keys=nb.limit_keys or (),
         )
     async with db.transaction("submit") as tx:
-        batch = await store.Queries(tx).submit_batch(
-            row, item_max_attempts=budget, keys=(), payloads=(), created=created
-        )
-        if batch is not None:
-            await tx.copy_items(db.schema, *_copied_items(nb, batch, budget=budget))
+        return await write_in(tx, db.schema, nb, row, budget=budget, created=created)
+
+
+def created_detail(nb: NewBatch) -> str:
+    """The detail of a batch's 'created' event (JSON text)."""
+    return json.dumps({"items": len(nb.items), "handler": nb.handler})
+
+
+async def write_in(
+    tx: dbm.Tx,
+    schema: str,
+    nb: NewBatch,
+    row: store.NewBatchRow,
+    *,
+    budget: int,
+    created: str,
+) -> store.BatchRow | None:
+    """The batch with its items (inline up to INLINE_ITEMS, else by COPY) in the
+    caller's transaction; None when a unique index refused it. For a submission
+    without dependencies or an exclusive key (those take their locks first, see
+    _insert_locked)."""
+    inline = len(nb.items) <= INLINE_ITEMS
+    batch = await store.Queries(tx).submit_batch(
+        row,
+        item_max_attempts=budget,
+        keys=[key for key, _ in nb.items] if inline else (),
+        payloads=[payload for _, payload in nb.items] if inline else (),
+        created=created,
+        limit_keys=(nb.limit_keys or ()) if inline else (),
+    )
+    if batch is not None and not inline:
+        await tx.copy_items(schema, *_copied_items(nb, batch, budget=budget))
     return batch
 
 

@@ -21,7 +21,17 @@ import threading
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
-from supervisor import __version__, cli_client, config, embedded, handlers, logs, schedules, store
+from supervisor import (
+    __version__,
+    cli_client,
+    config,
+    embedded,
+    handlers,
+    logs,
+    pipelines,
+    schedules,
+    store,
+)
 from supervisor import db as dbm
 from supervisor.errors import ConfigError, HandlerLoadError, SchemaTooNew, SupervisorError
 
@@ -102,6 +112,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         schedules.build_all(cfg)
     except ConfigError as exc:
         problems += exc.problems
+    try:
+        pipelines.load_functions(cfg)
+    except HandlerLoadError as exc:
+        problems.append(str(exc))
     if not cfg.database_url and cfg.embedded.bin_dir:
         try:
             embedded.find_bin_dir(cfg.embedded.bin_dir)
@@ -113,6 +127,31 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EX_CONFIG
     print(f"configuration ok: {len(cfg.handlers)} handler(s): {', '.join(cfg.handlers) or '-'}")
     return 0
+
+
+# A running pipeline run whose stage's batch ended this long ago was not moved on:
+# every daemon's pipelines component does that within seconds of the batch's end.
+PIPELINE_STALLED_S = 60.0
+
+
+def _run_drift(run: store.RunDrift) -> str:
+    """What is wrong with a pipeline run doctor found, and what to do."""
+    where = f"stage {run.current_stage} (batch {run.batch_id})"
+    if run.status == "running" and run.batch_status is None:
+        return (
+            f"is running but its {where} is gone; cancel the run "
+            "(POST /v1/pipeline-runs/{id}/cancel) or a daemon fails it"
+        )
+    if run.status == "running":
+        return (
+            f"is running but its {where} ended {run.batch_status} over "
+            f"{PIPELINE_STALLED_S:g}s ago and no daemon moved it on: is a daemon with this "
+            "pipeline running? (see pipelines.* in its log)"
+        )
+    return (
+        f"ended {run.status} but its {where} is {run.batch_status} (retried or changed "
+        "directly?): retry the run to steer its later stages, or cancel the batch"
+    )
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -151,10 +190,16 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                 if args.repair:
                     await q.doctor_delete_stray_items(st.batch_id)
                     print(f"  repaired: deleted the stray items of {st.batch_id}")
-            if not drift and not stray:
-                print("no drift: every batch's counters and status match its items")
+            runs = await q.doctor_pipeline_runs(stalled_after_s=PIPELINE_STALLED_S)
+            for run in runs:
+                print(f"pipeline: run {run.id} ({run.pipeline}) {_run_drift(run)}")
+            if not drift and not stray and not runs:
+                print(
+                    "no drift: every batch's counters and status match its items, and "
+                    "every pipeline run's status its stages"
+                )
                 return 0
-            return 0 if args.repair else 1
+            return 0 if args.repair and not runs else 1
 
     return asyncio.run(go())
 
@@ -279,6 +324,27 @@ def parser() -> argparse.ArgumentParser:
     sc.add_argument("action", choices=("show", "pause", "resume", "run"))
     sc.add_argument("name")
     sc.add_argument("--json", action="store_true")
+    pr = with_url(sub.add_parser("pipeline-run", help="start a run of a configured pipeline"))
+    pr.add_argument("pipeline")
+    pr.add_argument("file", help="the first stage's items: JSON Lines or a JSON array; - for stdin")
+    pr.add_argument("--key-field", help="use this payload field as each item's key")
+    pr.add_argument("--idempotency-key")
+    pr.add_argument(
+        "--exclusive-key", help="refused (409, naming it) while a running run has this key"
+    )
+    pr.add_argument("--metadata", help="a JSON object stored with the run and its batches")
+    pr.add_argument(
+        "--wait", action="store_true", help="follow the stages until the run ends; 0 on completed"
+    )
+    pr.add_argument("--json", action="store_true", help="print the run JSON")
+    ps = with_url(sub.add_parser("pipeline-status", help="show a pipeline run and its stages"))
+    ps.add_argument("id")
+    ps.add_argument("--json", action="store_true")
+    for verb in ("cancel", "pause", "resume", "retry"):
+        pv = with_url(sub.add_parser(f"pipeline-{verb}", help=f"{verb} a pipeline run"))
+        pv.add_argument("id")
+        if verb == "retry":
+            pv.add_argument("--include-cancelled", action="store_true")
     return p
 
 

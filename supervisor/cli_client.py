@@ -557,11 +557,96 @@ async def _schedules(s: aiohttp.ClientSession, base: str, args: argparse.Namespa
     return 0
 
 
+def _run_submission(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {"items": _read_items(args.file, args.key_field)}
+    for field in ("idempotency_key", "exclusive_key"):
+        if getattr(args, field, None) is not None:
+            body[field] = getattr(args, field)
+    if args.metadata is not None:
+        try:
+            body["metadata"] = json.loads(args.metadata)
+        except ValueError as exc:
+            raise ClientError(f"--metadata is not JSON: {exc}") from None
+    return body
+
+
+def _print_run(r: dict[str, Any]) -> None:
+    print(f"run       {r['id']}")
+    print(f"pipeline  {r['pipeline']}")
+    paused = " (paused)" if r.get("paused") else ""
+    print(f"status    {r['status']}{paused}")
+    for st in r["stages"]:
+        print(f"  {st['name']:<16} {st['status']:<22} {st['batch_id'] or '-'}")
+    if r.get("error"):
+        print(f"error     {_one_line(json.dumps(r['error']))}")
+
+
+async def _watch_run(session: aiohttp.ClientSession, base: str, run_id: str, quiet: bool) -> int:
+    """Follow the run's events until ``end`` (reconnecting when a draining daemon
+    closes the stream), a line per stage start and end; 0 only for ``completed``."""
+    url = f"{base}/v1/pipeline-runs/{run_id}/events"
+    final: dict[str, Any] | None = None
+    failed_reconnects = 0
+    ended = False
+    while not ended:
+        try:
+            async for event, _, data in _sse(session, url, None):
+                failed_reconnects = 0
+                if event == "snapshot":
+                    final = data
+                elif event == "stage" and not quiet:
+                    print(
+                        f"stage {data['name']} {data['event']}: {data['status']}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                elif event == "end":
+                    ended = True
+                    break
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            failed_reconnects += 1
+            if failed_reconnects > WATCH_RECONNECTS:
+                raise ClientError(_one_line(f"lost the event stream {url}: {exc}")) from None
+        if not ended:
+            await asyncio.sleep(min(5.0, 0.2 * 2**failed_reconnects))
+    if final is None:
+        raise ClientError("the event stream ended before any snapshot")
+    print(f"run {run_id} ended {final['status']}")
+    if final.get("error"):
+        print(f"  {_one_line(json.dumps(final['error']))}")
+    return 0 if final["status"] == "completed" else 1
+
+
+async def _pipeline_verb(
+    session: aiohttp.ClientSession, base: str, args: argparse.Namespace
+) -> int:
+    verb = args.command
+    if verb == "pipeline-run":
+        body = _run_submission(args)
+        r = await _call(session, "POST", f"{base}/v1/pipelines/{args.pipeline}/runs", json=body)
+        print(json.dumps(r) if args.json else r["id"], flush=True)
+        return await _watch_run(session, base, r["id"], quiet=args.json) if args.wait else 0
+    if verb == "pipeline-status":
+        r = await _call(session, "GET", f"{base}/v1/pipeline-runs/{args.id}")
+        if args.json:
+            print(json.dumps(r, indent=2))
+        else:
+            _print_run(r)
+        return 0
+    control = verb.removeprefix("pipeline-")
+    retry = {"include_cancelled": True} if getattr(args, "include_cancelled", False) else None
+    r = await _call(session, "POST", f"{base}/v1/pipeline-runs/{args.id}/{control}", json=retry)
+    print(f"run {r['id']}: {r['status']}" + (" (paused)" if r["paused"] else ""))
+    return 0
+
+
 def cmd_client(args: argparse.Namespace) -> int:
     async def go() -> int:
         base = _client_url(args)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
             verb = args.command
+            if verb.startswith("pipeline-"):
+                return await _pipeline_verb(s, base, args)
             if verb in ("schedules", "schedule"):
                 return await _schedules(s, base, args)
             if verb == "submit":

@@ -277,6 +277,23 @@ class ScheduleConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """One stage of a pipeline: a batch of ``handler``; ``items`` ("module:function")
+    derives its items from the previous stage's results (every stage but the first)."""
+
+    name: str
+    handler: str
+    items: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    name: str
+    stages: tuple[StageConfig, ...]
+    on_stage_failure: str = "stop"  # or "continue" (states.StageFailure)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     database: DatabaseConfig = dataclasses.field(default_factory=DatabaseConfig)
     embedded: EmbeddedConfig = dataclasses.field(default_factory=EmbeddedConfig)
@@ -288,6 +305,7 @@ class Config:
     handlers: Mapping[str, HandlerConfig] = dataclasses.field(default_factory=dict)
     path: str = ""
     schedules: Mapping[str, ScheduleConfig] = dataclasses.field(default_factory=dict)
+    pipelines: Mapping[str, PipelineConfig] = dataclasses.field(default_factory=dict)
 
     @property
     def database_url(self) -> str:
@@ -435,6 +453,7 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
         "auth",
         "handlers",
         "schedules",
+        "pipelines",
     ]
     ck.unknown("", raw, top)
 
@@ -485,6 +504,7 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
     tokens = _tokens(ck, ck.section(raw, "auth"))
     handlers = _handlers(ck, ck.section(raw, "handlers"))
     schedules = _schedules(ck, ck.section(raw, "schedules"), handlers)
+    pipelines = _pipelines(ck, ck.section(raw, "pipelines"), handlers)
     for i, tok in enumerate(tokens):
         for h in tok.handlers or ():
             if h not in handlers:
@@ -514,6 +534,7 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
         handlers,
         path,
         schedules,
+        pipelines,
     )
 
 
@@ -846,6 +867,70 @@ def _schedules(
             grace_s=ck.duration(t, p, "grace", 60.0),
             items_timeout_s=ck.duration(t, p, "items_timeout", 60.0),
         )
+    return out
+
+
+_PIPELINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+_FUNCTION_REF = re.compile(r"[\w.]+:[\w.]+")
+
+
+def _pipelines(
+    ck: _Checker, raw: Mapping[str, Any], handlers: Mapping[str, HandlerConfig]
+) -> dict[str, PipelineConfig]:
+    """``[pipelines.<name>]``: ``stages`` (a non-empty array of {name, handler,
+    items}) and ``on_stage_failure``. The first stage takes the run's items, so
+    it has no ``items`` function; every later stage must name one."""
+    out: dict[str, PipelineConfig] = {}
+    for name, t in raw.items():
+        p = f"pipelines.{name}"
+        if not isinstance(t, dict):
+            ck.problems.append(f"{p}: expected a table")
+            continue
+        if not _PIPELINE_NAME.match(name):
+            ck.problems.append(f"{p}: a name of letters, digits, '_', '.' and '-' (URL-safe)")
+        ck.unknown(p, t, ["stages", "on_stage_failure"])
+        policy = ck.get(t, p, "on_stage_failure", str, "stop")
+        if policy not in ("stop", "continue"):
+            ck.problems.append(
+                f'{p}.on_stage_failure: must be "stop" or "continue", got {policy!r}'
+            )
+        raw_stages = ck.get(t, p, "stages", list, [])
+        if not raw_stages:
+            ck.problems.append(f"{p}.stages: required: a non-empty array of stages")
+        stages: list[StageConfig] = []
+        seen: set[str] = set()
+        for i, st in enumerate(raw_stages):
+            sp = f"{p}.stages[{i}]"
+            if not isinstance(st, dict):
+                ck.problems.append(f"{sp}: expected a table {{ name, handler, items }}")
+                continue
+            ck.unknown(sp, st, ["name", "handler", "items"])
+            sname = ck.get(st, sp, "name", str, "")
+            handler = ck.get(st, sp, "handler", str, "")
+            items = ck.get(st, sp, "items", str, None)
+            if not sname:
+                ck.problems.append(f"{sp}.name: required")
+            elif sname in seen:
+                ck.problems.append(f"{sp}.name: {sname!r} names another stage too")
+            seen.add(sname)
+            if handler not in handlers:
+                hint = difflib.get_close_matches(handler, list(handlers), n=1)
+                more = f" (did you mean {hint[0]!r}?)" if hint else ""
+                ck.problems.append(f"{sp}.handler: no handler {handler!r}{more}")
+            if i == 0 and items is not None:
+                ck.problems.append(
+                    f"{sp}.items: the first stage takes the run's items; only later stages "
+                    "derive theirs"
+                )
+            elif i > 0 and items is None:
+                ck.problems.append(
+                    f"{sp}.items: required: 'package.module:function' deriving the stage's "
+                    "items from the previous stage's results"
+                )
+            elif items is not None and not _FUNCTION_REF.fullmatch(items):
+                ck.problems.append(f"{sp}.items: expected 'package.module:function', got {items!r}")
+            stages.append(StageConfig(name=sname, handler=handler, items=items))
+        out[name] = PipelineConfig(name=name, stages=tuple(stages), on_stage_failure=policy)
     return out
 
 

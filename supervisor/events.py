@@ -24,7 +24,7 @@ import anyio
 import asyncpg
 
 from supervisor import db as dbm
-from supervisor import store
+from supervisor import states, store
 
 log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 2.0
@@ -66,6 +66,7 @@ class Bus:
         self.on_pause: Callable[[str], None] = lambda batch_id: None
         self.on_schedule: Callable[[], None] = lambda: None
         self.on_cancel_item: Callable[[int, int], None] = lambda item_id, attempt: None
+        self.on_batch_ended: Callable[[], None] = lambda: None
         self._subscribers: dict[str, set[Wakeup]] = defaultdict(set)
         self.listening = False
         self._lost = anyio.Event()
@@ -103,7 +104,10 @@ class Bus:
     def _dispatch(self, conn: Any, pid: int, channel: str, payload: object) -> None:
         payload = str(payload)
         if channel == self.channels["batch"]:
-            self.batch_changed(payload.split(":", 1)[0])
+            batch_id, _, rest = payload.partition(":")
+            self.batch_changed(batch_id)
+            if states.is_batch_terminal(rest.rpartition(":")[2]):
+                self.on_batch_ended()
         elif channel == self.channels["wake"]:
             if payload == self._probe:
                 self._probe_seen.set()

@@ -155,6 +155,7 @@ class Plan:
 
     cfg: ScheduleConfig
     items_from: Any = None  # the callable, when items come from one
+    key_pointer: str | None = None  # its handler's key_limit key: items get limit keys
 
     def body(self, items: list[Any], slot: Slot) -> dict[str, Any]:
         """The POST /v1/batches body of one run."""
@@ -187,6 +188,7 @@ class Plan:
                 header_key=None,
                 handler_exists=lambda name: name == self.cfg.handler,
                 max_items=max_items,
+                key_pointer=lambda _handler: self.key_pointer,
             )
         except Problem as exc:
             errors = exc.errors or [{"path": "", "message": exc.detail}]
@@ -246,7 +248,13 @@ def build_all(cfg: Config) -> dict[str, Plan]:
     probe = Slot("probe", datetime.now(UTC), "scheduled")
     for name, sched in cfg.schedules.items():
         try:
-            plan = Plan(sched, _load(sched) if sched.items_from else None)
+            hcfg = cfg.handlers.get(sched.handler)
+            kl = hcfg.key_limit if hcfg is not None else None
+            plan = Plan(
+                sched,
+                _load(sched) if sched.items_from else None,
+                kl.key if kl is not None else None,
+            )
             if plan.items_from is None:
                 plan.submission(list(sched.items), probe, cfg.server.max_items_per_batch)
             plans[name] = plan

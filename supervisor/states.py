@@ -93,6 +93,23 @@ def after_allows(policy: AfterPolicy, status: str) -> bool | None:
     return policy is AfterPolicy.TERMINAL or status == BatchStatus.COMPLETED
 
 
+class RunStatus(enum.StrEnum):
+    """A pipeline run's stored status (pipeline_runs.status, 0018)."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    COMPLETED_WITH_ERRORS = "completed_with_errors"  # a stage failed under "continue"
+    FAILED = "failed"  # a stage failed under "stop", or its items could not be derived
+    CANCELLED = "cancelled"
+
+
+class StageFailure(enum.StrEnum):
+    """What a pipeline does when a stage's batch ends with failures."""
+
+    STOP = "stop"  # the run fails; no later stage starts
+    CONTINUE = "continue"  # the next stage runs over the items that succeeded
+
+
 def item_transition_allowed(old: ItemStatus, new: ItemStatus) -> bool:
     return new in ITEM_TRANSITIONS[old]
 

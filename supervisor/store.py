@@ -489,6 +489,73 @@ class AddedItems(_FromRecord):
     max_items: int
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunRow(_FromRecord):
+    """One row of ``pipeline_runs`` (see migrations/0022_pipelines.sql)."""
+
+    id: uuid.UUID
+    tenant: str
+    pipeline: str
+    status: str
+    stages: str  # jsonb text: [{name, handler, items}] as configured at submission
+    on_stage_failure: str
+    current_stage: int
+    paused: bool
+    cancel_requested: bool
+    degraded: bool
+    metadata: str  # jsonb text
+    idempotency_key: str | None
+    request_hash: str | None
+    exclusive_key: str | None
+    error: str | None  # jsonb text
+    created_by: str
+    created_at: datetime
+    finished_at: datetime | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StageRow(_FromRecord):
+    """A run's stage that has started (or was skipped: no batch)."""
+
+    run_id: uuid.UUID
+    stage: int
+    batch_id: uuid.UUID | None
+    batch_status: str | None  # None: skipped, or its batch was deleted
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NewRunRow:
+    """The row of ``insert_pipeline_run``."""
+
+    id: uuid.UUID
+    tenant: str
+    pipeline: str
+    stages: str  # JSON text
+    on_stage_failure: str
+    metadata: str  # JSON text
+    idempotency_key: str | None
+    request_hash: str | None
+    exclusive_key: str | None
+    created_by: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunDrift(_FromRecord):
+    """A pipeline run whose current stage disagrees with its status (doctor)."""
+
+    id: uuid.UUID
+    pipeline: str
+    status: str
+    current_stage: int
+    batch_id: uuid.UUID | None
+    batch_status: str | None  # None: the batch is gone
+
+
+class RunKeyTaken(Exception):
+    """Reopening a run would give its exclusive key a second running run, and
+    the database refused it (index ``pipeline_runs_exclusive``)."""
+
+
 # --------------------------------------------------------------------------- queries
 
 
@@ -1004,3 +1071,104 @@ class Queries:
         """Recompute the batch's counters and status; its status after."""
         status: str = await self._ex.fetchval("doctor_repair", batch_id, actor)
         return status
+
+    # -- pipeline runs ---------------------------------------------------------------
+
+    async def insert_pipeline_run(self, r: NewRunRow) -> RunRow | None:
+        """None when a unique index refused it (see :meth:`find_idempotent_run`
+        and :meth:`find_exclusive_run`); nothing was written."""
+        row = await self._ex.fetchrow(
+            "insert_pipeline_run",
+            r.id,
+            r.tenant,
+            r.pipeline,
+            r.stages,
+            r.on_stage_failure,
+            r.metadata,
+            r.idempotency_key,
+            r.request_hash,
+            r.exclusive_key,
+            r.created_by,
+        )
+        return None if row is None else RunRow.of(row)
+
+    async def insert_pipeline_stage(
+        self, run_id: uuid.UUID, *, stage: int, batch_id: uuid.UUID | None
+    ) -> None:
+        """Raises asyncpg's UniqueViolationError when the stage has a row already."""
+        await self._ex.execute("insert_pipeline_stage", run_id, stage, batch_id)
+
+    async def find_idempotent_run(
+        self, *, tenant: str, idempotency_key: str
+    ) -> tuple[uuid.UUID, str | None] | None:
+        r = await self._ex.fetchrow("find_idempotent_run", tenant, idempotency_key)
+        return None if r is None else (r["id"], r["request_hash"])
+
+    async def find_exclusive_run(self, *, tenant: str, exclusive_key: str) -> uuid.UUID | None:
+        found = await self._ex.fetchval("find_exclusive_run", tenant, exclusive_key)
+        return found if isinstance(found, uuid.UUID) else None
+
+    async def get_pipeline_run(self, run_id: uuid.UUID, *, tenant: str | None) -> RunRow | None:
+        r = await self._ex.fetchrow("get_pipeline_run", run_id, tenant)
+        return None if r is None else RunRow.of(r)
+
+    async def lock_pipeline_run(self, run_id: uuid.UUID, *, tenant: str | None) -> RunRow | None:
+        """The run, locked until the transaction ends (run it in one)."""
+        r = await self._ex.fetchrow("lock_pipeline_run", run_id, tenant)
+        return None if r is None else RunRow.of(r)
+
+    async def list_pipeline_runs(
+        self,
+        *,
+        tenant: str | None,
+        status: str | None,
+        pipeline: str | None,
+        before: tuple[datetime, uuid.UUID] | None,
+        limit: int,
+    ) -> list[RunRow]:
+        at, rid = before if before is not None else (None, None)
+        rows = await self._ex.fetch("list_pipeline_runs", tenant, status, pipeline, at, rid, limit)
+        return [RunRow.of(r) for r in rows]
+
+    async def pipeline_stage_rows(self, run_ids: Sequence[uuid.UUID]) -> list[StageRow]:
+        rows = await self._ex.fetch("pipeline_stage_rows", list(run_ids))
+        return [StageRow.of(r) for r in rows]
+
+    async def claim_pipeline_run(
+        self, *, pipelines: Sequence[str]
+    ) -> tuple[RunRow, uuid.UUID | None, str | None] | None:
+        """A running run of ``pipelines`` due to advance, locked (run it in a
+        transaction), with its current stage's batch id and that batch's status
+        (None: gone)."""
+        r = await self._ex.fetchrow("claim_pipeline_run", list(pipelines))
+        if r is None:
+            return None
+        return RunRow.of(r), r["stage_batch_id"], r["stage_batch_status"]
+
+    async def finish_pipeline_run(
+        self, run_id: uuid.UUID, *, status: states.RunStatus, error: str | None
+    ) -> None:
+        await self._ex.execute("finish_pipeline_run", run_id, status.value, error)
+
+    async def set_pipeline_run_flags(
+        self,
+        run_id: uuid.UUID,
+        *,
+        paused: bool | None = None,
+        cancel_requested: bool | None = None,
+        degraded: bool | None = None,
+    ) -> None:
+        await self._ex.execute("set_pipeline_run_flags", run_id, paused, cancel_requested, degraded)
+
+    async def reopen_pipeline_run(self, run_id: uuid.UUID) -> None:
+        """Raises :class:`RunKeyTaken` when another running run holds its key."""
+        try:
+            await self._ex.execute("reopen_pipeline_run", run_id)
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name == "pipeline_runs_exclusive":
+                raise RunKeyTaken(str(exc)) from exc
+            raise
+
+    async def doctor_pipeline_runs(self, *, stalled_after_s: float) -> list[RunDrift]:
+        rows = await self._ex.fetch("doctor_pipeline_runs", stalled_after_s)
+        return [RunDrift.of(r) for r in rows]

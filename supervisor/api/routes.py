@@ -16,7 +16,7 @@ import anyio
 import anyio.to_thread
 from aiohttp import web
 
-from supervisor import batches, models, schedules, states, store
+from supervisor import batches, models, pipeline_runs, schedules, states, store
 from supervisor.api import results, schemas, sse
 from supervisor.api.auth import Principal
 from supervisor.api.context import CTX, ApiContext, principal
@@ -339,19 +339,24 @@ async def redeliver_callback(request: web.Request) -> web.Response:
     )
 
 
+def _include_cancelled(body: Any) -> bool:
+    """A retry's body: nothing, or {"include_cancelled": true|false}."""
+    if body is None:
+        return False
+    if not isinstance(body, dict) or set(body) - {"include_cancelled"}:
+        raise ValidationFailed(
+            [{"path": "", "message": 'body may only hold {"include_cancelled": true|false}'}]
+        )
+    include = body.get("include_cancelled", False)
+    if not isinstance(include, bool):
+        raise ValidationFailed([{"path": "/include_cancelled", "message": "must be a boolean"}])
+    return include
+
+
 @routes.post("/v1/batches/{id}/retry")
 async def retry_batch(request: web.Request) -> web.Response:
     principal(request).require("write")  # before reading the body: a 403 is no 422
-    body = await _read_json(request)
-    include = False
-    if body is not None:
-        if not isinstance(body, dict) or set(body) - {"include_cancelled"}:
-            raise ValidationFailed(
-                [{"path": "", "message": 'body may only hold {"include_cancelled": true|false}'}]
-            )
-        include = body.get("include_cancelled", False)
-        if not isinstance(include, bool):
-            raise ValidationFailed([{"path": "/include_cancelled", "message": "must be a boolean"}])
+    include = _include_cancelled(await _read_json(request))
     try:
         return await _control(
             request,
@@ -526,6 +531,180 @@ async def events(request: web.Request) -> web.StreamResponse:
     ctx = ctx_of(request)
     with ctx.streams.slot(who.name):
         return await sse.stream(request, ctx, row)
+
+
+def _pipeline_json(p: Any) -> dict[str, Any]:
+    return {
+        "name": p.name,
+        "stages": [{"name": s.name, "handler": s.handler, "items": s.items} for s in p.stages],
+        "on_stage_failure": p.on_stage_failure,
+    }
+
+
+@routes.get("/v1/pipelines")
+async def list_pipelines(request: web.Request) -> web.Response:
+    principal(request).require("read")
+    cfg = ctx_of(request).cfg
+    return _json({"pipelines": [_pipeline_json(p) for p in cfg.pipelines.values()]})
+
+
+@routes.post("/v1/pipelines/{name}/runs")
+async def create_run(request: web.Request) -> web.Response:
+    """A run of a configured pipeline: the run and its first stage's batch."""
+    ctx = ctx_of(request)
+    who = principal(request)
+    who.require("write")
+    name = request.match_info["name"]
+    p = ctx.cfg.pipelines.get(name)
+    if p is None:
+        raise Problem(404, f"no pipeline {name!r}")
+    for stage in p.stages:
+        who.may_use(stage.handler, "handler")
+    first = ctx.cfg.handlers.get(p.stages[0].handler)
+    kl = first.key_limit if first is not None else None
+    nr = schemas.run_submission(
+        await _read_json(request),
+        pipeline=name,
+        header_key=request.headers.get("Idempotency-Key"),
+        max_items=ctx.cfg.server.max_items_per_batch,
+        key_limit=(kl.key, kl.tokens) if kl is not None else None,
+    )
+    try:
+        run, created = await pipeline_runs.submit(
+            ctx.db, ctx.cfg, nr, tenant=who.tenant, actor=who.name
+        )
+    except pipeline_runs.RunIdempotencyConflict as exc:
+        raise Problem(409, str(exc)) from None
+    except pipeline_runs.RunKeyBusy as exc:
+        raise Problem(
+            409,
+            str(exc),
+            extensions={"active_run_id": str(exc.run_id), "exclusive_key": exc.key},
+        ) from None
+    body = await pipeline_runs.describe(ctx.q, run)
+    return _json(body, 201 if created else 200, {"Location": f"/v1/pipeline-runs/{body['id']}"})
+
+
+@routes.get("/v1/pipeline-runs")
+async def list_runs(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    who = principal(request)
+    who.require("read")
+    q = request.query
+    limit = schemas.limit_param(q.get("limit"))
+    before: tuple[datetime, uuid.UUID] | None = None
+    if q.get("cursor"):
+        c = _cursor_decode(q["cursor"])
+        try:
+            if not isinstance(c.get("t"), str) or not isinstance(c.get("id"), str):
+                raise ValueError
+            before = (datetime.fromisoformat(c["t"]).astimezone(UTC), uuid.UUID(c["id"]))
+        except (ValueError, OverflowError):
+            raise ValidationFailed(
+                [{"path": "cursor", "message": "not a cursor returned by this API"}], 400
+            ) from None
+    rows = await ctx.q.list_pipeline_runs(
+        tenant=who.tenant_filter,
+        status=schemas.status_param(q.get("status"), states.RunStatus),
+        pipeline=schemas.text_param("pipeline", q.get("pipeline")),
+        before=before,
+        limit=limit + 1,
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    nxt = (
+        _cursor_encode({"t": rows[-1].created_at.isoformat(), "id": str(rows[-1].id)})
+        if more
+        else None
+    )
+    return _json({"runs": await pipeline_runs.describe_all(ctx.q, rows), "next_cursor": nxt})
+
+
+async def _run_or_404(request: web.Request) -> store.RunRow:
+    ctx = ctx_of(request)
+    rid = pipeline_runs.parse_id(request.match_info["id"])
+    row = (
+        None
+        if rid is None
+        else await ctx.q.get_pipeline_run(rid, tenant=principal(request).tenant_filter)
+    )
+    if row is None:
+        raise Problem(404, f"no pipeline run {request.match_info['id']!r}")
+    return row
+
+
+@routes.get("/v1/pipeline-runs/{id}")
+async def get_run(request: web.Request) -> web.Response:
+    principal(request).require("read")
+    row = await _run_or_404(request)
+    return _json(await pipeline_runs.describe(ctx_of(request).q, row))
+
+
+RunControl = Callable[[uuid.UUID, Principal], Awaitable[store.RunRow | None]]
+
+
+async def _run_control(request: web.Request, control: RunControl) -> web.Response:
+    """One run control for the caller: 404 for an id that names no run, 409 when
+    it does not apply to the run as it is."""
+    who = principal(request)
+    who.require("write")
+    rid = pipeline_runs.parse_id(request.match_info["id"])
+    try:
+        row = None if rid is None else await control(rid, who)
+    except pipeline_runs.RunConflict as exc:
+        raise Problem(409, str(exc)) from None
+    if row is None:
+        raise Problem(404, f"no pipeline run {request.match_info['id']!r}")
+    return _json(await pipeline_runs.describe(ctx_of(request).q, row))
+
+
+@routes.post("/v1/pipeline-runs/{id}/cancel")
+async def cancel_run(request: web.Request) -> web.Response:
+    db = ctx_of(request).db
+    return await _run_control(
+        request,
+        lambda rid, who: pipeline_runs.cancel(db, rid, tenant=who.tenant_filter, actor=who.name),
+    )
+
+
+def _run_pausing(request: web.Request, paused: bool) -> RunControl:
+    db = ctx_of(request).db
+    return lambda rid, who: pipeline_runs.pause(
+        db, rid, tenant=who.tenant_filter, actor=who.name, paused=paused
+    )
+
+
+@routes.post("/v1/pipeline-runs/{id}/pause")
+async def pause_run(request: web.Request) -> web.Response:
+    return await _run_control(request, _run_pausing(request, True))
+
+
+@routes.post("/v1/pipeline-runs/{id}/resume")
+async def resume_run(request: web.Request) -> web.Response:
+    return await _run_control(request, _run_pausing(request, False))
+
+
+@routes.post("/v1/pipeline-runs/{id}/retry")
+async def retry_run(request: web.Request) -> web.Response:
+    principal(request).require("write")  # before reading the body: a 403 is no 422
+    include = _include_cancelled(await _read_json(request))
+    db = ctx_of(request).db
+    return await _run_control(
+        request,
+        lambda rid, who: pipeline_runs.retry(
+            db, rid, tenant=who.tenant_filter, actor=who.name, include_cancelled=include
+        ),
+    )
+
+
+@routes.get("/v1/pipeline-runs/{id}/events")
+async def run_events(request: web.Request) -> web.StreamResponse:
+    who = principal(request)
+    who.require("read")
+    row = await _run_or_404(request)
+    ctx = ctx_of(request)
+    with ctx.streams.slot(who.name):
+        return await sse.run_stream(request, ctx, row)
 
 
 @routes.get("/v1/workers")

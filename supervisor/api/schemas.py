@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from supervisor import key_limits, states
+from supervisor import key_limits, pipeline_runs, states
 from supervisor.api.problems import Problem, ValidationFailed
 from supervisor.batches import NewBatch
 from supervisor.models import compact_json
@@ -289,6 +289,39 @@ def item_entries(
     return items
 
 
+def idempotency_key(
+    body: Mapping[str, Any], header_key: str | None, errors: list[dict[str, str]]
+) -> str | None:
+    """The request's idempotency key: the body's ``idempotency_key`` or the
+    Idempotency-Key header (both: they must agree)."""
+    idem = body.get("idempotency_key")
+    if idem is not None and (
+        not isinstance(idem, str) or not idem or len(idem) > IDEMPOTENCY_MAX or _bad_text(idem)
+    ):
+        errors.append(
+            {
+                "path": "/idempotency_key",
+                "message": f"must be null or a string of 1 to {IDEMPOTENCY_MAX} characters",
+            }
+        )
+        idem = None
+    if header_key is not None:
+        if not header_key or len(header_key) > IDEMPOTENCY_MAX or not header_key.isascii():
+            errors.append(
+                {
+                    "path": "Idempotency-Key",
+                    "message": f"header must be 1 to {IDEMPOTENCY_MAX} ASCII characters",
+                }
+            )
+        elif idem is not None and idem != header_key:
+            errors.append(
+                {"path": "/idempotency_key", "message": "differs from the Idempotency-Key header"}
+            )
+        else:
+            idem = header_key
+    return idem
+
+
 def submission(
     body: Any,
     *,
@@ -342,31 +375,7 @@ def submission(
     else:
         storable_json(metadata, "/metadata", errors)
 
-    idem = body.get("idempotency_key")
-    if idem is not None and (
-        not isinstance(idem, str) or not idem or len(idem) > IDEMPOTENCY_MAX or _bad_text(idem)
-    ):
-        errors.append(
-            {
-                "path": "/idempotency_key",
-                "message": f"must be null or a string of 1 to {IDEMPOTENCY_MAX} characters",
-            }
-        )
-        idem = None
-    if header_key is not None:
-        if not header_key or len(header_key) > IDEMPOTENCY_MAX or not header_key.isascii():
-            errors.append(
-                {
-                    "path": "Idempotency-Key",
-                    "message": f"header must be 1 to {IDEMPOTENCY_MAX} ASCII characters",
-                }
-            )
-        elif idem is not None and idem != header_key:
-            errors.append(
-                {"path": "/idempotency_key", "message": "differs from the Idempotency-Key header"}
-            )
-        else:
-            idem = header_key
+    idem = idempotency_key(body, header_key, errors)
 
     on_complete = body.get("on_complete")
     if on_complete is not None:
@@ -422,6 +431,71 @@ def submission(
         on_conflict=on_conflict,
         not_before=not_before,
         max_items=max_items_cap,
+        limit_keys=limit_keys,
+    )
+
+
+RUN_FIELDS = ("items", "metadata", "idempotency_key", "exclusive_key")
+
+
+def run_submission(
+    body: Any,
+    *,
+    pipeline: str,
+    header_key: str | None,
+    max_items: int,
+    key_limit: tuple[str, tuple[str, ...]] | None = None,
+) -> pipeline_runs.NewRun:
+    """Validate a POST /v1/pipelines/{name}/runs body (the first stage's items and
+    the run's fields), or raise with every error. ``key_limit``: the first stage's
+    handler's key pointer and tokens (its items' limit keys are taken here)."""
+    if not isinstance(body, dict):
+        raise ValidationFailed([{"path": "", "message": "the body must be a JSON object"}])
+    errors: list[dict[str, str]] = []
+    _unknown(body, RUN_FIELDS, errors)
+    limit_keys: list[str] | None = [] if key_limit is not None else None
+    raw_items = body.get("items")
+    items: list[tuple[str | None, str]] = []
+    if not isinstance(raw_items, list) or not raw_items:
+        errors.append(
+            {"path": "/items", "message": "required: a non-empty array of the first stage's items"}
+        )
+    elif len(raw_items) > max_items:
+        raise Problem(
+            413,
+            f"/items: {len(raw_items)} items exceed the limit of {max_items} "
+            "per batch ([server] max_items_per_batch)",
+        )
+    else:
+        items = item_entries(raw_items, errors, key_limit=key_limit, limit_keys=limit_keys)
+    metadata = body.get("metadata", {})
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        errors.append({"path": "/metadata", "message": "must be a JSON object"})
+        metadata = {}
+    elif "pipeline_run" in metadata:
+        errors.append(
+            {
+                "path": "/metadata/pipeline_run",
+                "message": "reserved: each stage's batch names its run there",
+            }
+        )
+    else:
+        storable_json(metadata, "/metadata", errors)
+    idem = idempotency_key(body, header_key, errors)
+    exclusive_key = body.get("exclusive_key")
+    if exclusive_key is not None and (why := exclusive_key_problem(exclusive_key)):
+        errors.append({"path": "/exclusive_key", "message": why})
+        exclusive_key = None
+    if errors:
+        raise ValidationFailed(errors)
+    return pipeline_runs.NewRun(
+        pipeline=pipeline,
+        items=items,
+        metadata=metadata,
+        idempotency_key=idem,
+        exclusive_key=exclusive_key,
         limit_keys=limit_keys,
     )
 

@@ -13,6 +13,7 @@ item event, never skip one).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -22,9 +23,10 @@ from typing import Any
 import anyio
 from aiohttp import web
 
-from supervisor import batches, models, store
+from supervisor import batches, models, pipeline_runs, states, store
 from supervisor.api.context import ApiContext, principal
 from supervisor.errors import DatabaseUnavailable
+from supervisor.events import Wakeup
 
 log = logging.getLogger(__name__)
 MIN_SNAPSHOT_GAP_S = 0.2
@@ -129,3 +131,100 @@ async def _stream(request: web.Request, ctx: ApiContext, row: store.BatchRow) ->
                 last_write = time.monotonic()
     await resp.write_eof()
     return resp
+
+
+async def run_stream(
+    request: web.Request, ctx: ApiContext, run: store.RunRow
+) -> web.StreamResponse:
+    try:
+        return await _run_stream(request, ctx, run)
+    except ConnectionResetError:
+        log.debug("sse.client_gone run=%s", run.id)
+        return web.Response()
+
+
+async def _run_stream(
+    request: web.Request, ctx: ApiContext, run: store.RunRow
+) -> web.StreamResponse:
+    """A pipeline run's stream. On connect and on every change: ``snapshot`` (the
+    run JSON); ``stage`` when a stage starts (its batch is created) or ends (its
+    batch is terminal, or it was skipped); after the run's terminal snapshot,
+    ``end``. Woken by the run's own announcements and its current stage batch's,
+    from any daemon (polling when LISTEN is down)."""
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await resp.prepare(request)
+    sent: dict[str, Any] | None = None
+    seen: dict[str, str] = {}  # stage name -> the last status told
+    last_write = time.monotonic()
+    with ctx.bus.subscribe(str(run.id)) as run_changed:
+        while True:
+            try:
+                fresh = await ctx.q.get_pipeline_run(run.id, tenant=None)
+                if fresh is None:
+                    break  # deleted meanwhile
+                run = fresh
+                snapshot = await pipeline_runs.describe(ctx.q, run)
+            except DatabaseUnavailable:
+                await run_changed.wait(1.0)
+                continue
+            for st in snapshot["stages"]:
+                status, before = st["status"], seen.get(st["name"])
+                if status == before or status == "pending":
+                    continue
+                if before is None and status != "skipped":
+                    await resp.write(_frame("stage", {"event": "started"} | st))
+                if status in ("skipped", "deleted") or states.is_batch_terminal(status):
+                    await resp.write(_frame("stage", {"event": "ended"} | st))
+                seen[st["name"]] = status
+            if snapshot != sent:
+                await resp.write(_frame("snapshot", snapshot))
+                sent = snapshot
+                last_write = time.monotonic()
+            if run.status != states.RunStatus.RUNNING:
+                await resp.write(_frame("end", {"run_id": str(run.id), "status": run.status}))
+                break
+            if ctx.bus.closing:
+                break
+            current = next(
+                (
+                    s["batch_id"]
+                    for s in snapshot["stages"]
+                    if s["name"] == snapshot["current_stage"]
+                ),
+                None,
+            )
+            idle = LISTEN_IDLE_S if ctx.bus.listening else POLL_S
+            with contextlib.ExitStack() as stack:
+                waits = [run_changed]
+                if current is not None:
+                    waits.append(stack.enter_context(ctx.bus.subscribe(current)))
+                await _first_of(waits, idle)
+            if ctx.bus.closing:
+                break
+            if time.monotonic() - last_write > KEEPALIVE_S:
+                await resp.write(b": keepalive\n\n")
+                last_write = time.monotonic()
+            await anyio.sleep(MIN_SNAPSHOT_GAP_S)  # coalesce bursts of changes
+    await resp.write_eof()
+    return resp
+
+
+async def _first_of(waits: list[Wakeup], timeout: float) -> None:  # noqa: ASYNC109 - a bounded wait
+    """Until any of ``waits`` (Wakeups) is set, or ``timeout``."""
+    if len(waits) == 1:
+        await waits[0].wait(timeout)
+        return
+    async with anyio.create_task_group() as tg:
+
+        async def one(w: Wakeup) -> None:
+            await w.wait(timeout)
+            tg.cancel_scope.cancel()
+
+        for w in waits:
+            tg.start_soon(one, w)

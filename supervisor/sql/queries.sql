@@ -613,3 +613,128 @@ DELETE FROM @schema.schedule_runs r
    AND NOT (r.kind <> 'manual' AND r.slot_at = (
         SELECT max(x.slot_at) FROM @schema.schedule_runs x
          WHERE x.schedule = r.schedule AND x.kind <> 'manual'));
+
+-- name: insert_pipeline_run
+-- A new run (status running, at its first stage). No row back when a unique index
+-- refuses it: its idempotency key names a run, or a running run of the tenant
+-- holds its exclusive key. ON CONFLICT without a target covers both, and waits
+-- for a concurrent submission holding either to commit or roll back.
+INSERT INTO @schema.pipeline_runs (id, tenant, pipeline, stages, on_stage_failure, metadata,
+                                   idempotency_key, request_hash, exclusive_key, created_by)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT DO NOTHING
+RETURNING *;
+
+-- name: insert_pipeline_stage
+-- A stage's row, with its batch (NULL: skipped), in the transaction that created
+-- the batch; the run moves on to it. The primary key (run_id, stage) refuses a
+-- second row for the stage: the guarantee of one batch per stage. Tells SSE
+-- streams of the run (the batch channel, under the run's id).
+WITH s AS (
+    INSERT INTO @schema.pipeline_stages (run_id, stage, batch_id) VALUES ($1, $2, $3)
+    RETURNING run_id, stage
+), r AS (
+    UPDATE @schema.pipeline_runs SET current_stage = s.stage FROM s WHERE id = s.run_id
+    RETURNING id
+)
+SELECT pg_notify('@sname_batch', r.id || ':0:run') FROM r;
+
+-- name: find_idempotent_run
+-- The run an idempotency key already names, with the hash of its request.
+SELECT id, request_hash FROM @schema.pipeline_runs WHERE tenant = $1 AND idempotency_key = $2;
+
+-- name: find_exclusive_run
+-- The running run holding an exclusive key, if any.
+SELECT id FROM @schema.pipeline_runs
+ WHERE tenant = $1 AND exclusive_key = $2 AND status = 'running';
+
+-- name: get_pipeline_run
+-- One run, visible to the tenant (NULL tenant: any).
+SELECT * FROM @schema.pipeline_runs WHERE id = $1 AND ($2::text IS NULL OR tenant = $2);
+
+-- name: lock_pipeline_run
+-- One run, locked until the transaction ends: the controls take this lock
+-- before the stage batch's (the lock order of the pipelines component).
+SELECT * FROM @schema.pipeline_runs WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)
+   FOR UPDATE;
+
+-- name: list_pipeline_runs
+-- Newest first, keyset-paged on (created_at, id); filters are optional.
+SELECT * FROM @schema.pipeline_runs
+ WHERE ($1::text IS NULL OR tenant = $1)
+   AND ($2::text IS NULL OR status = $2)
+   AND ($3::text IS NULL OR pipeline = $3)
+   AND ($4::timestamptz IS NULL OR (created_at, id) < ($4, $5::uuid))
+ ORDER BY created_at DESC, id DESC
+ LIMIT $6;
+
+-- name: pipeline_stage_rows
+-- The stage rows of the runs $1 with their batches' status (NULL: skipped, or
+-- the batch was deleted), in stage order.
+SELECT s.run_id, s.stage, s.batch_id, b.status AS batch_status
+  FROM @schema.pipeline_stages s LEFT JOIN @schema.batches b ON b.id = s.batch_id
+ WHERE s.run_id = ANY ($1::uuid[])
+ ORDER BY s.run_id, s.stage;
+
+-- name: claim_pipeline_run
+-- A running run of one of the pipelines $1 (those this daemon's configuration
+-- has) whose current stage's batch has ended or is gone, locked for this
+-- transaction; SKIP LOCKED: one daemon advances it, the others pass it by. With
+-- its current stage's batch status.
+SELECT r.*, s.batch_id AS stage_batch_id, b.status AS stage_batch_status
+  FROM @schema.pipeline_runs r
+  JOIN @schema.pipeline_stages s ON s.run_id = r.id AND s.stage = r.current_stage
+  LEFT JOIN @schema.batches b ON b.id = s.batch_id
+ WHERE r.status = 'running' AND r.pipeline = ANY ($1::text[])
+   AND (b.id IS NULL OR b.status IN ('completed', 'completed_with_errors', 'failed', 'cancelled'))
+ ORDER BY r.created_at
+ LIMIT 1
+   FOR UPDATE OF r SKIP LOCKED;
+
+-- name: finish_pipeline_run
+-- A running run ends with status $2 (and the error $3, JSON or NULL). Tells SSE
+-- streams of the run.
+WITH r AS (
+    UPDATE @schema.pipeline_runs SET status = $2, error = $3::jsonb, finished_at = now()
+     WHERE id = $1 AND status = 'running'
+    RETURNING id
+)
+SELECT pg_notify('@sname_batch', r.id || ':0:run') FROM r;
+
+-- name: set_pipeline_run_flags
+-- The run's paused, cancel_requested and degraded flags (NULL: unchanged).
+WITH r AS (
+    UPDATE @schema.pipeline_runs
+       SET paused = coalesce($2, paused), cancel_requested = coalesce($3, cancel_requested),
+           degraded = coalesce($4, degraded)
+     WHERE id = $1
+    RETURNING id
+)
+SELECT pg_notify('@sname_batch', r.id || ':0:run') FROM r;
+
+-- name: reopen_pipeline_run
+-- A terminal run is running again (retry): its error and cancel request cleared.
+-- The exclusive-key index refuses it when another running run holds the key.
+WITH r AS (
+    UPDATE @schema.pipeline_runs
+       SET status = 'running', finished_at = NULL, error = NULL, cancel_requested = false
+     WHERE id = $1 AND status <> 'running'
+    RETURNING id
+)
+SELECT pg_notify('@sname_batch', r.id || ':0:run') FROM r;
+
+-- name: doctor_pipeline_runs
+-- Pipeline runs whose stages disagree with their status: a running run whose
+-- current stage's batch ended more than $1 seconds ago (no daemon moved it on)
+-- or is gone, and an ended run whose current stage's batch has not ended.
+SELECT r.id, r.pipeline, r.status, r.current_stage, s.batch_id, b.status AS batch_status
+  FROM @schema.pipeline_runs r
+  JOIN @schema.pipeline_stages s ON s.run_id = r.id AND s.stage = r.current_stage
+  LEFT JOIN @schema.batches b ON b.id = s.batch_id
+ WHERE (r.status = 'running'
+        AND (b.id IS NULL
+             OR (b.status IN ('completed', 'completed_with_errors', 'failed', 'cancelled')
+                 AND b.finished_at < now() - make_interval(secs => $1))))
+    OR (r.status <> 'running' AND s.batch_id IS NOT NULL
+        AND b.status NOT IN ('completed', 'completed_with_errors', 'failed', 'cancelled'))
+ ORDER BY r.created_at;

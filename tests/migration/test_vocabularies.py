@@ -18,6 +18,8 @@ CONSTRAINTS: dict[str, type[enum.StrEnum]] = {
     "batch_status_known": states.BatchStatus,
     "item_status_known": states.ItemStatus,
     "batch_callback_state_known": states.CallbackState,
+    "pipeline_run_status_known": states.RunStatus,
+    "pipeline_run_on_stage_failure_known": states.StageFailure,
 }
 
 

@@ -146,3 +146,56 @@ def test_max_timeout_defaults_to_timeout_and_may_not_be_shorter() -> None:
     assert cfg.handlers["h"].max_timeout_s == 7200.0
     (problem,) = problems({"handlers": {"h": h | {"max_timeout": "10s"}}})
     assert problem.startswith("handlers.h.max_timeout: must be at least timeout (30s)")
+
+
+def test_pipelines_are_read_and_every_problem_is_named() -> None:
+    echo = {"type": "python", "target": "tests.handlers:echo"}
+    ok = config.from_mapping(
+        {
+            "handlers": {"echo": echo},
+            "pipelines": {
+                "nightly": {
+                    "stages": [
+                        {"name": "fetch", "handler": "echo"},
+                        {"name": "extract", "handler": "echo", "items": "tests.pipes:passthrough"},
+                    ],
+                    "on_stage_failure": "continue",
+                }
+            },
+        }
+    )
+    p = ok.pipelines["nightly"]
+    assert [s.name for s in p.stages] == ["fetch", "extract"] and p.on_stage_failure == "continue"
+    assert p.stages[0].items is None and p.stages[1].items == "tests.pipes:passthrough"
+    found = problems(
+        {
+            "handlers": {"echo": echo},
+            "pipelines": {
+                "bad": {
+                    "stages": [
+                        {"name": "a", "handler": "ecko", "items": "tests.pipes:passthrough"},
+                        {"name": "a", "handler": "echo"},
+                        {"name": "c", "handler": "echo", "items": "not a function"},
+                        "d",
+                    ],
+                    "on_stage_failure": "retry",
+                    "stage": [],
+                },
+                "empty": {"stages": []},
+                "bad name!": {"stages": [{"name": "a", "handler": "echo"}]},
+            },
+        }
+    )
+    for expected in (
+        "pipelines.bad.stage: unknown key (did you mean 'stages'?)",
+        'pipelines.bad.on_stage_failure: must be "stop" or "continue"',
+        "pipelines.bad.stages[0].handler: no handler 'ecko' (did you mean 'echo'?)",
+        "pipelines.bad.stages[0].items: the first stage takes the run's items",
+        "pipelines.bad.stages[1].name: 'a' names another stage too",
+        "pipelines.bad.stages[1].items: required",
+        "pipelines.bad.stages[2].items: expected 'package.module:function'",
+        "pipelines.bad.stages[3]: expected a table",
+        "pipelines.empty.stages: required",
+        "pipelines.bad name!: a name of letters",
+    ):
+        assert any(pr.startswith(expected) for pr in found), (expected, found)
