@@ -1,8 +1,8 @@
 """The HTTP client verbs of the command line (``submit``, ``status``, ``watch``,
 ``list``, ``results``, ``cancel``, ``pause``, ``resume``, ``retry``, ``redeliver``,
 ``item retry``, ``item cancel``, ``schedules``, ``schedule``):
-API calls with one-line errors, the SSE reader, the live progress renderer and the
-resumable reader of a batch's results (:func:`results`, also for programs).
+the live progress renderer and the one-line errors, over the Python client
+(:mod:`supervisor.client`), so the project has one HTTP client.
 
 Everything a server sends is shown with control characters escaped: item keys
 and error messages are client data and must not drive the operator's terminal.
@@ -12,33 +12,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import csv
 import json
 import logging
 import os
-import re
 import sys
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aiohttp
-
-from supervisor import config
+from supervisor import client, config
+from supervisor.client import DEFAULT_URL as DEFAULT_URL  # the CLI's --url help names it
+from supervisor.client import ClientError
 from supervisor.errors import ConfigError
 
 log = logging.getLogger("supervisor.cli")
-DEFAULT_URL = "http://127.0.0.1:8080"
-
-
-class ClientError(Exception):
-    """An API call failed; the message is the one line shown to the user."""
-
-
-WATCH_RECONNECTS = 10  # consecutive failed reconnects before ``watch`` gives up
+_printable = client.printable
+_one_line = client.one_line
 
 
 def _client_url(args: argparse.Namespace) -> str:
@@ -58,63 +48,6 @@ def _client_url(args: argparse.Namespace) -> str:
         scheme = "https" if server.tls_cert else "http"
         return f"{scheme}://{host}:{server.port}"
     return DEFAULT_URL
-
-
-def _headers() -> dict[str, str]:
-    token = os.environ.get("BATCH_SUPERVISOR_TOKEN")
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-# C0 and C1 controls and the bidi overrides: an item key or an error text holding
-# ANSI/OSC escape sequences must not reach (and drive) the operator's terminal.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def _printable(text: str) -> str:
-    """``text`` with control characters shown as escapes (``\\x1b``)."""
-    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
-
-
-def _one_line(text: str) -> str:
-    return _printable(" ".join(text.split()))
-
-
-def _problem(method: str, url: str, status: int, text: str) -> ClientError:
-    """The one-line message for an error response (problem+json or anything else)."""
-    detail = text.strip()[:500] or "(empty response)"
-    with contextlib.suppress(ValueError, AttributeError, TypeError, KeyError):
-        body = json.loads(text)
-        detail = str(body.get("detail") or body.get("title") or detail)
-        extra = [
-            f"{e.get('path') or '/'}: {e.get('message')}"
-            for e in body.get("errors") or []
-            if str(e.get("message")) not in detail  # the detail often repeats a lone error
-        ]
-        if extra:
-            detail += "; " + "; ".join(extra[:5])
-    return ClientError(_one_line(f"{method} {url}: {status} {detail}"))
-
-
-async def _call(session: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> Any:
-    try:
-        headers = _headers()
-        if method != "GET":
-            headers["Content-Type"] = "application/json"  # the API refuses changes without it
-        async with session.request(method, url, headers=headers, **kw) as resp:
-            text = await resp.text()
-            if resp.status >= 400:
-                raise _problem(method, url, resp.status, text)
-            try:
-                return json.loads(text) if text else None
-            except ValueError:
-                raise ClientError(
-                    f"{method} {url}: {resp.status} but the body is not JSON "
-                    "(is this a batch-supervisor API?)"
-                ) from None
-    except aiohttp.ClientError as exc:
-        raise ClientError(_one_line(f"cannot reach {url}: {exc}")) from None
-    except TimeoutError:
-        raise ClientError(f"{method} {url}: no answer in time") from None
 
 
 def _read_items(path: str, key_field: str | None) -> list[Any]:
@@ -175,33 +108,6 @@ def _print_status(b: dict[str, Any]) -> None:
         print(f"callback  {cb['handler']}: {cb['state']} (attempts {cb['attempts']})")
 
 
-async def _sse(
-    session: aiohttp.ClientSession, url: str, last_id: str | None
-) -> AsyncIterator[tuple[str, str | None, Any]]:
-    """(event, id, data) from one connection to an SSE stream, until it closes."""
-    headers = _headers() | {"Accept": "text/event-stream"}
-    if last_id is not None:
-        headers["Last-Event-ID"] = last_id
-    async with session.get(
-        url, headers=headers, timeout=aiohttp.ClientTimeout(total=None, sock_read=60)
-    ) as resp:
-        if resp.status >= 400:
-            raise _problem("GET", url, resp.status, await resp.text())
-        event, event_id, data = "message", None, list[str]()
-        async for raw in resp.content:
-            line = raw.decode().rstrip("\r\n")
-            if not line:
-                if data:
-                    yield event, event_id, json.loads("\n".join(data))
-                event, event_id, data = "message", None, []
-            elif line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("id:"):
-                event_id = line[3:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
-
-
 class _Progress:
     """Progress on stderr: a redrawn bar on a terminal, a line per status change otherwise."""
 
@@ -237,38 +143,21 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-async def _watch(session: aiohttp.ClientSession, base: str, batch_id: str, quiet: bool) -> int:
+async def _watch(api: client.AsyncClient, batch_id: str, quiet: bool) -> int:
     """Follow the batch's events until ``end`` (reconnecting with Last-Event-ID when a
     draining daemon closes the stream), then report; 0 only for ``completed``."""
-    url = f"{base}/v1/batches/{batch_id}/events"
     progress = _Progress(quiet)
     final: dict[str, Any] | None = None
-    last_id: str | None = None
-    ended = False
-    failed_reconnects = 0
     try:
-        while not ended:
-            try:
-                async for event, event_id, data in _sse(session, url, last_id):
-                    failed_reconnects = 0
-                    last_id = event_id or last_id
-                    if event == "snapshot":
-                        final = data
-                        progress.show(data)
-                    elif event == "end":
-                        ended = True
-                        break
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                failed_reconnects += 1
-                if failed_reconnects > WATCH_RECONNECTS:
-                    raise ClientError(_one_line(f"lost the event stream {url}: {exc}")) from None
-            if not ended:
-                await asyncio.sleep(min(5.0, 0.2 * 2**failed_reconnects))
+        async for ev in api.events(batch_id):
+            if ev.kind == "snapshot":
+                final = ev.data
+                progress.show(ev.data)
     finally:
         progress.close()
     if final is None:
         raise ClientError("the event stream ended before any snapshot")
-    final = await _wait_callback(session, base, final, quiet)
+    final = await _wait_callback(api, final, quiet)
     c = final["counts"]
     callback_ok = _report_callback(final)
     if final["status"] == "completed":
@@ -280,8 +169,8 @@ async def _watch(session: aiohttp.ClientSession, base: str, batch_id: str, quiet
     )
     if c["failed"]:
         shown = 20
-        page = await _call(
-            session, "GET", f"{base}/v1/batches/{batch_id}/items?status=failed&limit={shown}"
+        page = await api.request(
+            "GET", f"/v1/batches/{batch_id}/items", params={"status": "failed", "limit": str(shown)}
         )
         for it in page["items"]:
             err = it.get("error") or {}
@@ -301,7 +190,7 @@ CALLBACK_POLL_MAX_S = 2.0
 
 
 async def _wait_callback(
-    session: aiohttp.ClientSession, base: str, batch: dict[str, Any], quiet: bool
+    c: client.AsyncClient, batch: dict[str, Any], quiet: bool
 ) -> dict[str, Any]:
     """A terminal batch whose completion callback has not finished yet: poll until it
     has (the event stream ends with the batch, the callback runs after it)."""
@@ -314,7 +203,7 @@ async def _wait_callback(
             announced = True
         await asyncio.sleep(delay)
         delay = min(CALLBACK_POLL_MAX_S, delay * 2)
-        batch = await _call(session, "GET", f"{base}/v1/batches/{batch['id']}")
+        batch = await c.request("GET", f"/v1/batches/{batch['id']}")
     return batch
 
 
@@ -336,127 +225,12 @@ def _report_callback(batch: dict[str, Any]) -> bool:
     return False
 
 
-RESULTS_RECONNECTS = 10  # consecutive failed attempts before a results export gives up
-# No total limit: a million-item export takes minutes; a silent connection does not.
-RESULTS_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
-
-
-class _Interrupted(Exception):
-    """A results export stopped before its end (cut, timed out, or a 503): resume it."""
-
-
-async def _records(resp: aiohttp.ClientResponse, csv_format: bool) -> AsyncIterator[str]:
-    """The complete records of a results body, as text with their line end. A CSV
-    record may span lines (a quoted newline) and is complete when its quotes
-    balance. A body that ends inside a record was cut: _Interrupted."""
-    buf = bytearray()
-    pending = ""
-    async for chunk in resp.content.iter_any():  # not readline: a record may be megabytes
-        buf += chunk
-        start = 0
-        while (end := buf.find(b"\n", start)) >= 0:
-            line = buf[start : end + 1].decode()
-            start = end + 1
-            if csv_format:
-                pending += line
-                if pending.count('"') % 2:
-                    continue
-                line, pending = pending, ""
-            yield line
-        del buf[:start]
-    if buf or pending:
-        raise _Interrupted("the response ended inside a record")
-
-
-async def result_records(
-    session: aiohttp.ClientSession,
-    base: str,
-    batch_id: str,
-    *,
-    fmt: str = "jsonl",
-    status: str | Sequence[str] | None = None,
-    after: str | int | None = None,
-) -> AsyncIterator[tuple[str, Any]]:
-    """``(text, parsed)`` of every record of a batch's results in ``fmt`` (``jsonl``:
-    a dict; ``csv``: the row's cells, the header first), in item id order.
-
-    A dropped connection, a stream the daemon cut, a silent one or a 503 is
-    resumed with ``after=<the last id received>``, so every record comes exactly
-    once, up to RESULTS_RECONNECTS failed attempts in a row. ``after`` starts after
-    that item id (the last one an earlier run got); ``status`` keeps only those."""
-    url = f"{base}/v1/batches/{batch_id}/results"
-    params = {"format": fmt}
-    if status:
-        params["status"] = status if isinstance(status, str) else ",".join(status)
-    csv_format = fmt == "csv"
-    header_sent = False
-    failures = 0
-    while True:
-        if after is not None:
-            params["after"] = str(after)
-        try:
-            async with session.get(
-                url, params=params, headers=_headers(), timeout=RESULTS_TIMEOUT
-            ) as resp:
-                if resp.status >= 400:
-                    problem = _problem("GET", url, resp.status, await resp.text())
-                    if resp.status != 503:
-                        raise problem
-                    raise _Interrupted(str(problem))
-                header = csv_format
-                async for text in _records(resp, csv_format):
-                    if csv_format:
-                        row = next(csv.reader([text]))
-                        if header:  # every response starts with it; pass it on once
-                            header = False
-                            if header_sent:
-                                continue
-                            header_sent = True
-                            yield text, row
-                            continue
-                        after = row[0]
-                        yield text, row
-                    else:
-                        rec = json.loads(text)
-                        after = rec["id"]
-                        yield text, rec
-                    failures = 0
-                return
-        except (aiohttp.ClientError, TimeoutError, _Interrupted) as exc:
-            failures += 1
-            if failures > RESULTS_RECONNECTS:
-                raise ClientError(
-                    _one_line(f"GET {url}: gave up after {RESULTS_RECONNECTS} retries: {exc}")
-                ) from None
-            # Without logging configured (the CLI) this is one line on stderr.
-            log.warning("results: resuming after item %s: %s", after, _one_line(str(exc)))
-        await asyncio.sleep(min(5.0, 0.2 * 2**failures))
-
-
-async def results(
-    session: aiohttp.ClientSession,
-    base: str,
-    batch_id: str,
-    *,
-    status: str | Sequence[str] | None = None,
-    after: str | int | None = None,
-) -> AsyncIterator[dict[str, Any]]:
-    """Every item's outcome (``id``, ``key``, ``status``, ``attempts``, ``result``,
-    ``error``) in id order, read from the JSON Lines export and resumed by itself
-    after a dropped connection. To continue a run that stopped, pass the last
-    ``id`` it got as ``after``."""
-    async for _, rec in result_records(session, base, batch_id, status=status, after=after):
-        yield rec
-
-
-async def _export(session: aiohttp.ClientSession, base: str, args: argparse.Namespace) -> int:
+async def _export(c: client.AsyncClient, args: argparse.Namespace) -> int:
     """``results``: the records to stdout as the daemon sent them; on a terminal,
     with control characters escaped (keys are client data)."""
     out = sys.stdout
     tty = out.isatty()
-    records = result_records(
-        session, base, args.id, fmt=args.format, status=args.status, after=args.after
-    )
+    records = c.result_records(args.id, fmt=args.format, status=args.status, after=args.after)
     try:
         async for text, _ in records:
             if tty:
@@ -534,20 +308,20 @@ def _print_schedule(sc: dict[str, Any]) -> None:
     print(_printable(f"{sc['name']:<20} {sc['cron']} ({sc['timezone']})  {state}  {last_text}"))
 
 
-async def _schedules(s: aiohttp.ClientSession, base: str, args: argparse.Namespace) -> int:
+async def _schedules(c: client.AsyncClient, args: argparse.Namespace) -> int:
     """``schedules`` and ``schedule show|pause|resume|run NAME``."""
     if args.command == "schedules":
-        data = await _call(s, "GET", f"{base}/v1/schedules")
+        data = await c.request("GET", "/v1/schedules")
         if args.json:
             print(json.dumps(data, indent=2))
         for sc in [] if args.json else data["schedules"]:
             _print_schedule(sc)
         return 0
-    url = f"{base}/v1/schedules/{urllib.parse.quote(args.name, safe='')}"
+    url = f"/v1/schedules/{urllib.parse.quote(args.name, safe='')}"
     if args.action == "show":
-        sc = await _call(s, "GET", url)
+        sc = await c.request("GET", url)
     else:
-        sc = await _call(s, "POST", f"{url}/{args.action}")
+        sc = await c.request("POST", f"{url}/{args.action}")
     if args.json:
         print(json.dumps(sc, indent=2))
     elif args.action == "run":
@@ -581,34 +355,20 @@ def _print_run(r: dict[str, Any]) -> None:
         print(f"error     {_one_line(json.dumps(r['error']))}")
 
 
-async def _watch_run(session: aiohttp.ClientSession, base: str, run_id: str, quiet: bool) -> int:
+async def _watch_run(c: client.AsyncClient, run_id: str, quiet: bool) -> int:
     """Follow the run's events until ``end`` (reconnecting when a draining daemon
     closes the stream), a line per stage start and end; 0 only for ``completed``."""
-    url = f"{base}/v1/pipeline-runs/{run_id}/events"
     final: dict[str, Any] | None = None
-    failed_reconnects = 0
-    ended = False
-    while not ended:
-        try:
-            async for event, _, data in _sse(session, url, None):
-                failed_reconnects = 0
-                if event == "snapshot":
-                    final = data
-                elif event == "stage" and not quiet:
-                    print(
-                        f"stage {data['name']} {data['event']}: {data['status']}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                elif event == "end":
-                    ended = True
-                    break
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            failed_reconnects += 1
-            if failed_reconnects > WATCH_RECONNECTS:
-                raise ClientError(_one_line(f"lost the event stream {url}: {exc}")) from None
-        if not ended:
-            await asyncio.sleep(min(5.0, 0.2 * 2**failed_reconnects))
+    async for ev in c.stream(f"/v1/pipeline-runs/{run_id}/events"):
+        if ev.kind == "snapshot":
+            final = ev.data
+        elif ev.kind == "stage" and not quiet:
+            data = ev.data
+            print(
+                f"stage {data['name']} {data['event']}: {data['status']}",
+                file=sys.stderr,
+                flush=True,
+            )
     if final is None:
         raise ClientError("the event stream ended before any snapshot")
     print(f"run {run_id} ended {final['status']}")
@@ -617,17 +377,15 @@ async def _watch_run(session: aiohttp.ClientSession, base: str, run_id: str, qui
     return 0 if final["status"] == "completed" else 1
 
 
-async def _pipeline_verb(
-    session: aiohttp.ClientSession, base: str, args: argparse.Namespace
-) -> int:
+async def _pipeline_verb(c: client.AsyncClient, args: argparse.Namespace) -> int:
     verb = args.command
     if verb == "pipeline-run":
         body = _run_submission(args)
-        r = await _call(session, "POST", f"{base}/v1/pipelines/{args.pipeline}/runs", json=body)
+        r = await c.request("POST", f"/v1/pipelines/{args.pipeline}/runs", json_body=body)
         print(json.dumps(r) if args.json else r["id"], flush=True)
-        return await _watch_run(session, base, r["id"], quiet=args.json) if args.wait else 0
+        return await _watch_run(c, r["id"], quiet=args.json) if args.wait else 0
     if verb == "pipeline-status":
-        r = await _call(session, "GET", f"{base}/v1/pipeline-runs/{args.id}")
+        r = await c.request("GET", f"/v1/pipeline-runs/{args.id}")
         if args.json:
             print(json.dumps(r, indent=2))
         else:
@@ -635,41 +393,40 @@ async def _pipeline_verb(
         return 0
     control = verb.removeprefix("pipeline-")
     retry = {"include_cancelled": True} if getattr(args, "include_cancelled", False) else None
-    r = await _call(session, "POST", f"{base}/v1/pipeline-runs/{args.id}/{control}", json=retry)
+    r = await c.request("POST", f"/v1/pipeline-runs/{args.id}/{control}", json_body=retry)
     print(f"run {r['id']}: {r['status']}" + (" (paused)" if r["paused"] else ""))
     return 0
 
 
 def cmd_client(args: argparse.Namespace) -> int:
     async def go() -> int:
-        base = _client_url(args)
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
+        async with client.AsyncClient(_client_url(args), timeout=300) as c:
             verb = args.command
             if verb.startswith("pipeline-"):
-                return await _pipeline_verb(s, base, args)
+                return await _pipeline_verb(c, args)
             if verb in ("schedules", "schedule"):
-                return await _schedules(s, base, args)
+                return await _schedules(c, args)
             if verb == "submit":
                 body = _submission(args)
-                b = await _call(s, "POST", f"{base}/v1/batches", json=body)
+                b = await c.request("POST", "/v1/batches", json_body=body)
                 print(json.dumps(b) if args.json else b["id"], flush=True)
                 if args.wait:
-                    return await _watch(s, base, b["id"], quiet=args.json)
+                    return await _watch(c, b["id"], quiet=args.json)
                 return 0
             if verb == "status":
-                b = await _call(s, "GET", f"{base}/v1/batches/{args.id}")
+                b = await c.request("GET", f"/v1/batches/{args.id}")
                 if args.json:
                     print(json.dumps(b, indent=2))
                 else:
                     _print_status(b)
                 return 0
             if verb == "watch":
-                return await _watch(s, base, args.id, quiet=False)
+                return await _watch(c, args.id, quiet=False)
             if verb == "results":
-                return await _export(s, base, args)
+                return await _export(c, args)
             if verb == "list":
                 q = f"?limit={args.limit}" + (f"&status={args.status}" if args.status else "")
-                data = await _call(s, "GET", f"{base}/v1/batches{q}")
+                data = await c.request("GET", f"/v1/batches{q}")
                 if args.json:
                     print(json.dumps(data, indent=2))
                 for b in [] if args.json else data["batches"]:
@@ -683,15 +440,15 @@ def cmd_client(args: argparse.Namespace) -> int:
             if verb == "item":
                 if not (args.id.isascii() and args.id.isdigit()):
                     raise ClientError(f"item id must be a number, not {_one_line(args.id)!r}")
-                it = await _call(s, "POST", f"{base}/v1/items/{args.id}/{args.item_verb}")
-                b = await _call(s, "GET", f"{base}/v1/batches/{it['batch_id']}")
+                it = await c.request("POST", f"/v1/items/{args.id}/{args.item_verb}")
+                b = await c.request("GET", f"/v1/batches/{it['batch_id']}")
                 print(f"item {it['id']}: {it['status']}; batch {b['id']}: {b['status']}")
                 return 0
             body2 = (
                 {"include_cancelled": True} if getattr(args, "include_cancelled", False) else None
             )
             path = "callback/redeliver" if verb == "redeliver" else verb
-            b = await _call(s, "POST", f"{base}/v1/batches/{args.id}/{path}", json=body2)
+            b = await c.request("POST", f"/v1/batches/{args.id}/{path}", json_body=body2)
             print(f"batch {b['id']}: {b['status']}")
             return 0
 

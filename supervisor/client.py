@@ -455,7 +455,14 @@ class AsyncClient:
         """The batch's events until ``end`` (included). When the connection drops
         or a draining daemon closes it, it reconnects with the last event id seen,
         up to RECONNECTS failures in a row: item events are at least once."""
-        url = self.url(f"/v1/batches/{quote(batch_id, safe='')}/events")
+        path = f"/v1/batches/{quote(batch_id, safe='')}/events"
+        async for ev in self.stream(path, last_event_id=last_event_id):
+            yield ev
+
+    async def stream(self, path: str, *, last_event_id: str | None = None) -> AsyncIterator[Event]:
+        """Any of the API's event streams (a batch's, a pipeline run's) until
+        ``end``, reconnecting as :meth:`events` does."""
+        url = self.url(path)
         failures = 0
         while True:
             try:

@@ -19,10 +19,9 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
 import pytest
 
-from supervisor import cli_client
+from supervisor import client
 from supervisor.api import results
 from tests.conftest import DaemonFactory
 from tests.daemon import DEFAULT_HANDLERS, ROOT, Daemon, wait_for
@@ -336,8 +335,8 @@ def test_client_results_iterates_records_and_continues_after_an_id(
     want = expected(d, bid)
 
     async def collect(**kw: Any) -> list[dict[str, Any]]:
-        async with aiohttp.ClientSession() as session:
-            return [rec async for rec in cli_client.results(session, d.url, bid, **kw)]
+        async with client.AsyncClient(d.url) as api:
+            return [rec async for rec in api.iter_results(bid, **kw)]
 
     assert asyncio.run(collect()) == want
     assert asyncio.run(collect(after=want[1]["id"])) == want[2:]
