@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import urllib.parse
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -272,7 +273,7 @@ def _submission(args: argparse.Namespace) -> dict[str, Any]:
         "handler": args.handler,
         "items": _read_items(args.file, args.key_field),
     }
-    for field in (
+    fields = (
         "priority",
         "max_concurrency",
         "max_attempts",
@@ -284,15 +285,8 @@ def _submission(args: argparse.Namespace) -> dict[str, Any]:
         "after_policy",
         "on_conflict",
         "not_before",
-    ):
-        if getattr(args, field, None) is not None:
-            body[field] = getattr(args, field)
-    if args.metadata is not None:
-        try:
-            body["metadata"] = json.loads(args.metadata)
-        except ValueError as exc:
-            raise ClientError(f"--metadata is not JSON: {exc}") from None
-    return body
+    )
+    return _with_options(body, args, fields)
 
 
 def _print_schedule(sc: dict[str, Any]) -> None:
@@ -333,7 +327,14 @@ async def _schedules(c: client.AsyncClient, args: argparse.Namespace) -> int:
 
 def _run_submission(args: argparse.Namespace) -> dict[str, Any]:
     body: dict[str, Any] = {"items": _read_items(args.file, args.key_field)}
-    for field in ("idempotency_key", "exclusive_key"):
+    return _with_options(body, args, ("idempotency_key", "exclusive_key"))
+
+
+def _with_options(
+    body: dict[str, Any], args: argparse.Namespace, fields: Sequence[str]
+) -> dict[str, Any]:
+    """``body`` with the options among ``fields`` that were given, and --metadata."""
+    for field in fields:
         if getattr(args, field, None) is not None:
             body[field] = getattr(args, field)
     if args.metadata is not None:
