@@ -1,0 +1,67 @@
+"""A chain of dependent batches across two daemons while one of them is
+SIGKILLed and restarted over and over: every batch is released exactly once, in
+the transaction that ends its dependency (so no kill, at whatever moment, makes
+a dependent start twice or never), and starts only after its dependency ended."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+
+from tests.conftest import DaemonFactory
+from tests.daemon import check_invariants, wait_for
+from tests.test_dependencies import at, events
+from tests.test_seeds import doctor_clean
+
+KILL_EVERY_S = 0.7
+
+
+def test_a_chain_survives_sigkills_at_any_moment_and_each_dependent_starts_once(
+    daemons: DaemonFactory, db_url: str
+) -> None:
+    fast = {"heartbeat_interval": "200ms", "dead_after": "1s"}
+    steady = daemons("steady", worker=fast)
+    victim = daemons("victim", worker=fast)
+    chain = [steady.submit("echo", [{"sleep": 0.15, "n": i} for i in range(4)])]
+    for i in range(9):
+        via = steady if i % 2 else victim
+        items = [{"sleep": 0.15, "n": i} for _ in range(4)]
+        chain.append(via.submit("echo", items, after=[chain[-1]["id"]]))
+
+    stop = threading.Event()
+    kills = 0
+
+    def killer() -> None:
+        nonlocal kills
+        while not stop.wait(KILL_EVERY_S):
+            victim.kill()
+            kills += 1
+            victim.start(wait=False)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    try:
+        last = chain[-1]["id"]
+        wait_for(
+            lambda: steady.batch(last)["status"] == "completed",
+            120,
+            0.1,
+            "the last batch of the chain to complete through the kills",
+        )
+    finally:
+        stop.set()
+        t.join(10)
+    victim.wait_ready()
+    assert kills >= 3, kills
+
+    for prev, nxt in itertools.pairwise(chain):
+        b = steady.batch(nxt["id"])
+        check_invariants(b)
+        assert b["status"] == "completed", b
+        actions = collections.Counter(e["action"] for e in events(db_url, nxt["id"]))
+        assert actions["dependencies_met"] == 1, actions  # released once
+        assert actions["started"] == 1 and actions["finished"] == 1, actions
+        first_start = min(at(it["started_at"]) for it in steady.items(nxt["id"]))
+        assert first_start >= at(steady.batch(prev["id"])["finished_at"]), (prev, nxt)
+    doctor_clean(steady)
