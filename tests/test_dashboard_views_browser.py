@@ -5,6 +5,7 @@ stages advance to completed over its event stream, and cancel from the page."""
 
 from __future__ import annotations
 
+import hashlib
 import pathlib
 import re
 import uuid
@@ -164,3 +165,30 @@ def test_cancel_a_pipeline_run_from_the_page(daemons: DaemonFactory, page: Any) 
     page.goto(f"{d.url}/#/runs/{uuid.uuid4()}")
     expect(page.get_by_test_id("run-error")).to_contain_text("No pipeline run")
     _same_page(page)
+
+
+def test_schedules_need_the_token_and_a_refused_run_now_says_why(
+    daemons: DaemonFactory, page: Any
+) -> None:
+    token = "views-test-token"
+    grant = {
+        "name": "ops",
+        "sha256": hashlib.sha256(token.encode()).hexdigest(),
+        "scopes": ["read", "write"],
+    }
+    # Its first slot's batch sleeps for an hour and holds the schedule's key, so
+    # "skip" refuses a manual run meanwhile.
+    nap = {"cron": "* * * * * *", "handler": "sleeper", "items": [{"sleep": 3600}]}
+    d = daemons("dash-sched-auth", extra={"schedules": {"nap": nap}, "auth": {"tokens": [grant]}})
+    page.goto(d.url + "/#/schedules")
+    expect(page.get_by_test_id("token-panel")).to_be_visible()
+    page.get_by_test_id("token-input").fill(token)
+    page.get_by_test_id("token-save").click()
+    # The next slots are skipped, saying so: the first one's batch holds the key.
+    expect(page.get_by_test_id("schedule-slot-nap-outcome")).to_have_text("skipped")
+    expect(page.get_by_test_id("schedule-slot-nap")).to_contain_text("is held by batch")
+    page.get_by_test_id("schedule-run-nap").click()
+    _confirm(page)
+    expect(page.get_by_test_id("toast")).to_contain_text("Run now failed")
+    expect(page.get_by_test_id("toast")).to_have_class("error")
+    expect(page.get_by_test_id("schedule-manual-nap")).to_have_text("never")
