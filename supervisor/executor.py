@@ -163,7 +163,9 @@ async def attempt(handler: Handler, item: Item, worker: str) -> Attempt:
             ),
         )
     except RetryAfter as exc:
-        if exc.scope == "key" and (throttled := _throttled(handler, item, exc.seconds, worker)):
+        if exc.scope == "key" and (
+            throttled := _throttled(handler, item, exc.seconds, str(exc), worker)
+        ):
             return throttled
         return Attempt(
             states.Outcome.RETRY,
@@ -179,7 +181,7 @@ async def attempt(handler: Handler, item: Item, worker: str) -> Attempt:
         asked = getattr(exc, "retry_after", None)
         if getattr(exc, "status", None) == 429 and isinstance(asked, int | float):
             # A 429 with Retry-After to a handler with a key_limit: the key is throttled.
-            if throttled := _throttled(handler, item, float(asked), worker):
+            if throttled := _throttled(handler, item, float(asked), str(exc), worker):
                 return throttled
         delay = (
             float(asked)
@@ -199,7 +201,9 @@ async def attempt(handler: Handler, item: Item, worker: str) -> Attempt:
         )
 
 
-def _throttled(handler: Handler, item: Item, seconds: float, worker: str) -> Attempt | None:
+def _throttled(
+    handler: Handler, item: Item, seconds: float, why: str, worker: str
+) -> Attempt | None:
     """The attempt that pauses its item's limit key for ``seconds``: released (its
     attempt given back) and requeued for then; None when the handler has no
     key_limit (the caller retries the item instead)."""
@@ -216,8 +220,8 @@ def _throttled(handler: Handler, item: Item, seconds: float, worker: str) -> Att
         error=error_entry(
             item.attempt,
             "Throttled",
-            f"limit key {limit_key!r} throttled for {delay:g}s: every queued item of this "
-            "key waits until then; this attempt is not counted against max_attempts",
+            f"{why}: limit key {limit_key!r} throttled for {delay:g}s: every queued item "
+            "of this key waits until then; this attempt is not counted against max_attempts",
             None,
             worker,
         ),
