@@ -6,10 +6,12 @@ counted against max_attempts."""
 from __future__ import annotations
 
 import pathlib
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tests.daemon import DEFAULT_HANDLERS
+from tests.daemon import DEFAULT_HANDLERS, wait_for
 from tests.system.test_key_limits import by_domain
+from tests.system.test_operations import metrics_of
 from tests.test_scheduling import runlog
 
 PAUSE_S = 2.0
@@ -64,3 +66,53 @@ def test_a_throttled_key_waits_on_both_daemons_while_the_others_run(
         2,
     ), first
     assert all(i["status"] == "succeeded" for i in items.values()), items
+
+
+def test_get_limits_lists_the_throttled_keys_and_the_metric_counts_them(daemons: Any) -> None:
+    handlers = dict(DEFAULT_HANDLERS) | {
+        "scrape": {
+            "type": "python",
+            "target": "tests.handlers:throttle_key",
+            "timeout": "30s",
+            "key_limit": {"key": "/domain", "concurrency": 1},
+        }
+    }
+    d = daemons("a", handlers=handlers)
+    status, body, _ = d.api("GET", "/v1/limits")
+    assert status == 200, body
+    # echo (no key_limit) is not listed; scrape is, with nothing throttled yet.
+    assert body == {
+        "handlers": [
+            {
+                "name": "scrape",
+                "key_limit": {"key": "/domain", "concurrency": 1, "rate_limit": None},
+                "throttled_keys": [],
+            }
+        ],
+        "truncated": False,
+    }, body
+    batch = d.submit(
+        "scrape",
+        [{"domain": "slow.example", "throttle": 3600}, {"domain": "slow.example"}, {"domain": "b"}],
+    )
+
+    def throttled() -> list[dict[str, Any]]:
+        status, body, _ = d.api("GET", "/v1/limits")
+        assert status == 200, body
+        return list(body["handlers"][0]["throttled_keys"])
+
+    wait_for(lambda: throttled() != [], 20, what="slow.example throttled")
+    (paused,) = throttled()
+    assert paused["limit_key"] == "slow.example", paused
+    until = datetime.fromisoformat(paused["throttled_until"].replace("Z", "+00:00"))
+    assert until > datetime.now(UTC) + timedelta(seconds=3500), paused
+    # The other key runs; both items of the throttled one wait, queued.
+    wait_for(lambda: d.batch(batch["id"])["counts"]["succeeded"] == 1, 20, what="b done")
+    counts = d.batch(batch["id"])["counts"]
+    assert (counts["queued"], counts["running"]) == (2, 0), counts
+    m = metrics_of(d)
+    assert m['batch_supervisor_key_throttles_total{handler="scrape"}'] == 1.0, m
+    assert m['batch_supervisor_items_total{handler="scrape",outcome="released"}'] == 1.0, m
+    status, _, _ = d.api("POST", f"/v1/batches/{batch['id']}/cancel")
+    assert status == 200
+    d.wait_status(batch["id"], "cancelled", timeout=30)
