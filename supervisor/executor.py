@@ -303,6 +303,7 @@ def rejected(rec: OutcomeRecord, exc: Exception, worker: str) -> OutcomeRecord:
         result_json=None,
         error_json=json.dumps(error),
         delay_s=1.0,
+        throttle_key=None,  # a retry pauses nothing (the pause may be what was rejected)
         added=(),  # a retry adds nothing (its next attempt adds them again)
     )
 
