@@ -116,3 +116,40 @@ def test_get_limits_lists_the_throttled_keys_and_the_metric_counts_them(daemons:
     status, _, _ = d.api("POST", f"/v1/batches/{batch['id']}/cancel")
     assert status == 200
     d.wait_status(batch["id"], "cancelled", timeout=30)
+
+
+def test_the_pause_outlives_the_daemon_that_wrote_it(daemons: Any, tmp_path: pathlib.Path) -> None:
+    """Daemon a pauses key x and is SIGKILLed; daemon b, started after, holds x's
+    items until the pause written by a ends (it is in the database, not in a)."""
+    log = tmp_path / "runs.jsonl"
+    handlers = dict(DEFAULT_HANDLERS) | {
+        "scrape": {
+            "type": "python",
+            "target": "tests.handlers:throttle_key",
+            "timeout": "30s",
+            "key_limit": {"key": "/domain", "concurrency": 1},
+        }
+    }
+    env = {"BSV_TEST_RUNLOG": str(log)}
+    a = daemons("a", handlers=handlers, env=env)
+    batch = a.submit(
+        "scrape",
+        [{"key": "x#0", "payload": {"domain": "x", "throttle": 3}}]
+        + [{"key": f"x#{i}", "payload": {"domain": "x"}} for i in (1, 2)],
+    )
+
+    def paused_until() -> list[str]:
+        status, body, _ = a.api("GET", "/v1/limits")
+        assert status == 200, body
+        return [k["throttled_until"] for k in body["handlers"][0]["throttled_keys"]]
+
+    wait_for(lambda: paused_until() != [], 20, what="x throttled on a")
+    (until_text,) = paused_until()
+    a.kill()
+    b = daemons("b", handlers=handlers, env=env)
+    b.wait_status(batch["id"], "completed", timeout=60)
+    until = datetime.fromisoformat(until_text.replace("Z", "+00:00")).timestamp()
+    starts = [e for e in runlog(log) if e["event"] == "start"]
+    assert sorted(e["key"] for e in starts) == ["x#0", "x#1", "x#2"], starts
+    assert {e["pid"] for e in starts} == {b.pid}, starts
+    assert min(e["t"] for e in starts) >= until - 0.01, [e["t"] - until for e in starts]
