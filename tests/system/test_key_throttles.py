@@ -110,6 +110,10 @@ def test_get_limits_lists_the_throttled_keys_and_the_metric_counts_them(daemons:
     wait_for(lambda: d.batch(batch["id"])["counts"]["succeeded"] == 1, 20, what="b done")
     counts = d.batch(batch["id"])["counts"]
     assert (counts["queued"], counts["running"]) == (2, 0), counts
+    cli = d.cli("limits")
+    assert cli.returncode == 0, cli.stderr
+    assert "scrape" in cli.stdout and "throttled keys: 1" in cli.stdout, cli.stdout
+    assert f"'slow.example' until {paused['throttled_until']}" in cli.stdout, cli.stdout
     m = metrics_of(d)
     assert m['batch_supervisor_key_throttles_total{handler="scrape"}'] == 1.0, m
     assert m['batch_supervisor_items_total{handler="scrape",outcome="released"}'] == 1.0, m
