@@ -742,17 +742,23 @@ SELECT r.id, r.pipeline, r.status, r.current_stage, s.batch_id, b.status AS batc
 -- name: throttle_keys
 -- Pause limit keys of keyed handlers ($1 handlers, $2 keys, $3 seconds from now):
 -- claim_keyed_items skips each until then. A key already paused for longer keeps
--- the later time; the handlers' expired pauses are deleted on the way.
+-- the later time; the handlers' expired pauses are deleted on the way. Two outcome
+-- writes never deadlock here: rows are upserted in (handler, key) order, and the
+-- cleanup skips rows another write holds instead of waiting for them.
 WITH gone AS (
     DELETE FROM @schema.key_throttles th
-     WHERE th.handler = ANY ($1::text[]) AND th.throttled_until <= now()
-       AND NOT EXISTS (SELECT 1 FROM unnest($1::text[], $2::text[]) AS n (h, k)
-                        WHERE n.h = th.handler AND n.k = th.limit_key)
+     USING (SELECT x.handler, x.limit_key FROM @schema.key_throttles x
+             WHERE x.handler = ANY ($1::text[]) AND x.throttled_until <= now()
+               AND NOT EXISTS (SELECT 1 FROM unnest($1::text[], $2::text[]) AS n (h, k)
+                                WHERE n.h = x.handler AND n.k = x.limit_key)
+               FOR UPDATE SKIP LOCKED) old
+     WHERE th.handler = old.handler AND th.limit_key = old.limit_key
 )
 INSERT INTO @schema.key_throttles AS th (handler, limit_key, throttled_until)
 SELECT u.h, u.k, max(now() + make_interval(secs => u.s))
   FROM unnest($1::text[], $2::text[], $3::double precision[]) AS u (h, k, s)
  GROUP BY u.h, u.k
+ ORDER BY u.h, u.k
     ON CONFLICT (handler, limit_key)
     DO UPDATE SET throttled_until = greatest(th.throttled_until, excluded.throttled_until);
 

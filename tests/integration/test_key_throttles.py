@@ -106,3 +106,20 @@ async def test_a_throttling_outcome_pauses_the_key_and_gives_its_attempt_back(
     assert paused.limit_key == "a.example"
     # The key's other items wait too; the other key does not.
     assert domains(await claim(db, new_lease(), 4, key_cap=1)) == {"b.example": 1}
+
+
+async def test_one_write_pauses_several_keys_and_a_repeated_key_for_its_longest(
+    db: dbm.Database,
+) -> None:
+    q = store.Queries(db)
+    await q.throttle_keys(
+        handlers=[HANDLER, HANDLER, HANDLER, "other"],
+        keys=["b", "a", "a", "a"],
+        seconds=[10.0, 5.0, 100.0, 1.0],
+    )
+    paused = {(t.handler, t.limit_key): t.throttled_until for t in await q.key_throttles(limit=10)}
+    assert set(paused) == {(HANDLER, "a"), (HANDLER, "b"), ("other", "a")}
+    assert paused[(HANDLER, "a")] - paused[(HANDLER, "b")] > timedelta(seconds=85)
+    # The listing is soonest end first within a handler, and bounded.
+    listed = await q.key_throttles(limit=2)
+    assert [(t.handler, t.limit_key) for t in listed] == [("other", "a"), (HANDLER, "b")]
