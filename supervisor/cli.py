@@ -316,6 +316,10 @@ def parser() -> argparse.ArgumentParser:
     ):
         iv = with_url(item_verbs.add_parser(verb, help=text))
         iv.add_argument("id", help="the item id")
+    lm = with_url(
+        sub.add_parser("limits", help="keyed handlers' limits and the keys throttled now (admin)")
+    )
+    lm.add_argument("--json", action="store_true")
     sl = with_url(sub.add_parser("schedules", help="list the schedules: next fire, last slot"))
     sl.add_argument("--json", action="store_true")
     sc = with_url(

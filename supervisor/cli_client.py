@@ -1,6 +1,6 @@
 """The HTTP client verbs of the command line (``submit``, ``status``, ``watch``,
 ``list``, ``results``, ``cancel``, ``pause``, ``resume``, ``retry``, ``redeliver``,
-``item retry``, ``item cancel``, ``schedules``, ``schedule``):
+``item retry``, ``item cancel``, ``limits``, ``schedules``, ``schedule``):
 the live progress renderer and the one-line errors, over the Python client
 (:mod:`supervisor.client`), so the project has one HTTP client.
 
@@ -325,6 +325,27 @@ async def _schedules(c: client.AsyncClient, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _limits(c: client.AsyncClient, args: argparse.Namespace) -> int:
+    """``limits``: one line per keyed handler, then one per throttled key."""
+    data = await c.limits()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for h in data["handlers"]:
+        kl = h["key_limit"]
+        caps = ", ".join(
+            f"{k} {kl[k]}" for k in ("concurrency", "rate_limit") if kl.get(k) is not None
+        )
+        paused = h["throttled_keys"]
+        line = f"{h['name']:<20} key {kl['key']} ({caps})  throttled keys: {len(paused)}"
+        print(_printable(line))
+        for t in paused:
+            print(_printable(f"  {t['limit_key']!r} until {t['throttled_until']}"))
+    if data["truncated"]:
+        print("(more throttled keys than listed)")
+    return 0
+
+
 def _run_submission(args: argparse.Namespace) -> dict[str, Any]:
     body: dict[str, Any] = {"items": _read_items(args.file, args.key_field)}
     return _with_options(body, args, ("idempotency_key", "exclusive_key"))
@@ -407,6 +428,8 @@ def cmd_client(args: argparse.Namespace) -> int:
                 return await _pipeline_verb(c, args)
             if verb in ("schedules", "schedule"):
                 return await _schedules(c, args)
+            if verb == "limits":
+                return await _limits(c, args)
             if verb == "submit":
                 body = _submission(args)
                 b = await c.request("POST", "/v1/batches", json_body=body)

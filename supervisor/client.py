@@ -594,6 +594,11 @@ class AsyncClient:
                 log.warning("results: resuming after item %s: %s", after, one_line(str(exc)))
             await asyncio.sleep(min(5.0, 0.2 * 2**failures))
 
+    async def limits(self) -> dict[str, Any]:
+        """``GET /v1/limits`` (admin): each keyed handler's key_limit and the limit
+        keys throttled now (``{"handlers": [...], "truncated": bool}``)."""
+        return dict(await self.request("GET", "/v1/limits"))
+
     # -- schedules
 
     async def schedules(self) -> list[dict[str, Any]]:
@@ -743,6 +748,9 @@ class Client:
 
     def iter_results(self, batch_id: str, **kw: Any) -> Iterator[dict[str, Any]]:
         return self._iter(self.aio.iter_results(batch_id, **kw))
+
+    def limits(self) -> dict[str, Any]:
+        return self._call(self.aio.limits)
 
     def schedules(self) -> list[dict[str, Any]]:
         return self._call(self.aio.schedules)

@@ -33,8 +33,18 @@ class PermanentError(Exception):
 
 
 class RetryAfter(Exception):
-    """Raised by a handler: retry this item after ``seconds``."""
+    """Raised by a handler: retry this item after ``seconds``.
 
-    def __init__(self, seconds: float, message: str = "") -> None:
+    ``scope="key"`` (for a handler with a key_limit): the remote side pushes back
+    on the whole key (a provider's 429 for one API key), so every queued item of
+    this item's limit key waits ``seconds``, on every daemon, and this attempt is
+    handed back without counting against max_attempts. Without a key_limit it is
+    an item retry, as with the default ``scope="item"``.
+    """
+
+    def __init__(self, seconds: float, message: str = "", *, scope: str = "item") -> None:
+        if scope not in ("item", "key"):
+            raise ValueError(f"RetryAfter scope must be 'item' or 'key', not {scope!r}")
         super().__init__(message or f"retry after {seconds}s")
         self.seconds = float(seconds)
+        self.scope = scope

@@ -23,7 +23,7 @@ from typing import Any
 
 import anyio
 
-from supervisor import states
+from supervisor import key_limits, states
 from supervisor.errors import PermanentError, RetryAfter
 from supervisor.handlers import Handler
 from supervisor.models import Item, compact_json
@@ -59,6 +59,9 @@ class Attempt:
     result_json: str | None = None
     error: dict[str, Any] | None = None
     delay_s: float = 0.0
+    # the limit key this attempt pauses for delay_s (backpressure per key): the
+    # outcome is then RELEASED, the attempt not counted
+    throttle_key: str | None = None
 
 
 # An item an attempt adds to its batch: its key, payload (JSON text) and limit key
@@ -80,6 +83,8 @@ class OutcomeRecord:
     error_json: str | None
     delay_s: float
     duration_s: float
+    # the limit key paused for delay_s, in the outcome write's transaction
+    throttle_key: str | None = None
     # items the attempt added to its batch: written with a succeeded outcome, in
     # its transaction (see supervisor.outbox)
     added: Sequence[Added] = ()
@@ -158,6 +163,10 @@ async def attempt(handler: Handler, item: Item, worker: str) -> Attempt:
             ),
         )
     except RetryAfter as exc:
+        if exc.scope == "key" and (
+            throttled := _throttled(handler, item, exc.seconds, str(exc), worker)
+        ):
+            return throttled
         return Attempt(
             states.Outcome.RETRY,
             error=error_entry(item.attempt, "RetryAfter", str(exc), None, worker),
@@ -170,6 +179,10 @@ async def attempt(handler: Handler, item: Item, worker: str) -> Attempt:
         # A handler's exception may carry the delay the remote side asked for
         # (the http handler's Retry-After); 0 is a valid request to retry now.
         asked = getattr(exc, "retry_after", None)
+        if getattr(exc, "status", None) == 429 and isinstance(asked, int | float):
+            # A 429 with Retry-After to a handler with a key_limit: the key is throttled.
+            if throttled := _throttled(handler, item, float(asked), str(exc), worker):
+                return throttled
         delay = (
             float(asked)
             if isinstance(asked, int | float)
@@ -186,6 +199,35 @@ async def attempt(handler: Handler, item: Item, worker: str) -> Attempt:
             ),
             delay_s=delay,
         )
+
+
+def _throttled(
+    handler: Handler, item: Item, seconds: float, why: str, worker: str
+) -> Attempt | None:
+    """The attempt that pauses its item's limit key for ``seconds``: released (its
+    attempt given back) and requeued for then; None when the handler has no
+    key_limit (the caller retries the item instead)."""
+    kl = handler.config.key_limit
+    if kl is None:
+        return None
+    try:
+        limit_key = key_limits.key_of(item.payload, kl.tokens)
+    except ValueError:
+        return None  # refused at submission; cannot happen for a stored item
+    delay = clamp_delay(seconds)
+    return Attempt(
+        states.Outcome.RELEASED,
+        error=error_entry(
+            item.attempt,
+            "Throttled",
+            f"{why}: limit key {limit_key!r} throttled for {delay:g}s: every queued item "
+            "of this key waits until then; this attempt is not counted against max_attempts",
+            None,
+            worker,
+        ),
+        delay_s=delay,
+        throttle_key=limit_key,
+    )
 
 
 def timed_out(handler: Handler, item: Item, worker: str) -> Attempt:
@@ -261,6 +303,7 @@ def rejected(rec: OutcomeRecord, exc: Exception, worker: str) -> OutcomeRecord:
         result_json=None,
         error_json=json.dumps(error),
         delay_s=1.0,
+        throttle_key=None,  # a retry pauses nothing (the pause may be what was rejected)
         added=(),  # a retry adds nothing (its next attempt adds them again)
     )
 
@@ -324,5 +367,6 @@ def record(
         error_json=json.dumps(attempt.error) if attempt.error is not None else None,
         delay_s=clamp_delay(attempt.delay_s),
         duration_s=time.monotonic() - started,
+        throttle_key=attempt.throttle_key,
         added=added if attempt.outcome is states.Outcome.SUCCEEDED else (),
     )

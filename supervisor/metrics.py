@@ -41,6 +41,13 @@ class Metrics:
         self.items = Counter(
             PREFIX + "items_total", "Item attempts by outcome.", ["handler", "outcome"], registry=r
         )
+        self.key_throttles = Counter(
+            PREFIX + "key_throttles_total",
+            "Limit keys paused by their handler's backpressure (RetryAfter scope='key', "
+            "an http 429 with Retry-After).",
+            ["handler"],
+            registry=r,
+        )
         self.item_duration = Histogram(
             PREFIX + "item_duration_seconds",
             "Handler attempt duration.",
@@ -178,6 +185,9 @@ class Metrics:
             hist.observe(rec.duration_s)
         for key, n in counts.items():
             self.items.labels(*key).inc(n)
+        for rec in chunk:
+            if rec.throttle_key is not None:  # written with the outcome, fenced or not
+                self.key_throttles.labels(rec.handler).inc()
         for done in applied.finished:
             self.finished(done.status, done.seconds)
 

@@ -120,13 +120,15 @@ class Outbox:
         """Write ``chunk``; records it changes (additions refused) are replaced in it."""
         lease = chunk[0].lease
         assert all(r.lease == lease for r in chunk)  # one process, one lease
-        if any(r.added for r in chunk):
+        if any(r.added or r.throttle_key is not None for r in chunk):
             async for attempt in dbm.retrying():
                 with attempt:
                     written = list(chunk)
                     async with self._db.transaction("outcomes") as tx:
                         q = store.Queries(tx)
-                        await self._add_items(q, written)
+                        await self._throttle_keys(q, written)
+                        if any(r.added for r in written):
+                            await self._add_items(q, written)
                         applied = await q.apply_outcomes(self._outcomes(written))
             chunk[:] = written
         else:
@@ -144,6 +146,26 @@ class Outbox:
                     rec.outcome.value,
                 )
         return applied
+
+    async def _throttle_keys(self, q: store.Queries, chunk: list[OutcomeRecord]) -> None:
+        """Pause the limit keys the chunk's attempts throttled (backpressure per
+        key), before their outcomes requeue the items that asked."""
+        paused = [r for r in chunk if r.throttle_key is not None]
+        if not paused:
+            return
+        await q.throttle_keys(
+            handlers=[r.handler for r in paused],
+            keys=[r.throttle_key or "" for r in paused],
+            seconds=[r.delay_s for r in paused],
+        )
+        for r in paused:
+            log.info(
+                "outcome.key_throttled handler=%s key=%r seconds=%.1f item=%s",
+                r.handler,
+                r.throttle_key,
+                r.delay_s,
+                r.item_id,
+            )
 
     async def _add_items(self, q: store.Queries, chunk: list[OutcomeRecord]) -> None:
         """Insert what the chunk's attempts added; replace in ``chunk`` each record

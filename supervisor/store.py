@@ -198,6 +198,15 @@ class ClaimedItem(_FromRecord):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class KeyThrottle(_FromRecord):
+    """A limit key paused by its handler's backpressure until ``throttled_until``."""
+
+    handler: str
+    limit_key: str
+    throttled_until: datetime
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class LeasedItem(_FromRecord):
     """An item the database says a lease is running."""
 
@@ -849,6 +858,17 @@ class Queries:
             key_burst,
         )
         return [ClaimedItem.of(r) for r in rows]
+
+    async def throttle_keys(
+        self, *, handlers: Sequence[str], keys: Sequence[str], seconds: Sequence[float]
+    ) -> None:
+        """Pause each (handler, key) for its seconds: no claim starts its items
+        before then (a later pause already in place stands)."""
+        await self._ex.execute("throttle_keys", list(handlers), list(keys), list(seconds))
+
+    async def key_throttles(self, *, limit: int) -> list[KeyThrottle]:
+        """The limit keys paused now, at most ``limit``."""
+        return [KeyThrottle.of(r) for r in await self._ex.fetch("key_throttles", limit)]
 
     async def assign_limit_keys(self, *, handler: str, tokens: Sequence[str]) -> int:
         """Give the handler's queued items without a limit key theirs; how many."""

@@ -47,6 +47,16 @@ async def echo(item: Item) -> Any:
     return {"echo": item.payload, "attempt": item.attempt}
 
 
+async def throttle_key(item: Item) -> Any:
+    """echo, except that a first attempt whose payload has ``throttle`` (seconds)
+    says its limit key is throttled: RetryAfter(throttle, scope="key")."""
+    p = item.payload if isinstance(item.payload, dict) else {}
+    if "throttle" in p and item.attempt == 1:
+        _log_run(item, "throttled")
+        raise RetryAfter(float(p["throttle"]), scope="key")
+    return await echo(item)
+
+
 def sync_echo(item: Item) -> Any:
     """A plain def: runs in a worker thread."""
     return {"sync": item.payload}

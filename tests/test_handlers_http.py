@@ -194,6 +194,43 @@ def test_http_429_retry_after_seconds_delays_the_next_attempt(daemons: Any, serv
     assert "HTTP 429" in err["message"] and "slow down" in err["message"]
 
 
+def test_http_429_to_a_keyed_handler_pauses_the_key_not_only_the_item(
+    daemons: Any, server: Server
+) -> None:
+    """An LLM provider's 429 for one API key: that key's other items wait for its
+    Retry-After too, the other keys do not, and the attempt is not counted."""
+    first_of_k1: list[str] = []
+
+    def respond(req: Request, n: int) -> Reply:
+        if req.item["payload"]["api_key"] == "k1" and not first_of_k1:
+            first_of_k1.append(req.item["id"])
+            return text_reply(429, "rate limited", {"Retry-After": "1"})
+        return json_reply(200, "ok")
+
+    server.responder = respond
+    keyed = hook(server.url, max_attempts=1, key_limit={"key": "/api_key", "concurrency": 1})
+    d = daemons(handlers={"hook": keyed})
+    b = d.submit("hook", [{"api_key": "k1", "n": i} for i in range(3)] + [{"api_key": "k2"}])
+    d.wait_status(b["id"], TERMINAL)
+    items = d.items(b["id"])
+    assert [i["status"] for i in items] == ["succeeded"] * 4, items
+    throttled = next(i for i in items if i["id"] == first_of_k1[0])
+    assert (throttled["attempts"], throttled["max_attempts"]) == (2, 2), throttled
+    t429 = server.for_item(throttled["id"])[0].t
+
+    def sent(api_key: str) -> list[float]:
+        mine = [i["id"] for i in items if i["payload"]["api_key"] == api_key]
+        return [r.t for i in mine for r in server.for_item(i)]
+
+    k1, (k2,) = sent("k1"), sent("k2")
+    assert all(t >= t429 + 1.0 for t in k1 if t != t429), [t - t429 for t in k1]
+    assert k2 < t429 + 1.0  # the other key did not wait
+    code, full, _ = d.api("GET", f"/v1/items/{throttled['id']}")
+    assert code == 200, full
+    err = full["errors"][0]
+    assert err["type"] == "Throttled" and "HTTP 429" in err["message"], err
+
+
 def test_http_404_fails_at_once_with_the_status_in_the_error(daemons: Any, server: Server) -> None:
     server.responder = lambda req, n: text_reply(404, "no such route: /hook")
     item = run_one(daemons, server, {"x": 1})

@@ -731,6 +731,42 @@ async def workers(request: web.Request) -> web.Response:
     )
 
 
+LIMITS_THROTTLES_MAX = 1000  # throttled keys listed at most, in all
+
+
+@routes.get("/v1/limits")
+async def limits(request: web.Request) -> web.Response:
+    # Limit keys are payload values (domains, API key names) of every tenant:
+    # operators only, as for /v1/workers.
+    principal(request).require("admin")
+    ctx = ctx_of(request)
+    rows = await ctx.q.key_throttles(limit=LIMITS_THROTTLES_MAX + 1)
+    truncated = len(rows) > LIMITS_THROTTLES_MAX
+    paused: dict[str, list[dict[str, Any]]] = {}
+    for r in rows[:LIMITS_THROTTLES_MAX]:
+        paused.setdefault(r.handler, []).append(
+            {"limit_key": r.limit_key, "throttled_until": models.rfc3339(r.throttled_until)}
+        )
+    return _json(
+        {
+            "handlers": [
+                {
+                    "name": name,
+                    "key_limit": {
+                        "key": kl.key,
+                        "concurrency": kl.concurrency,
+                        "rate_limit": kl.rate_limit,
+                    },
+                    "throttled_keys": paused.get(name, []),
+                }
+                for name, h in sorted(ctx.cfg.handlers.items())
+                if (kl := h.key_limit) is not None
+            ],
+            "truncated": truncated,
+        }
+    )
+
+
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
     reasons = ctx_of(request).health()

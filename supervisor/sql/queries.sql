@@ -738,3 +738,33 @@ SELECT r.id, r.pipeline, r.status, r.current_stage, s.batch_id, b.status AS batc
     OR (r.status <> 'running' AND s.batch_id IS NOT NULL
         AND b.status NOT IN ('completed', 'completed_with_errors', 'failed', 'cancelled'))
  ORDER BY r.created_at;
+
+-- name: throttle_keys
+-- Pause limit keys of keyed handlers ($1 handlers, $2 keys, $3 seconds from now):
+-- claim_keyed_items skips each until then. A key already paused for longer keeps
+-- the later time; the handlers' expired pauses are deleted on the way. Two outcome
+-- writes never deadlock here: rows are upserted in (handler, key) order, and the
+-- cleanup skips rows another write holds instead of waiting for them.
+WITH gone AS (
+    DELETE FROM @schema.key_throttles th
+     USING (SELECT x.handler, x.limit_key FROM @schema.key_throttles x
+             WHERE x.handler = ANY ($1::text[]) AND x.throttled_until <= now()
+               AND NOT EXISTS (SELECT 1 FROM unnest($1::text[], $2::text[]) AS n (h, k)
+                                WHERE n.h = x.handler AND n.k = x.limit_key)
+               FOR UPDATE SKIP LOCKED) old
+     WHERE th.handler = old.handler AND th.limit_key = old.limit_key
+)
+INSERT INTO @schema.key_throttles AS th (handler, limit_key, throttled_until)
+SELECT u.h, u.k, max(now() + make_interval(secs => u.s))
+  FROM unnest($1::text[], $2::text[], $3::double precision[]) AS u (h, k, s)
+ GROUP BY u.h, u.k
+ ORDER BY u.h, u.k
+    ON CONFLICT (handler, limit_key)
+    DO UPDATE SET throttled_until = greatest(th.throttled_until, excluded.throttled_until);
+
+-- name: key_throttles
+-- The keys paused now (throttled_until ahead), per handler, soonest end first.
+SELECT th.handler, th.limit_key, th.throttled_until FROM @schema.key_throttles th
+ WHERE th.throttled_until > now()
+ ORDER BY th.handler, th.throttled_until, th.limit_key
+ LIMIT $1;

@@ -3,13 +3,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
+import anyio
 import pytest
 
 from supervisor import executor, states
-from supervisor.errors import PermanentError
+from supervisor.config import HandlerConfig, KeyLimitConfig
+from supervisor.errors import PermanentError, RetryAfter
 from supervisor.executor import StopReason
+from supervisor.handlers.http import HTTPStatusError
 from supervisor.models import Item
 
 
@@ -68,3 +73,54 @@ def test_a_stop_from_outside_says_what_it_was() -> None:
     cancelled = executor.cancelled_attempt(item(), StopReason.CANCELLED, "w", ran_s=1.0)
     assert cancelled.outcome is states.Outcome.CANCELLED
     assert cancelled.error is not None and cancelled.error["type"] == "Cancelled"
+
+
+class Raising:
+    """A handler that raises ``exc`` (a Handler, structurally)."""
+
+    def __init__(self, exc: BaseException, key_limit: bool) -> None:
+        kl = KeyLimitConfig(key="/api_key", tokens=("api_key",), concurrency=1)
+        self.config = HandlerConfig(name="h", type="python", key_limit=kl if key_limit else None)
+        self._exc = exc
+
+    async def run(self, item: Item) -> Any:
+        raise self._exc
+
+    async def aclose(self) -> None:
+        pass
+
+
+def outcome_of(exc: BaseException, *, key_limit: bool) -> executor.Attempt:
+    keyed = dataclasses.replace(item(), payload={"api_key": "team-a"})
+    return anyio.run(executor.attempt, Raising(exc, key_limit), keyed, "w")
+
+
+def test_retry_after_with_scope_key_pauses_the_key_only_under_a_key_limit() -> None:
+    paused = outcome_of(RetryAfter(30, "provider said 429", scope="key"), key_limit=True)
+    assert (paused.outcome, paused.delay_s, paused.throttle_key) == (
+        states.Outcome.RELEASED,
+        30.0,
+        "team-a",
+    )
+    assert paused.error is not None and paused.error["type"] == "Throttled"
+    assert "provider said 429" in paused.error["message"]
+    # No key limit: an item retry, as RetryAfter(30) is everywhere.
+    for a in (
+        outcome_of(RetryAfter(30, scope="key"), key_limit=False),
+        outcome_of(RetryAfter(30), key_limit=True),
+    ):
+        assert (a.outcome, a.delay_s, a.throttle_key) == (states.Outcome.RETRY, 30.0, None)
+    with pytest.raises(ValueError, match="scope"):
+        RetryAfter(1, scope="handler")
+
+
+def test_only_a_429_with_retry_after_pauses_a_keyed_http_handlers_key() -> None:
+    throttled = HTTPStatusError("HTTP 429 from x: slow down", 429, 5.0)
+    assert outcome_of(throttled, key_limit=True).throttle_key == "team-a"
+    for exc in (
+        HTTPStatusError("HTTP 429 from x", 429, None),  # no Retry-After: backoff
+        HTTPStatusError("HTTP 503 from x", 503, 5.0),
+    ):
+        a = outcome_of(exc, key_limit=True)
+        assert (a.outcome, a.throttle_key) == (states.Outcome.RETRY, None)
+    assert outcome_of(throttled, key_limit=False).throttle_key is None

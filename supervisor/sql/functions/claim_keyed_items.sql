@@ -18,6 +18,10 @@
 -- hold until commit, since only claims make items running. A key's slot is freed
 -- by whatever moves its item out of running (outcome, reclaim, release), with no
 -- counter to keep: the count comes from the items_key_running index.
+--
+-- A throttled key (a row of key_throttles whose throttled_until is still ahead:
+-- its handler said the remote side pushes back) is walked like any other key but
+-- gets no room, one primary-key probe per key visited; the cursor moves past it.
 CREATE OR REPLACE FUNCTION @schema.claim_keyed_items(
     p_handler text, p_limit integer, p_worker text, p_lease uuid,
     p_global_cap integer, p_rate double precision, p_burst double precision,
@@ -92,7 +96,12 @@ BEGIN
                                              WHERE r.handler = p_handler AND r.limit_key = v.k
                                                AND r.status = 'running') END,
                      CASE WHEN p_key_rate IS NULL THEN v_limit
-                          ELSE floor(t.tokens)::integer END) AS free
+                          ELSE floor(t.tokens)::integer END,
+                     -- a throttled key (key_throttles) has no room until its time
+                     CASE WHEN EXISTS (SELECT 1 FROM @schema.key_throttles th
+                                        WHERE th.handler = p_handler AND th.limit_key = v.k
+                                          AND th.throttled_until > v_now) THEN 0
+                          ELSE v_limit END) AS free
           FROM (
             WITH RECURSIVE walk (k, ord, wrapped) AS (
                 SELECT CASE WHEN a.k IS NOT NULL THEN a.k
