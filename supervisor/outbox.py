@@ -80,10 +80,23 @@ class Outbox:
                 await self._wakeup.wait()
                 self._wakeup = anyio.Event()
                 continue
-            chunk = self._pending[:MAX_PER_WRITE]
+            chunk = self._next_chunk()
             applied = await self._write_isolating(chunk)
             del self._pending[: len(chunk)]
             self._on_applied(chunk, applied)
+
+    def _next_chunk(self) -> list[OutcomeRecord]:
+        """The next outcomes to write together: up to MAX_PER_WRITE, stopping before
+        a second attempt of an item already in the group. (A cancelled attempt deaf
+        to its stop may end beside its item's next attempt; in one apply_outcomes
+        call the current attempt's update would hide the stale one's fence, and
+        Transitions speak of items, not attempts.)"""
+        seen: set[int] = set()
+        for n, rec in enumerate(self._pending[:MAX_PER_WRITE]):
+            if rec.item_id in seen:
+                return self._pending[:n]
+            seen.add(rec.item_id)
+        return self._pending[:MAX_PER_WRITE]
 
     async def _write_isolating(self, chunk: list[OutcomeRecord]) -> store.Transitions:
         """Write ``chunk``; if PostgreSQL rejects it for good (not an outage: those

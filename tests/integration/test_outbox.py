@@ -179,6 +179,29 @@ async def test_a_stale_attempt_of_the_same_lease_is_fenced_and_changes_nothing(
     assert after.version == before.version + 1  # the current write only
 
 
+async def test_two_attempts_of_one_item_in_one_group_are_written_apart(
+    db: dbm.Database, tg: anyio.abc.TaskGroup
+) -> None:
+    """A cancelled attempt deaf to its stop and the retry's new attempt of the same
+    item (same lease) can finish together. In one apply_outcomes call the current
+    one's update hid the stale one's fence: its outcome was dropped unreported."""
+    await submit(db, 1)
+    lease = new_lease()
+    await claim(db, lease, 1)
+    await store.Queries(db).reclaim_leases([uuid.UUID(lease)], actor="reaper")
+    (item,) = await claim(db, lease, 1)
+    assert item.attempts == 2
+    ob, applied = await started(db, tg)
+
+    ob.put(support.outcome(item, lease, states.Outcome.CANCELLED, attempt=1))
+    ob.put(support.outcome(item, lease))
+    await flush(ob)
+
+    assert [[r.attempt for r in chunk] for chunk, _ in applied.calls] == [[1], [2]]
+    assert applied.calls[0][1].fenced == frozenset({item.id})  # the stale one, reported
+    assert applied.calls[1][1].status_of(item.id) == "succeeded"
+
+
 async def test_a_write_after_the_item_moved_to_another_lease_changes_nothing(
     db: dbm.Database, tg: anyio.abc.TaskGroup
 ) -> None:
