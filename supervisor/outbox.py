@@ -89,8 +89,8 @@ class Outbox:
         """The next outcomes to write together: up to MAX_PER_WRITE, stopping before
         a second attempt of an item already in the group. (A cancelled attempt deaf
         to its stop may end beside its item's next attempt; in one apply_outcomes
-        call the current attempt's update would hide the stale one's fence, and
-        Transitions speak of items, not attempts.)"""
+        call the write of the current attempt hides the fence of the stale one,
+        and Transitions speak of items, not attempts.)"""
         seen: set[int] = set()
         for n, rec in enumerate(self._pending[:MAX_PER_WRITE]):
             if rec.item_id in seen:
