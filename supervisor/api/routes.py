@@ -10,7 +10,7 @@ import json
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -60,6 +60,44 @@ def _cursor_decode(text: str) -> dict[str, Any]:
         raise ValidationFailed(
             [{"path": "cursor", "message": "not a cursor returned by this API"}], 400
         ) from None
+
+
+class _Listed(Protocol):
+    """A row of a newest-first listing (batches, pipeline runs)."""
+
+    @property
+    def created_at(self) -> datetime: ...
+
+    @property
+    def id(self) -> uuid.UUID: ...
+
+
+L = TypeVar("L", bound=_Listed)
+
+
+def _newest_first_cursor(text: str | None) -> tuple[datetime, uuid.UUID] | None:
+    """The (created_at, id) a newest-first listing continues after (None: from
+    the start); 400 naming ``cursor`` for anything this API did not hand out."""
+    if not text:
+        return None
+    c = _cursor_decode(text)
+    try:
+        if not isinstance(c.get("t"), str) or not isinstance(c.get("id"), str):
+            raise ValueError
+        return datetime.fromisoformat(c["t"]).astimezone(UTC), uuid.UUID(c["id"])
+    except (ValueError, OverflowError):
+        raise ValidationFailed(
+            [{"path": "cursor", "message": "not a cursor returned by this API"}], 400
+        ) from None
+
+
+def _newest_first_page(rows: list[L], limit: int) -> tuple[list[L], str | None]:
+    """A page of a newest-first listing fetched with ``limit + 1`` rows: the first
+    ``limit`` and the cursor after the last of them (None: no more)."""
+    if len(rows) <= limit:
+        return rows, None
+    last = rows[limit - 1]
+    return rows[:limit], _cursor_encode({"t": last.created_at.isoformat(), "id": str(last.id)})
 
 
 async def _batch_or_404(request: web.Request) -> store.BatchRow:
@@ -205,19 +243,7 @@ async def list_batches(request: web.Request) -> web.Response:
     who.require("read")
     q = request.query
     limit = schemas.limit_param(q.get("limit"))
-    t: datetime | None = None
-    cid: uuid.UUID | None = None
-    if q.get("cursor"):
-        c = _cursor_decode(q["cursor"])
-        try:
-            if not isinstance(c.get("t"), str) or not isinstance(c.get("id"), str):
-                raise ValueError
-            t = datetime.fromisoformat(c["t"]).astimezone(UTC)
-            cid = uuid.UUID(c["id"])
-        except (ValueError, OverflowError):
-            raise ValidationFailed(
-                [{"path": "cursor", "message": "not a cursor returned by this API"}], 400
-            ) from None
+    before = _newest_first_cursor(q.get("cursor"))
     status = schemas.status_param(q.get("status"), states.BatchStatus)
     handler = schemas.text_param("handler", q.get("handler"))
     rows = await ctx.q.list_batches(
@@ -225,16 +251,10 @@ async def list_batches(request: web.Request) -> web.Response:
         status=status,
         handler=handler,
         exclusive_key=schemas.exclusive_key_param(q.get("exclusive_key")),
-        before=(t, cid) if t is not None and cid is not None else None,
+        before=before,
         limit=limit + 1,
     )
-    more = len(rows) > limit
-    rows = rows[:limit]
-    nxt = (
-        _cursor_encode({"t": rows[-1].created_at.isoformat(), "id": str(rows[-1].id)})
-        if more
-        else None
-    )
+    rows, nxt = _newest_first_page(rows, limit)
     return _json({"batches": [models.batch_json(r) for r in rows], "next_cursor": nxt})
 
 
@@ -592,17 +612,7 @@ async def list_runs(request: web.Request) -> web.Response:
     who.require("read")
     q = request.query
     limit = schemas.limit_param(q.get("limit"))
-    before: tuple[datetime, uuid.UUID] | None = None
-    if q.get("cursor"):
-        c = _cursor_decode(q["cursor"])
-        try:
-            if not isinstance(c.get("t"), str) or not isinstance(c.get("id"), str):
-                raise ValueError
-            before = (datetime.fromisoformat(c["t"]).astimezone(UTC), uuid.UUID(c["id"]))
-        except (ValueError, OverflowError):
-            raise ValidationFailed(
-                [{"path": "cursor", "message": "not a cursor returned by this API"}], 400
-            ) from None
+    before = _newest_first_cursor(q.get("cursor"))
     rows = await ctx.q.list_pipeline_runs(
         tenant=who.tenant_filter,
         status=schemas.status_param(q.get("status"), states.RunStatus),
@@ -610,13 +620,7 @@ async def list_runs(request: web.Request) -> web.Response:
         before=before,
         limit=limit + 1,
     )
-    more = len(rows) > limit
-    rows = rows[:limit]
-    nxt = (
-        _cursor_encode({"t": rows[-1].created_at.isoformat(), "id": str(rows[-1].id)})
-        if more
-        else None
-    )
+    rows, nxt = _newest_first_page(rows, limit)
     return _json({"runs": await pipeline_runs.describe_all(ctx.q, rows), "next_cursor": nxt})
 
 
