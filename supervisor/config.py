@@ -333,6 +333,13 @@ class _Checker:
                 more = f" (did you mean {hint[0]!r}?)" if hint else ""
                 self.problems.append(f"{path}.{key}: unknown key{more}".lstrip("."))
 
+    def handler_ref(self, field: str, name: str, handlers: Mapping[str, Any]) -> None:
+        """``field`` names a handler: a problem, with a did-you-mean, unless it exists."""
+        if name not in handlers:
+            hint = difflib.get_close_matches(name, list(handlers), n=1)
+            more = f" (did you mean {hint[0]!r}?)" if hint else ""
+            self.problems.append(f"{field}: no handler {name!r}{more}")
+
     def get(
         self,
         table: Mapping[str, Any],
@@ -724,10 +731,8 @@ def _handlers(ck: _Checker, raw: Mapping[str, Any]) -> dict[str, HandlerConfig]:
             signing_secret=ck.get(t, p, "signing_secret", str, None),
         )
     for name, h in out.items():
-        if h.on_complete is not None and h.on_complete not in out:
-            hint = difflib.get_close_matches(h.on_complete, list(out), n=1)
-            more = f" (did you mean {hint[0]!r}?)" if hint else ""
-            ck.problems.append(f"handlers.{name}.on_complete: no handler {h.on_complete!r}{more}")
+        if h.on_complete is not None:
+            ck.handler_ref(f"handlers.{name}.on_complete", h.on_complete, out)
     return out
 
 
@@ -827,10 +832,7 @@ def _schedules(
         elif why := cron_problem(cron, timezone):
             ck.problems.append(f"{p}.{why}")
         handler = ck.get(t, p, "handler", str, "")
-        if handler not in handlers:
-            hint = difflib.get_close_matches(handler, list(handlers), n=1)
-            more = f" (did you mean {hint[0]!r}?)" if hint else ""
-            ck.problems.append(f"{p}.handler: no handler {handler!r}{more}")
+        ck.handler_ref(f"{p}.handler", handler, handlers)
         items = ck.get(t, p, "items", list, [])
         items_from = ck.get(t, p, "items_from", str, "")
         if bool(items) == bool(items_from):
@@ -913,10 +915,7 @@ def _pipelines(
             elif sname in seen:
                 ck.problems.append(f"{sp}.name: {sname!r} names another stage too")
             seen.add(sname)
-            if handler not in handlers:
-                hint = difflib.get_close_matches(handler, list(handlers), n=1)
-                more = f" (did you mean {hint[0]!r}?)" if hint else ""
-                ck.problems.append(f"{sp}.handler: no handler {handler!r}{more}")
+            ck.handler_ref(f"{sp}.handler", handler, handlers)
             if i == 0 and items is not None:
                 ck.problems.append(
                     f"{sp}.items: the first stage takes the run's items; only later stages "
