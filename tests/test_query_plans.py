@@ -28,6 +28,23 @@ ITEMS = 50_000
 CLAIM = 400
 
 
+async def log_plans(conn: asyncpg.Connection) -> list[str]:
+    """The plans of every statement ``conn`` runs from now on, nested ones
+    (inside PL/pgSQL functions) included, as auto_explain logs them; skips the
+    test where the server has no auto_explain."""
+    try:
+        await conn.execute("LOAD 'auto_explain'")
+    except asyncpg.PostgresError as e:  # pragma: no cover - depends on the server build
+        pytest.skip(f"auto_explain is not available in this PostgreSQL build: {e}")
+    await conn.execute(
+        "SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;"
+        "SET client_min_messages = log"
+    )
+    plans: list[str] = []
+    conn.add_log_listener(lambda _c, msg: plans.append(str(msg.message)))
+    return plans
+
+
 async def scenario(db_url: str) -> tuple[str, int]:
     db = await dbm.Database.connect(config.from_mapping({}), db_url)
     conn = await asyncpg.connect(db_url)
@@ -42,16 +59,7 @@ async def scenario(db_url: str) -> tuple[str, int]:
         claimed = await db.fetch("claim_items", "h", CLAIM, "w1", lease, None, None, 1.0)
         assert len(claimed) == CLAIM
 
-        try:
-            await conn.execute("LOAD 'auto_explain'")
-        except asyncpg.PostgresError as e:  # pragma: no cover - depends on the server build
-            pytest.skip(f"auto_explain is not available in this PostgreSQL build: {e}")
-        await conn.execute(
-            "SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;"
-            "SET client_min_messages = log"
-        )
-        plans: list[str] = []
-        conn.add_log_listener(lambda _c, msg: plans.append(str(msg.message)))
+        plans = await log_plans(conn)
         n = len(claimed)
         rows = await conn.fetch(
             db.sql("apply_outcomes"),
@@ -162,16 +170,7 @@ async def outcome_write_plans(db_url: str) -> list[str]:
         lease = uuid.uuid4()
         claimed = await db.fetch("claim_items", "h", 10, "w1", lease, None, None, 1.0)
         assert len(claimed) == 10
-        try:
-            await conn.execute("LOAD 'auto_explain'")
-        except asyncpg.PostgresError as e:  # pragma: no cover - depends on the server build
-            pytest.skip(f"auto_explain is not available in this PostgreSQL build: {e}")
-        await conn.execute(
-            "SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;"
-            "SET client_min_messages = log"
-        )
-        plans: list[str] = []
-        conn.add_log_listener(lambda _c, msg: plans.append(str(msg.message)))
+        plans = await log_plans(conn)
         n = len(claimed)
         rows = await conn.fetch(
             db.sql("apply_outcomes"),

@@ -16,6 +16,7 @@ import pytest
 from supervisor import batches, key_limits, states, store
 from supervisor import db as dbm
 from tests.integration.support import HANDLER, new_lease, outcome, succeed_all
+from tests.test_query_plans import log_plans
 
 pytestmark = pytest.mark.anyio
 
@@ -258,16 +259,7 @@ async def test_a_keyed_claim_reads_indexes_not_the_queue(
     lease = new_lease()
     await claim(db, lease, 50, key_cap=1, key_rate=100.0)  # buckets and a cursor exist
     await conn.execute(f"ANALYZE {db.schema}.items")
-    try:
-        await conn.execute("LOAD 'auto_explain'")
-    except asyncpg.PostgresError as e:  # pragma: no cover - depends on the server build
-        pytest.skip(f"auto_explain is not available in this PostgreSQL build: {e}")
-    await conn.execute(
-        "SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;"
-        "SET client_min_messages = log"
-    )
-    plans: list[str] = []
-    conn.add_log_listener(lambda _c, msg: plans.append(str(msg.message)))
+    plans = await log_plans(conn)
     rows = await conn.fetch(
         db.sql("claim_keyed_items"),
         HANDLER,
