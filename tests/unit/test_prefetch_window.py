@@ -1,6 +1,6 @@
-"""The "auto" prefetch window: nothing beyond concurrency for slow handlers, grown
-for fast ones (supervisor.prefetch.Window), and what counts against it
-(supervisor.dispatcher.Dispatcher.free_slots)."""
+"""The "auto" prefetch window: nothing beyond concurrency for slow handlers, one
+item per worker for short attempts, grown for fast ones (supervisor.prefetch.Window),
+and what counts against it (supervisor.dispatcher.Dispatcher.free_slots)."""
 
 from __future__ import annotations
 
@@ -43,15 +43,30 @@ def test_slow_handlers_get_no_prefetch() -> None:
     counts it as `running`: the window holds only what the workers run."""
     w, clock = window(8)
     assert w.size() == 8
-    assert run_at(w, clock, 10.0) == 8  # 10/s x 50 ms = 0.5: not one more
-    assert run_at(w, clock, 50.0) == 8 + 2  # 50/s x 50 ms: 2 start within 50 ms
+    assert run_at(w, clock, 0.1) == 8  # 80 s attempts: 0.1/s x 2 s, not one more
+    for _ in range(3):
+        run_at(w, clock, 1.0)
+    assert 8 + 1 <= run_at(w, clock, 1.0) <= 8 + 2  # 8 s attempts: what starts within 2 s
+
+
+def test_short_attempts_get_one_waiting_item_per_worker() -> None:
+    """A wave of workers finishing together (equal I/O-bound items of one batch)
+    finds as many items claimed: 1,000 workers on 200 ms attempts hold 1,000 more,
+    where 50 ms at their pace would be 250 and the wave would wait for claims."""
+    w, clock = window(1000)
+    assert 1000 + 990 <= run_at(w, clock, 5000.0) <= 1000 + 1000
+    assert run_at(w, clock, 5000.0) == 1000 + 1000  # never more than one per worker
+    w, clock = window(8)
+    assert run_at(w, clock, 10.0) == 8 + 8  # 0.8 s attempts
 
 
 def test_fast_handlers_grow_the_window_up_to_the_cap() -> None:
     w, clock = window(8)
     assert 8 + 19 <= run_at(w, clock, 400.0) <= 8 + 20  # 400/s x 50 ms, smoothed
     assert run_at(w, clock, 100_000.0) == 8 + 8 * 8  # capped
-    assert run_at(w, clock, 0.0) == 8  # and back when they slow down
+    for _ in range(5):
+        run_at(w, clock, 0.0)
+    assert run_at(w, clock, 0.0) == 8  # and back within seconds when they slow down
 
 
 def test_a_fixed_prefetch_never_grows() -> None:
