@@ -188,3 +188,12 @@ def test_an_http_handler_sends_no_trace_headers_when_not_tracing() -> None:
     handler = HttpHandler(HandlerConfig(name="hook", type="http", url="http://127.0.0.1:9/"))
     headers = handler._request_headers(b"{}", 0, item(trace_ctx=None).trace)
     assert not {"traceparent", "tracestate"} & {k.lower() for k in headers}
+
+
+def test_an_exec_command_gets_the_attempt_span_in_traceparent_only_when_tracing() -> None:
+    from supervisor.handlers.exec import ExecHandler
+
+    handler = ExecHandler(HandlerConfig(name="cmd", type="exec", command=("true",)))
+    traced = handler._env(item(), "token")
+    assert (traced["TRACEPARENT"], traced["TRACESTATE"]) == (SUBMITTED.traceparent, "vendor=opaque")
+    assert not {"TRACEPARENT", "TRACESTATE"} & set(handler._env(item(trace_ctx=None), "token"))
