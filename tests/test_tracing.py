@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from supervisor.client import Client
 from tests.daemon import DEFAULT_HANDLERS, ROOT, Daemon, wait_for
 from tests.test_api import db_rows
 
@@ -243,12 +244,20 @@ def test_without_the_extra_the_daemon_runs_stores_traceparent_and_never_imports_
         "POST", "/v1/batches", {"handler": "echo", "items": [1]}, {"traceparent": "junk"}
     )
     assert status == 201, junk
+    # The Python client sends them as headers too.
+    with Client(d.url) as bsv:
+        via_client = bsv.submit("echo", [1], traceparent=TRACEPARENT, tracestate="a=1").id
     rows = db_rows(
         db_url,
-        "SELECT id::text, traceparent FROM supervisor.batches WHERE id = ANY ($1::uuid[])",
-        [uuid.UUID(b["id"]), uuid.UUID(junk["id"])],
+        "SELECT id::text, traceparent, tracestate FROM supervisor.batches"
+        " WHERE id = ANY ($1::uuid[])",
+        [uuid.UUID(b["id"]), uuid.UUID(junk["id"]), uuid.UUID(via_client)],
     )
-    assert {r["id"]: r["traceparent"] for r in rows} == {b["id"]: TRACEPARENT, junk["id"]: None}
+    assert {r["id"]: (r["traceparent"], r["tracestate"]) for r in rows} == {
+        b["id"]: (TRACEPARENT, "congo=t61rcWkgMzE"),
+        junk["id"]: (None, None),
+        via_client: (TRACEPARENT, "a=1"),
+    }
     assert d.stop() == 0
     assert not tried.exists(), tried.read_text()  # nothing even tried to import it
 
