@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pathlib
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +24,7 @@ import pytest
 
 from supervisor.client import Client
 from tests.daemon import DEFAULT_HANDLERS, ROOT, Daemon, wait_for
+from tests.pgharness import free_port
 from tests.test_api import db_rows
 
 TERMINAL = ("completed", "completed_with_errors", "failed", "cancelled")
@@ -273,3 +275,19 @@ def test_tracing_without_the_extra_refuses_to_start_naming_the_extra(
     assert "telemetry.tracing" in log and "pip install 'batch-supervisor[otel]'" in log, log
     assert "app.ready" not in log
     assert tried.read_text().split()  # it looked for the extra, and found nothing
+
+
+def test_an_unreachable_collector_neither_fails_attempts_nor_holds_the_exit(
+    daemons: Any,
+) -> None:
+    pytest.importorskip("opentelemetry.sdk.trace", reason="the otel extra is not installed")
+    d = daemons(
+        extra={"telemetry": {"tracing": True, "otlp_endpoint": f"http://127.0.0.1:{free_port()}"}},
+        env={"OTEL_BSP_SCHEDULE_DELAY": "50"},
+    )
+    b = submit(d, "echo", [{"n": 1}, {"n": 2}])
+    assert d.wait_status(b["id"], TERMINAL)["status"] == "completed"
+    started = time.monotonic()
+    assert d.stop(timeout=20) == 0
+    # The flush at exit gives up after app.TRACE_FLUSH_TIMEOUT_S (5 s), plus the drain.
+    assert time.monotonic() - started < 15, d.log()
