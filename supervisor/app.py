@@ -22,9 +22,11 @@ import logging
 import signal
 import uuid
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 
 from supervisor import (
     callbacks,
@@ -55,8 +57,12 @@ from supervisor.errors import DatabaseUnavailable
 from supervisor.executor import OutcomeRecord
 from supervisor.handlers import python as python_handler
 
+if TYPE_CHECKING:
+    from supervisor.otel import Tracer
+
 log = logging.getLogger(__name__)
 OUTBOX_FLUSH_TIMEOUT_S = 30.0
+TRACE_FLUSH_TIMEOUT_S = 5.0
 
 
 def _abandoned(h: python_handler.PythonHandler) -> int:
@@ -75,6 +81,7 @@ class Daemon:
         self._on_first_signal: Callable[[], None] = lambda: None
         self._on_second_signal: Callable[[], None] = lambda: None
         self._functions: dict[str, pipelines.ItemsFunction] = {}
+        self.tracer: Tracer | None = None  # [telemetry] tracing on: built by run()
 
     # -- readiness ----------------------------------------------------------------
 
@@ -103,6 +110,12 @@ class Daemon:
         built = handlers.build_all(self.cfg)  # a broken handler stops us before anything starts
         self.plans = schedules.build_all(self.cfg)  # so does a schedule's bad items
         self._functions = pipelines.load_functions(self.cfg)  # so does a broken items function
+        if self.cfg.telemetry.tracing:
+            # Imported only now: without the otel extra a daemon that does not trace
+            # never loads OpenTelemetry (config checked the extra is installed).
+            from supervisor import otel
+
+            self.tracer = otel.Tracer.configured(self.cfg.telemetry, self.cfg.worker.name)
         main = anyio.CancelScope()
         self._on_first_signal = main.cancel  # before we serve, a signal just aborts start-up
         try:
@@ -118,7 +131,17 @@ class Daemon:
         finally:
             with anyio.CancelScope(shield=True):
                 await handlers.close_all(built)
+                if self.tracer is not None:
+                    await self._stop_tracing(self.tracer)
         return 0
+
+    async def _stop_tracing(self, tracer: Tracer) -> None:
+        """Export the spans still buffered, for at most TRACE_FLUSH_TIMEOUT_S (an
+        unreachable collector must not hold the exit)."""
+        with anyio.move_on_after(TRACE_FLUSH_TIMEOUT_S) as scope:
+            await anyio.to_thread.run_sync(tracer.shutdown, abandon_on_cancel=True)
+        if scope.cancelled_caught:
+            log.warning("tracing.flush_timeout: spans unexported after %ss", TRACE_FLUSH_TIMEOUT_S)
 
     async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -166,14 +189,14 @@ class Daemon:
 
         ob = outbox_mod.Outbox(db, actor, applied, cfg.server.max_items_per_batch)
         reports = progress.Reports(store.Queries(db), uuid.UUID(self.lease))
-        disp = dispatcher.Dispatcher(cfg, db, built, ob, self.lease, reports)
+        disp = dispatcher.Dispatcher(cfg, db, built, ob, self.lease, reports, self.tracer)
         self.metrics.track_progress_stalls(built, reports.stalled_s)
         self.metrics.track_in_flight(built, lambda handler: disp.per_handler[handler], disp.waiting)
         for name, h in built.items():
             if isinstance(h, python_handler.PythonHandler):
                 self.metrics.track_abandoned_threads(name, functools.partial(_abandoned, h))
         bus = events.Bus(db, cfg.database.listen_url or dsn, cfg.database.schema)
-        cbs = callbacks.Callbacks(cfg, db, built, self.lease, self.metrics)
+        cbs = callbacks.Callbacks(cfg, db, built, self.lease, self.metrics, self.tracer)
         timer = schedules.Schedules(cfg, db, self.plans)
 
         pipes = pipelines.Pipelines(cfg, db, self._functions, lambda: bus.listening)

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from supervisor import db as dbm
-from supervisor import models, states, store
+from supervisor import models, states, store, tracecontext
 
 ITEM_COLUMNS = ("batch_id", "seq", "key", "handler", "payload", "max_attempts")
 # Up to this many items go into the submission's one statement as arrays; more
@@ -54,13 +54,16 @@ class NewBatch:
     # The items' limit keys (key_limits.py), in item order; None when the handler
     # has no key limit. Derived from the payloads, so not part of the request digest.
     limit_keys: Sequence[str] | None = None
+    # The W3C trace context it was submitted under (the request's headers): who
+    # traces it, not what it is, so not part of the request digest either.
+    trace: tracecontext.TraceContext | None = None
 
     def request_hash(self) -> str:
         """Digest of the content, to tell an idempotent repeat from a conflicting one."""
         head = {
             f.name: value
             for f in dataclasses.fields(self)
-            if f.name not in ("items", "limit_keys")
+            if f.name not in ("items", "limit_keys", "trace")
             and not ((value := getattr(self, f.name)) is None and f.name in _DIGEST_WHEN_SET)
         }
         h = hashlib.sha256(json.dumps(head, sort_keys=True, default=str).encode())
@@ -163,6 +166,8 @@ def new_row(
         after_ids=nb.after or (),
         after_policy=nb.after_policy,
         not_before=nb.not_before,
+        traceparent=nb.trace.traceparent if nb.trace is not None else None,
+        tracestate=nb.trace.tracestate if nb.trace is not None else None,
     )
 
 

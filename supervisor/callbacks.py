@@ -11,22 +11,27 @@ running callback goes back to pending.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
 import uuid
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
 
-from supervisor import batches, executor, models, states, store
+from supervisor import batches, executor, models, states, store, tracecontext
 from supervisor import db as dbm
 from supervisor.config import Config
 from supervisor.errors import DatabaseUnavailable
 from supervisor.events import Wakeup
 from supervisor.handlers import Handler
 from supervisor.metrics import Metrics
+
+if TYPE_CHECKING:
+    from supervisor.otel import Tracer
 
 log = logging.getLogger(__name__)
 MAX_PARALLEL = 4
@@ -45,8 +50,10 @@ class Callbacks:
         handlers: Mapping[str, Handler],
         lease: str,
         metrics: Metrics,
+        tracer: Tracer | None = None,
     ) -> None:
         self._cfg = cfg
+        self._tracer = tracer  # None: tracing is off
         self._db = db
         self._q = store.Queries(db)
         self._handlers = handlers
@@ -141,21 +148,36 @@ class Callbacks:
                     handler=handler.config.name,
                     batch_metadata=models.loads(row.metadata),
                 )
-                result = await executor.invoke(handler, item, self._cfg.worker.name)
-                error = result.error
-                if result.outcome is states.Outcome.SUCCEEDED:
-                    outcome = states.CallbackState.SUCCEEDED
-                elif (
-                    result.outcome is states.Outcome.RETRY
-                    and attempt_no < handler.config.max_attempts
-                ):
-                    outcome = states.CallbackState.PENDING
-                    delay = executor.clamp_delay(
-                        result.delay_s
-                        or handler.config.retry_backoff.delay(attempt_no, random.random())
+                traced = None
+                if self._tracer is not None:
+                    # A child of the batch's submission context, like its attempts.
+                    item = dataclasses.replace(
+                        item, trace=tracecontext.of_row(row.traceparent, row.tracestate)
                     )
-                else:
-                    outcome = states.CallbackState.FAILED
+                    traced = self._tracer.start("callback", item)
+                    item = traced.item
+                try:
+                    result = await executor.invoke(handler, item, self._cfg.worker.name)
+                    error = result.error
+                    if result.outcome is states.Outcome.SUCCEEDED:
+                        outcome = states.CallbackState.SUCCEEDED
+                    elif (
+                        result.outcome is states.Outcome.RETRY
+                        and attempt_no < handler.config.max_attempts
+                    ):
+                        outcome = states.CallbackState.PENDING
+                        delay = executor.clamp_delay(
+                            result.delay_s
+                            or handler.config.retry_backoff.delay(attempt_no, random.random())
+                        )
+                    else:
+                        outcome = states.CallbackState.FAILED
+                finally:
+                    if traced is not None:
+                        assert self._tracer is not None
+                        label = "retry" if outcome is states.CallbackState.PENDING else outcome
+                        failed = outcome is not states.CallbackState.SUCCEEDED
+                        self._tracer.end(traced, str(label), error, failed=failed)
         except anyio.get_cancelled_exc_class():
             # shutdown: release it to be run again
             outcome, error = states.CallbackState.PENDING, None

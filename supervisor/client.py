@@ -316,11 +316,12 @@ class AsyncClient:
         *,
         json_body: Any = None,
         params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Any:
         """One call; the parsed JSON answer (None for an empty one). Raises
         :class:`ApiError` (by status) or :class:`ConnectionFailed`."""
         url = self.url(path)
-        headers = dict(self._headers)
+        headers = self._headers | dict(headers or {})
         if method not in ("GET", "HEAD"):
             headers["Content-Type"] = "application/json"  # the API refuses changes without it
         try:
@@ -348,18 +349,27 @@ class AsyncClient:
         items: Sequence[Any],
         *,
         idempotency_key: str | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
         **fields: Any,
     ) -> Batch:
         """Create a batch (``items``: payloads, or ``{"payload": ..., "key": ...}``;
         ``fields``: the other submission fields, e.g. ``metadata``, ``priority``,
         ``exclusive_key``, ``after``, ``not_before``). Retried after a connection
-        error or a 503 with the same idempotency key, so at most one batch is made."""
+        error or a 503 with the same idempotency key, so at most one batch is made.
+        ``traceparent``/``tracestate``: the W3C trace context the batch's spans join
+        (README "Tracing"), e.g. your current span's."""
         body = {"handler": handler, "items": list(items), **fields}
         body["idempotency_key"] = idempotency_key or str(uuid.uuid4())
+        trace = {"traceparent": traceparent} if traceparent else {}
+        if traceparent and tracestate:
+            trace["tracestate"] = tracestate
         attempt = 0
         while True:
             try:
-                return Batch.of(await self.request("POST", "/v1/batches", json_body=body))
+                return Batch.of(
+                    await self.request("POST", "/v1/batches", json_body=body, headers=trace)
+                )
             except (ConnectionFailed, Unavailable) as exc:
                 attempt += 1
                 if attempt > self._submit_retries:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import ipaddress
 import os
 import re
@@ -184,6 +185,74 @@ class RetentionConfig:
     interval_s: float = key(3600.0, "duration")
 
 
+TRACE_EXPORTERS = ("otlp", "console", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class TelemetryConfig:
+    """``[telemetry]``: OpenTelemetry tracing (the otel extra). Each empty string
+    leaves the setting to the SDK's standard environment variable."""
+
+    tracing: bool = key(False, "bool")
+    # "" = OTEL_TRACES_EXPORTER, else "otlp"; "otlp" sends OTLP over HTTP (protobuf)
+    exporter: str = key("", "str", lower=True)  # checked by tracing_problems
+    # base URL of the collector ("/v1/traces" is appended), as OTEL_EXPORTER_OTLP_ENDPOINT
+    otlp_endpoint: str = key("", "str")
+    service_name: str = key("", "str")  # "" = OTEL_SERVICE_NAME, else "batch-supervisor"
+
+
+def tracing_problems(t: TelemetryConfig) -> list[str]:
+    """What is wrong with ``t``; with tracing on also an unusable OTEL_* variable
+    or the otel extra not installed. Checked with the rest of the
+    configuration, so a daemon that cannot trace never starts half-way."""
+    problems = []
+    if t.exporter and t.exporter not in TRACE_EXPORTERS:
+        problems.append(
+            f"telemetry.exporter: must be one of {', '.join(TRACE_EXPORTERS)}, got {t.exporter!r}"
+        )
+    if t.otlp_endpoint:
+        u = urllib.parse.urlsplit(t.otlp_endpoint)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            problems.append(
+                f"telemetry.otlp_endpoint: {t.otlp_endpoint!r} is not an http:// or https:// URL"
+            )
+    if not t.tracing:
+        return problems  # the environment and the packages matter only when tracing
+    env_exporter = os.environ.get("OTEL_TRACES_EXPORTER", "")
+    if not t.exporter and env_exporter:
+        for name in (n.strip().lower() for n in env_exporter.split(",")):
+            if name not in TRACE_EXPORTERS:
+                problems.append(
+                    f"OTEL_TRACES_EXPORTER: {name!r} is not one of {', '.join(TRACE_EXPORTERS)}"
+                )
+    for var in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        protocol = os.environ.get(var, "")
+        if protocol and protocol != "http/protobuf":
+            problems.append(
+                f"{var}: {protocol!r} is not supported; the otel extra exports OTLP over "
+                "HTTP (http/protobuf)"
+            )
+            break
+    missing = [m for m in OTEL_MODULES if not _importable(m)]
+    if missing:
+        problems.append(
+            "telemetry.tracing: tracing is on but OpenTelemetry is not installed (no module "
+            f"{missing[0]!r}); install the extra: pip install 'batch-supervisor[otel]'"
+        )
+    return problems
+
+
+# What tracing imports (supervisor/otel.py): the SDK and the OTLP/HTTP exporter.
+OTEL_MODULES = ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a parent package is missing (or its import is refused)
+        return False
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenConfig:
     name: str
@@ -306,6 +375,7 @@ class Config:
     path: str = ""
     schedules: Mapping[str, ScheduleConfig] = dataclasses.field(default_factory=dict)
     pipelines: Mapping[str, PipelineConfig] = dataclasses.field(default_factory=dict)
+    telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)
 
     @property
     def database_url(self) -> str:
@@ -461,6 +531,7 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
         "handlers",
         "schedules",
         "pipelines",
+        "telemetry",
     ]
     ck.unknown("", raw, top)
 
@@ -507,6 +578,8 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
 
     logging_cfg = _read_section(ck, raw, "logging", LoggingConfig)
     retention = _read_section(ck, raw, "retention", RetentionConfig)
+    telemetry = _read_section(ck, raw, "telemetry", TelemetryConfig)
+    ck.problems += tracing_problems(telemetry)
 
     tokens = _tokens(ck, ck.section(raw, "auth"))
     handlers = _handlers(ck, ck.section(raw, "handlers"))
@@ -542,6 +615,7 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
         path,
         schedules,
         pipelines,
+        telemetry,
     )
 
 

@@ -33,13 +33,13 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 
 from supervisor import db as dbm
-from supervisor import executor, prefetch, progress, states, store
+from supervisor import executor, prefetch, progress, states, store, tracecontext
 from supervisor.api import schemas
 from supervisor.config import Config, HandlerConfig
 from supervisor.errors import DatabaseUnavailable
@@ -50,11 +50,15 @@ from supervisor.models import Item, Progress
 from supervisor.outbox import Outbox
 from supervisor.ready import ReadyQueues
 
+if TYPE_CHECKING:
+    from supervisor.otel import Tracer
+
 log = logging.getLogger(__name__)
 CONTROL_CHECK_S = 2.0
 THROTTLED_POLL_S = 0.05
 RATE_BURST_S = 0.1  # a rate limit's bucket holds this many seconds' worth of starts
 TIMEOUT_TICK_S = 0.02  # an attempt past its timeout is stopped within this long
+TRACE_CACHE_MAX = 10_000  # batches whose submission trace context is remembered
 
 
 AttemptKey = tuple[int, int]  # (item id, attempt number): one attempt of one item
@@ -81,8 +85,13 @@ class Dispatcher:
         outbox: Outbox,
         lease: str,
         reports: progress.Reports,
+        tracer: Tracer | None = None,
     ) -> None:
         self._cfg = cfg
+        # None: tracing is off, and nothing below allocates anything for it
+        self._tracer = tracer
+        # batch id -> the trace context it was submitted under (None: it has none)
+        self._traces: dict[str, tracecontext.TraceContext | None] = {}
         self._db = db
         self._q = store.Queries(db)
         self._handlers = handlers
@@ -297,6 +306,8 @@ class Dispatcher:
                     # them. What it returns is enqueued; the stop releases it.
                     with anyio.CancelScope(shield=True):
                         rows = await self._claim(hcfg, n)
+                        if self._tracer is not None and rows:
+                            await self._load_traces(rows)
                     for row in rows:
                         self._enqueue(name, row)
                     claimed += len(rows)
@@ -381,6 +392,25 @@ class Dispatcher:
             key_burst=max(1.0, (kl.rate_per_s or 0.0) * RATE_BURST_S),
         )
 
+    async def _load_traces(self, rows: list[store.ClaimedItem]) -> None:
+        """Remember the submission trace context of the batches these claimed
+        items belong to (tracing only; one query per claim that meets new batches)."""
+        new = {r.batch_id for r in rows if str(r.batch_id) not in self._traces}
+        if not new:
+            return
+        try:
+            found = await self._q.batch_trace_contexts(list(new))
+        except DatabaseUnavailable as exc:
+            # Their spans start new traces instead: a lost link is no reason to
+            # hold back claimed work.
+            log.warning("dispatcher.trace_contexts_unavailable error=%s", exc)
+            return
+        if len(self._traces) + len(new) > TRACE_CACHE_MAX:
+            self._traces.clear()  # items already waiting carry theirs (Item.trace)
+        for batch_id in new:
+            tc = found.get(batch_id)
+            self._traces[str(batch_id)] = tracecontext.of_row(*tc) if tc else None
+
     async def _release_orphans(self) -> None:
         """After a failed claim: items the database says we run but we do not know.
 
@@ -426,6 +456,8 @@ class Dispatcher:
             handler=handler,
             batch_metadata=meta,
             controls=self,
+            # with tracing on: the submission's context, the parent of the attempt's span
+            trace=self._traces.get(str(row.batch_id)) if self._tracer is not None else None,
         )
         self._ready.put(item)
         self.owned += 1
@@ -474,6 +506,10 @@ class Dispatcher:
         hcfg = handler.config
         run = Running(item.batch_id, scope, started + hcfg.timeout_s, started + hcfg.max_timeout_s)
         self._running[key] = run
+        traced = None
+        if self._tracer is not None:
+            traced = self._tracer.start("attempt", item)
+            item = traced.item  # carries the span's context, for the handler to pass on
         try:
             result = await executor.attempt(handler, item, self._worker)
         except anyio.get_cancelled_exc_class():
@@ -495,6 +531,9 @@ class Dispatcher:
             self.per_handler[item.handler] -= 1
             if result is not None:
                 self._finish(item, result, started, run.added)
+            if traced is not None:
+                assert self._tracer is not None
+                self._tracer.end_attempt(traced, result)
 
     # -- what a running attempt may ask (models.AttemptControls) ---------------------
 

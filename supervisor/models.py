@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Generator, Iterable, Mapping
 from datetime import datetime
 from typing import Any, Protocol
 
-from supervisor import states
+from supervisor import states, tracecontext
 from supervisor.store import BatchRow, ItemDetail, ItemRow
 
 
@@ -91,6 +91,12 @@ class Item:
     # The daemon running this attempt (None outside one, e.g. in a unit test of a
     # handler: progress and extend then do nothing).
     controls: AttemptControls | None = dataclasses.field(default=None, compare=False, repr=False)
+    # The W3C trace context of this attempt when the daemon traces (README
+    # "Tracing"): its span's, which the http handler sends as traceparent and a
+    # python handler may pass on; None when tracing is off.
+    trace: tracecontext.TraceContext | None = dataclasses.field(
+        default=None, compare=False, repr=False
+    )
 
     def to_json(self) -> dict[str, Any]:
         return {

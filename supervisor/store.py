@@ -100,6 +100,8 @@ class BatchRow(_FromRecord):
     callback_run_after: datetime | None
     callback_lease: uuid.UUID | None
     callback_worker: str | None
+    traceparent: str | None  # the W3C trace context it was submitted under; 0025
+    tracestate: str | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -469,6 +471,8 @@ class NewBatchRow:
     runnable: bool = True  # False: created waiting for after_ids
     key_after: uuid.UUID | None = None  # queued behind this batch of its exclusive key
     not_before: datetime | None = None  # scheduled until then (the database's clock)
+    traceparent: str | None = None  # the W3C trace context of its submission
+    tracestate: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -620,6 +624,8 @@ class Queries:
             b.not_before,
             b.max_items,
             limit_keys,
+            b.traceparent,
+            b.tracestate,
         )
         return None if r is None else BatchRow.of(r)
 
@@ -663,6 +669,13 @@ class Queries:
     async def notify_wake(self, channel_payload: str) -> None:
         """Wake idle daemons: a handler name, ``callback`` or a probe."""
         await self._ex.execute("notify_wake", channel_payload)
+
+    async def batch_trace_contexts(
+        self, batch_ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, tuple[str, str | None]]:
+        """(traceparent, tracestate) of each of these batches that has one."""
+        rows = await self._ex.fetch("batch_trace_contexts", list(batch_ids))
+        return {r["id"]: (r["traceparent"], r["tracestate"]) for r in rows}
 
     async def get_batch(self, batch_id: uuid.UUID, *, tenant: str | None) -> BatchRow | None:
         """The batch, if ``tenant`` may see it (None: any tenant)."""

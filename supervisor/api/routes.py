@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import json
 import uuid
 from collections.abc import Awaitable, Callable
@@ -16,7 +17,7 @@ import anyio
 import anyio.to_thread
 from aiohttp import web
 
-from supervisor import batches, models, pipeline_runs, schedules, states, store
+from supervisor import batches, models, pipeline_runs, schedules, states, store, tracecontext
 from supervisor.api import results, schemas, sse
 from supervisor.api.auth import Principal
 from supervisor.api.context import CTX, ApiContext, principal
@@ -200,6 +201,11 @@ async def create_batch(request: web.Request) -> web.Response:
         raw = await _read_body(request)
         nb = await anyio.to_thread.run_sync(validate, raw) if large else validate(raw)
         del raw
+        trace = tracecontext.parse(
+            request.headers.get("traceparent"), request.headers.get("tracestate")
+        )
+        if trace is not None:
+            nb = dataclasses.replace(nb, trace=trace)
         hcfg = ctx.cfg.handlers[nb.handler]
         who.may_use(nb.handler, "handler")
         if nb.on_complete is not None:

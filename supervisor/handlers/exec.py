@@ -359,7 +359,7 @@ class ExecHandler:
         if "TZ" in os.environ:
             base["TZ"] = os.environ["TZ"]
         passed = {k: os.environ[k] for k in self.config.pass_env if k in os.environ}
-        return {
+        env = {
             **base,
             **passed,
             **self.config.env,
@@ -371,6 +371,13 @@ class ExecHandler:
             "BSV_HANDLER": item.handler,
             "BSV_ATTEMPT_TOKEN": token,
         }
+        if item.trace is not None:
+            # Tracing on: the attempt's span, in OpenTelemetry's environment carrier
+            # (the variables its SDKs read as a process's parent context).
+            env["TRACEPARENT"] = item.trace.traceparent
+            if item.trace.tracestate:
+                env["TRACESTATE"] = item.trace.tracestate
+        return env
 
     async def run(self, item: Item) -> Any:
         stdin = json.dumps(item.payload, separators=(",", ":")).encode()

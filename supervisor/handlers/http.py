@@ -31,6 +31,7 @@ from supervisor import __version__
 from supervisor.config import HandlerConfig
 from supervisor.errors import HandlerLoadError, PermanentError
 from supervisor.models import Item
+from supervisor.tracecontext import TraceContext
 
 SIGNATURE_HEADER = "X-Supervisor-Signature"
 TIMESTAMP_HEADER = "X-Supervisor-Timestamp"
@@ -167,12 +168,18 @@ class HttpHandler:
             )
         return self._session
 
-    def _request_headers(self, body: bytes, sent_at: int) -> dict[str, str]:
+    def _request_headers(
+        self, body: bytes, sent_at: int, trace: TraceContext | None = None
+    ) -> dict[str, str]:
         headers = {
             "Content-Type": "application/json",
             "User-Agent": f"batch-supervisor/{__version__}",
             TIMESTAMP_HEADER: str(sent_at),
         }
+        if trace is not None:  # the attempt's span (tracing on): the endpoint's parent
+            headers["traceparent"] = trace.traceparent
+            if trace.tracestate:
+                headers["tracestate"] = trace.tracestate
         lower = {k.lower(): k for k in headers}
         for key, value in self._headers.items():
             headers.pop(lower.get(key.lower(), key), None)
@@ -190,7 +197,7 @@ class HttpHandler:
             async with self._client().post(
                 self._url,
                 data=body,
-                headers=self._request_headers(body, sent_at),
+                headers=self._request_headers(body, sent_at, item.trace),
                 allow_redirects=False,
             ) as resp:
                 status = resp.status

@@ -47,19 +47,20 @@ INSERT INTO @schema.schema_migrations (version, name) VALUES ($1, $2);
 -- instead of the claimers.
 -- $26: its max_items (NULL: the daemons' [server] max_items_per_batch).
 -- $27: the items' limit keys, in the order of $17 (empty: the handler has no key
--- limit).
+-- limit). $28, $29: the W3C traceparent and tracestate it was submitted under
+-- (NULL: none).
 WITH b AS (
     INSERT INTO @schema.batches (
         id, tenant, handler, status, priority, max_concurrency, max_attempts, attempt_budget,
         max_failures, max_failures_limit, metadata, idempotency_key, request_hash, total,
         queued, created_by, callback_handler, exclusive_key, after_ids, after_policy, waiting,
-        not_before, scheduled, max_items)
+        not_before, scheduled, max_items, traceparent, tracestate)
     VALUES ($1, $2, $3, CASE WHEN NOT $23::boolean THEN 'waiting'
                              WHEN $25::timestamptz > now() THEN 'scheduled'
                              ELSE 'queued' END, $4, $5, $6,
             $7, $8, $9, $10, $11, $12, $13, $13, $14, $15, $20,
             CASE WHEN cardinality($21::uuid[]) > 0 THEN $21::uuid[] END, $22, NOT $23::boolean,
-            $25::timestamptz, coalesce($25::timestamptz > now(), false), $26)
+            $25::timestamptz, coalesce($25::timestamptz > now(), false), $26, $28, $29)
     ON CONFLICT DO NOTHING
     RETURNING *
 ), deps AS (
@@ -134,6 +135,12 @@ SELECT @schema._exclusive_key_lock($1, $2);
 -- name: notify_wake
 -- Wake idle daemons: new runnable work for a handler.
 SELECT pg_notify('@sname_wake', $1::text);
+
+-- name: batch_trace_contexts
+-- The trace context each of these batches was submitted under, for the ones that
+-- have one (asked only by a daemon that traces, once per batch it claims from).
+SELECT id, traceparent, tracestate FROM @schema.batches
+ WHERE id = ANY ($1::uuid[]) AND traceparent IS NOT NULL;
 
 -- name: get_batch
 -- One batch, visible to the tenant (NULL tenant: any).

@@ -23,14 +23,16 @@ def pyproject() -> dict[str, object]:
 
 
 def wanted(dev: bool) -> list[Requirement]:
-    """What a lock must satisfy: the build requirements, the runtime ones, with dev the extra."""
+    """What a lock must satisfy: the build requirements, the runtime ones, with dev the
+    dev and otel extras (the suite tests tracing)."""
     data = pyproject()
     build = data["build-system"]
     project = data["project"]
     assert isinstance(build, dict) and isinstance(project, dict)
     specs: list[str] = [*build["requires"], *project["dependencies"]]
     if dev:
-        specs += project["optional-dependencies"]["dev"]
+        extras = project["optional-dependencies"]
+        specs += [*extras["dev"], *extras["otel"]]
     return [Requirement(s) for s in specs]
 
 

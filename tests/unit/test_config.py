@@ -199,3 +199,35 @@ def test_pipelines_are_read_and_every_problem_is_named() -> None:
         "pipelines.bad name!: a name of letters",
     ):
         assert any(pr.startswith(expected) for pr in found), (expected, found)
+
+
+def test_telemetry_is_off_by_default_and_checked_field_by_field() -> None:
+    assert config.from_mapping({}).telemetry == config.TelemetryConfig(tracing=False)
+    assert problems(
+        {"telemetry": {"tracng": True, "exporter": "zipkin", "otlp_endpoint": "collector:4318"}}
+    ) == [
+        "telemetry.tracng: unknown key (did you mean 'tracing'?)",
+        "telemetry.exporter: must be one of otlp, console, none, got 'zipkin'",
+        "telemetry.otlp_endpoint: 'collector:4318' is not an http:// or https:// URL",
+    ]
+    t = config.from_mapping(
+        {"telemetry": {"tracing": True, "exporter": "OTLP", "otlp_endpoint": "http://c:4318"}}
+    ).telemetry
+    assert (t.tracing, t.exporter, t.otlp_endpoint) == (True, "otlp", "http://c:4318")
+
+
+def test_tracing_checks_the_standard_otel_variables_it_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp,jaeger")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    assert problems({"telemetry": {"tracing": True}}) == [
+        "OTEL_TRACES_EXPORTER: 'jaeger' is not one of otlp, console, none",
+        "OTEL_EXPORTER_OTLP_PROTOCOL: 'grpc' is not supported; the otel extra exports OTLP "
+        "over HTTP (http/protobuf)",
+    ]
+    # Not tracing: the variables are someone else's business.
+    assert not config.from_mapping({}).telemetry.tracing
+    # The file's exporter wins over the variable.
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_PROTOCOL")
+    config.from_mapping({"telemetry": {"tracing": True, "exporter": "console"}})
