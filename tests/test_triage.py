@@ -12,6 +12,7 @@ import pathlib
 import urllib.parse
 from typing import Any
 
+from supervisor.api.schemas import BULK_RETRY_MAX
 from tests.conftest import DaemonFactory
 from tests.daemon import Daemon, check_invariants, wait_for
 from tests.test_api import TOKENS, assert_problem, bearer, sha256hex
@@ -296,3 +297,26 @@ def test_other_tenants_see_and_retry_nothing(
     ]
     log = ok(d.api("GET", f"/v1/batches/{bid}/log", headers=a))["entries"]
     assert [e["actor"] for e in log if e["action"] == "item_retried"] == ["a"]
+
+
+def test_a_bulk_retry_of_a_type_stops_at_its_limit_and_says_more_are_left(
+    daemons: DaemonFactory, tmp_path: pathlib.Path
+) -> None:
+    d = daemons("triage-more", handlers=HANDLERS)
+    gate = tmp_path / "gate"
+    n = BULK_RETRY_MAX + 1
+    b = d.submit("triage", [{"raise": "ValueError", "gate": str(gate)} for _ in range(n)])
+    d.wait_status(b["id"], "failed", timeout=60)
+    gate.touch()  # retried items succeed: only the one left is failed for the second call
+    retry = f"/v1/batches/{b['id']}/items/retry"
+    first = ok(d.api("POST", retry, {"error_type": "ValueError"}))
+    assert len(first["retried"]) == BULK_RETRY_MAX and first["more"] is True
+    second = ok(d.api("POST", retry, {"error_type": "ValueError"}))
+    assert len(second["retried"]) == 1 and second["more"] is False, second
+    assert not set(first["retried"]) & set(second["retried"])
+    assert d.wait_status(b["id"], "completed", timeout=60)["counts"]["succeeded"] == n
+    # Exactly the limit: all of them retried, and nothing is left to say "more" about.
+    exact = d.submit("triage", [{"raise": "ValueError"} for _ in range(BULK_RETRY_MAX)])
+    d.wait_status(exact["id"], "failed", timeout=60)
+    body = ok(d.api("POST", f"/v1/batches/{exact['id']}/items/retry", {"error_type": "ValueError"}))
+    assert len(body["retried"]) == BULK_RETRY_MAX and body["more"] is False, body["more"]

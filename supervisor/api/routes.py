@@ -483,20 +483,18 @@ async def retry_items(request: web.Request) -> web.Response:
     ids, error_type = schemas.bulk_retry(await _read_json(request))
     ctx = ctx_of(request)
     bid = batches.parse_id(request.match_info["id"])
+    if bid is None:
+        raise Problem(404, f"no batch {request.match_info['id']!r}")
     limit = schemas.BULK_RETRY_MAX
     try:
-        out = (
-            None
-            if bid is None
-            else await batches.retry_items(
-                ctx.q,
-                bid,
-                ids=ids,
-                error_type=error_type,
-                limit=limit,
-                tenant=who.tenant_filter,
-                actor=who.name,
-            )
+        out = await batches.retry_items(
+            ctx.q,
+            bid,
+            ids=ids,
+            error_type=error_type,
+            limit=limit,
+            tenant=who.tenant_filter,
+            actor=who.name,
         )
     except batches.ExclusiveKeyBusy as exc:  # reopening it would take back a held key
         raise _key_busy(exc) from None
@@ -519,14 +517,24 @@ async def retry_items(request: web.Request) -> web.Response:
             str(skipped[0]["reason"]) if skipped else "nothing to retry: no item matches",
             extensions={"skipped": skipped},
         )
+    # The call stopped at its limit: are failed items of that type left after it?
+    more = (
+        error_type is not None
+        and ids is None
+        and len(out) == limit
+        and bool(
+            await ctx.q.list_items_by_error_type(
+                batch_id=bid, error_type=error_type, status="failed", after=out[-1].id, limit=1
+            )
+        )
+    )
     b = await _batch_or_404(request)
     return _json(
         {
             "batch": await batches.describe(ctx.q, b),
             "retried": retried,
             "skipped": skipped,
-            # The call stopped at its limit: more items of that type may be left.
-            "more": ids is None and len(out) == limit,
+            "more": more,
         },
         headers={"ETag": f'"{b.version}"'},
     )
