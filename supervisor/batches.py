@@ -454,6 +454,31 @@ async def retry_item(
     raise RuntimeError(f"retry refused {KEY_ROUNDS} times by a batch that was gone when looked up")
 
 
+async def retry_items(
+    q: store.Queries,
+    batch_id: uuid.UUID,
+    *,
+    ids: Sequence[int] | None,
+    error_type: str | None,
+    limit: int,
+    tenant: str | None,
+    actor: str,
+) -> list[store.ItemRetried] | None:
+    """Queue chosen items of one batch again (by id, by last error type, or
+    both), each through the item retry; None when the tenant has no such batch.
+    Reopening a finished batch is refused as in :func:`retry`."""
+    for _ in range(KEY_ROUNDS):
+        try:
+            return await q.retry_items(
+                batch_id, ids=ids, error_type=error_type, limit=limit, tenant=tenant, actor=actor
+            )
+        except store.ExclusiveKeyTaken:
+            busy = await _key_busy(q, batch_id, tenant=tenant)
+            if busy is not None:
+                raise busy from None
+    raise RuntimeError(f"retry refused {KEY_ROUNDS} times by a batch that was gone when looked up")
+
+
 async def _key_busy(
     q: store.Queries, batch_id: uuid.UUID, *, tenant: str | None
 ) -> ExclusiveKeyBusy | None:

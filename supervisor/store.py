@@ -382,6 +382,27 @@ class ItemControlResult:
         return cls(ControlResult.parse(r["outcome"]), r["status"], r["batch_id"])
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ItemRetried:
+    """One item of a bulk retry: retry_item's answer for it and its status before."""
+
+    id: int
+    result: ControlResult
+    status: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FailureGroup(_FromRecord):
+    """The failed items of a batch whose last error has one type."""
+
+    error_type: str | None
+    count: int
+    sample_id: int  # the newest failed item of the group
+    sample_key: str | None
+    sample_message: str | None
+    sample_at: str | None  # RFC 3339, as the error entry stores it
+
+
 # The unique index over the exclusive keys of unfinished batches (migration 0012).
 EXCLUSIVE_INDEX = "batches_exclusive"
 
@@ -705,6 +726,38 @@ class Queries:
         rows = await self._ex.fetch("list_items", batch_id, status, after, limit)
         return [ItemRow.of(r) for r in rows]
 
+    async def list_items_by_key(
+        self,
+        *,
+        batch_id: uuid.UUID,
+        key_from: str,
+        key_to: str,
+        status: str | None,
+        error_type: str | None,
+        after: int,
+        limit: int,
+    ) -> list[ItemRow]:
+        """Items whose key lies in ``[key_from, key_to)`` in byte order, in id
+        order after ``after``."""
+        rows = await self._ex.fetch(
+            "list_items_by_key", batch_id, key_from, key_to, status, error_type, after, limit
+        )
+        return [ItemRow.of(r) for r in rows]
+
+    async def list_items_by_error_type(
+        self, *, batch_id: uuid.UUID, error_type: str, status: str | None, after: int, limit: int
+    ) -> list[ItemRow]:
+        """Items whose last error has the type ``error_type``, in id order."""
+        rows = await self._ex.fetch(
+            "list_items_by_error_type", batch_id, error_type, status, after, limit
+        )
+        return [ItemRow.of(r) for r in rows]
+
+    async def batch_failures(self, batch_id: uuid.UUID, *, limit: int) -> list[FailureGroup]:
+        """The batch's failed items grouped by their last error's type, largest first."""
+        rows = await self._ex.fetch("batch_failures", batch_id, limit)
+        return [FailureGroup.of(r) for r in rows]
+
     async def item_results(
         self, *, batch_id: uuid.UUID, statuses: Sequence[str] | None, after: int, limit: int
     ) -> list[ItemResult]:
@@ -779,6 +832,31 @@ class Queries:
             r = await self._ex.fetchrow("retry_item", item_id, tenant, actor)
         assert r is not None
         return ItemControlResult.of(r)
+
+    async def retry_items(
+        self,
+        batch_id: uuid.UUID,
+        *,
+        ids: Sequence[int] | None,
+        error_type: str | None,
+        limit: int,
+        tenant: str | None,
+        actor: str,
+    ) -> list[ItemRetried] | None:
+        """Queue chosen items of one batch again, each through retry_item (None:
+        the tenant has no such batch). Raises :class:`ExclusiveKeyTaken` when
+        reopening the batch would take back a key another batch holds by now;
+        then nothing was retried."""
+        chosen = list(ids) if ids is not None else None
+        with _exclusive_refusal():
+            rows = await self._ex.fetch(
+                "retry_items", batch_id, chosen, error_type, limit, tenant, actor
+            )
+        if len(rows) == 1 and rows[0]["item"] is None:
+            return None
+        return [
+            ItemRetried(r["item"], ControlResult.parse(r["outcome"]), r["status"]) for r in rows
+        ]
 
     async def patch_batch(
         self,

@@ -303,3 +303,21 @@ def schedule_items_hang(slot: Any) -> list[Any]:
     """A schedule's items_from that does not return for an hour."""
     time.sleep(3600)
     return []
+
+
+_TRIAGE_ERRORS: dict[str, type[Exception]] = {
+    "ConnectionError": ConnectionError,
+    "ValueError": ValueError,
+    "LookupError": LookupError,
+}
+
+
+async def triage(item: Item) -> Any:
+    """Fails with the exception named by payload["raise"] (message
+    payload["message"]) until the file payload["gate"] exists, then succeeds; no
+    "raise": succeeds at once. Gives a batch failures of several types to triage."""
+    p = item.payload if isinstance(item.payload, dict) else {}
+    name = p.get("raise")
+    if name and not (p.get("gate") and os.path.exists(str(p["gate"]))):
+        raise _TRIAGE_ERRORS[str(name)](str(p.get("message", f"{name} on attempt {item.attempt}")))
+    return {"ok": True, "attempt": item.attempt}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from typing import Any
 
 import anyio
 import asyncpg
@@ -201,3 +202,57 @@ def test_settling_a_few_batches_never_scans_every_batch(db_url: str) -> None:
     assert settle, plans
     scans = [p for p in plans if "Seq Scan on batches" in p]
     assert not scans, scans
+
+
+TRIAGE_ITEMS = 20_000
+
+
+async def triage_plans(db_url: str) -> dict[str, str]:
+    """The generic plan (the one a cached prepared statement ends up with) of each
+    triage search over a batch of TRIAGE_ITEMS keyed items, 1 % of them failed."""
+    db = await dbm.Database.connect(config.from_mapping({}), db_url)
+    conn = await asyncpg.connect(db_url)
+    try:
+        await insert_batches(conn, 1, TRIAGE_ITEMS)
+        batch_id = await conn.fetchval("SELECT id FROM supervisor.batches")
+        await conn.execute(
+            """
+            UPDATE supervisor.items SET key = 'k:' || seq,
+                   status = CASE WHEN seq % 100 = 0 THEN 'failed' ELSE 'succeeded' END,
+                   errors = CASE WHEN seq % 100 = 0
+                            THEN jsonb_build_array(jsonb_build_object(
+                                 'type', 'E' || seq % 300, 'message', 'm'))
+                            ELSE '[]' END
+            """
+        )
+        await conn.execute("ANALYZE supervisor.items")
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        plans = await log_plans(conn)
+        searches: dict[str, tuple[Any, ...]] = {
+            "list_items_by_key": (batch_id, "k:1999", "k:199:", None, None, 0, 101),
+            "list_items_by_error_type": (batch_id, "E100", "failed", 0, 101),
+            "batch_failures": (batch_id, 101),
+        }
+        out: dict[str, str] = {}
+        for name, args in searches.items():
+            before = len(plans)
+            rows = await conn.fetch(db.sql(name), *args)
+            assert rows, name
+            out[name] = "\n".join(plans[before:])
+        return out
+    finally:
+        await conn.close()
+        await db.close()
+
+
+def test_triage_searches_walk_their_indexes_not_the_batch(db_url: str) -> None:
+    """A key prefix, an error type and the failures by type each read their
+    partial index (items_key_prefix, items_error_type), even with the generic
+    plan a prepared statement is given after a few runs: none reads the whole
+    batch through items_by_batch."""
+    plans = anyio.run(triage_plans, db_url)
+    assert "items_key_prefix" in plans["list_items_by_key"], plans["list_items_by_key"]
+    assert "items_error_type" in plans["list_items_by_error_type"], plans
+    assert "items_error_type" in plans["batch_failures"], plans["batch_failures"]
+    for name, plan in plans.items():
+        assert "items_by_batch" not in plan and "Seq Scan on items" not in plan, (name, plan)

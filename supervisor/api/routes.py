@@ -411,7 +411,28 @@ async def list_items(request: web.Request) -> web.Response:
                 [{"path": "cursor", "message": "not a cursor returned by this API"}], 400
             )
     status = schemas.status_param(q.get("status"), states.ItemStatus)
-    rows = await ctx.q.list_items(batch_id=row.id, status=status, after=after, limit=limit + 1)
+    keys = schemas.key_range_param(q.get("key"), q.get("key_prefix"))
+    error_type = schemas.error_type_param(q.get("error_type"))
+    # One query per search, each walking its own index in id order (a key range,
+    # an error type, or the whole batch), so a plan cached for one never serves
+    # another as a scan of the batch.
+    rows: list[store.ItemRow]
+    if keys is not None:
+        rows = await ctx.q.list_items_by_key(
+            batch_id=row.id,
+            key_from=keys[0],
+            key_to=keys[1],
+            status=status,
+            error_type=error_type,
+            after=after,
+            limit=limit + 1,
+        )
+    elif error_type is not None:
+        rows = await ctx.q.list_items_by_error_type(
+            batch_id=row.id, error_type=error_type, status=status, after=after, limit=limit + 1
+        )
+    else:
+        rows = await ctx.q.list_items(batch_id=row.id, status=status, after=after, limit=limit + 1)
     tb = principal(request).sees_tracebacks
     items: list[str] = []
     size = 0
@@ -425,6 +446,104 @@ async def list_items(request: web.Request) -> web.Response:
     nxt = _cursor_encode({"after": rows[len(items) - 1].id}) if more and items else None
     body = '{"items": [' + ", ".join(items) + '], "next_cursor": ' + json.dumps(nxt) + "}"
     return web.Response(text=body, content_type=JSON_CT)
+
+
+FAILURE_GROUPS_MAX = 100  # error types listed at most, largest groups first
+
+
+@routes.get("/v1/batches/{id}/errors")
+async def batch_errors(request: web.Request) -> web.Response:
+    """The batch's failed items grouped by the type of their last error, with a
+    sample of each group (its newest failed item), largest group first."""
+    principal(request).require("read")
+    row = await _batch_or_404(request)
+    groups = await ctx_of(request).q.batch_failures(row.id, limit=FAILURE_GROUPS_MAX + 1)
+    return _json(
+        {
+            "batch_id": str(row.id),
+            "failed": row.failed,
+            "errors": [
+                {
+                    "error_type": g.error_type,
+                    "count": g.count,
+                    "sample_message": g.sample_message,
+                    "sample_item_id": str(g.sample_id),
+                    "sample_key": g.sample_key,
+                    "last_failed_at": g.sample_at,
+                }
+                for g in groups[:FAILURE_GROUPS_MAX]
+            ],
+            "truncated": len(groups) > FAILURE_GROUPS_MAX,
+        }
+    )
+
+
+@routes.post("/v1/batches/{id}/items/retry")
+async def retry_items(request: web.Request) -> web.Response:
+    """Queue chosen items of one batch again: the items named by ``ids``, or (up
+    to BULK_RETRY_MAX per call) its failed items whose last error has the type
+    ``error_type``. Each goes through the item retry; the ones it refuses are
+    listed in ``skipped`` with the reason. 409 when none could be retried."""
+    who = principal(request)
+    who.require("write")  # before reading the body: a 403 is no 422
+    ids, error_type = schemas.bulk_retry(await _read_json(request))
+    ctx = ctx_of(request)
+    bid = batches.parse_id(request.match_info["id"])
+    if bid is None:
+        raise Problem(404, f"no batch {request.match_info['id']!r}")
+    limit = schemas.BULK_RETRY_MAX
+    try:
+        out = await batches.retry_items(
+            ctx.q,
+            bid,
+            ids=ids,
+            error_type=error_type,
+            limit=limit,
+            tenant=who.tenant_filter,
+            actor=who.name,
+        )
+    except batches.ExclusiveKeyBusy as exc:  # reopening it would take back a held key
+        raise _key_busy(exc) from None
+    if out is None:
+        raise Problem(404, f"no batch {request.match_info['id']!r}")
+    seen = {r.id for r in out}
+    retried = [str(r.id) for r in out if r.result.kind is store.ControlKind.OK]
+    skipped: list[dict[str, str | None]] = [
+        {"id": str(r.id), "status": r.status, "reason": r.result.reason}
+        for r in out
+        if r.result.kind is not store.ControlKind.OK
+    ] + [
+        {"id": str(i), "status": None, "reason": "no such item in this batch"}
+        for i in (ids or [])
+        if i not in seen
+    ]
+    if not retried:
+        raise Problem(
+            409,
+            str(skipped[0]["reason"]) if skipped else "nothing to retry: no item matches",
+            extensions={"skipped": skipped},
+        )
+    # The call stopped at its limit: are failed items of that type left after it?
+    more = (
+        error_type is not None
+        and ids is None
+        and len(out) == limit
+        and bool(
+            await ctx.q.list_items_by_error_type(
+                batch_id=bid, error_type=error_type, status="failed", after=out[-1].id, limit=1
+            )
+        )
+    )
+    b = await _batch_or_404(request)
+    return _json(
+        {
+            "batch": await batches.describe(ctx.q, b),
+            "retried": retried,
+            "skipped": skipped,
+            "more": more,
+        },
+        headers={"ETag": f'"{b.version}"'},
+    )
 
 
 @routes.get("/v1/batches/{id}/results")

@@ -653,6 +653,108 @@ def statuses_param(value: str | None, allowed: type[enum.StrEnum]) -> list[str] 
     return sorted(set(wanted))
 
 
+ERROR_TYPE_MAX = 1000
+BULK_RETRY_MAX = 1000  # items one bulk retry names or moves at most
+
+
+def _search_text(name: str, value: str, maximum: int) -> str:
+    """A search filter's text: at most ``maximum`` characters PostgreSQL can
+    store; anything else is a 400 naming ``name``."""
+    why = _bad_text(value)
+    if why is None and len(value) > maximum:
+        why = f"must be at most {maximum} characters"
+    if why:
+        raise ValidationFailed([{"path": name, "message": why}], 400)
+    return value
+
+
+def _after_prefix(prefix: str) -> str:
+    """A string after every key that starts with ``prefix`` and before every
+    other key after it, in code point order (which is UTF-8's byte order,
+    collation "C"): the prefix with its last code point incremented. A prefix of
+    nothing but U+10FFFF has no such successor: then the prefix followed by more
+    U+10FFFF than any key (KEY_MAX code points at most) can hold."""
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop())
+        if last < 0x10FFFF:
+            nxt = last + 1
+            if 0xD800 <= nxt <= 0xDFFF:  # surrogates are not text: skip them
+                nxt = 0xE000
+            return "".join(chars) + chr(nxt)
+    return prefix + "\U0010ffff" * (KEY_MAX + 1)
+
+
+def key_range_param(key: str | None, key_prefix: str | None) -> tuple[str, str] | None:
+    """The ``key`` (exact) or ``key_prefix`` item filter as a range of keys in
+    byte order, ``[from, to)``; None when neither is given (empty means
+    absent). Both at once is a 400 naming ``key_prefix``."""
+    if key and key_prefix:
+        raise ValidationFailed(
+            [{"path": "key_prefix", "message": "give key (exact) or key_prefix, not both"}], 400
+        )
+    if key:
+        # No key holds U+0000 (PostgreSQL cannot store it): [key, key + U+0001)
+        # holds exactly the key itself.
+        return _search_text("key", key, KEY_MAX), key + "\x01"
+    if key_prefix:
+        prefix = _search_text("key_prefix", key_prefix, KEY_MAX)
+        return prefix, _after_prefix(prefix)
+    return None
+
+
+def error_type_param(value: str | None) -> str | None:
+    """The ``error_type`` item filter (the type of an item's last error); empty
+    means absent."""
+    return _search_text("error_type", value, ERROR_TYPE_MAX) if value else None
+
+
+def bulk_retry(body: Any) -> tuple[list[int] | None, str | None]:
+    """A bulk retry's body: ``{"ids": [item ids]}`` or ``{"error_type": "..."}``
+    (both: the named items of that type); every bad field is named (422)."""
+    if not isinstance(body, dict):
+        raise ValidationFailed(
+            [{"path": "", "message": 'must be an object: {"ids": [...]} or {"error_type": "..."}'}]
+        )
+    errors: list[dict[str, str]] = [
+        {"path": f"/{k}", "message": "unknown field (expected ids or error_type)"}
+        for k in sorted(set(body) - {"ids", "error_type"})
+    ]
+    ids: list[int] | None = None
+    raw_ids = body.get("ids")
+    if "ids" in body:
+        if not isinstance(raw_ids, list) or not 1 <= len(raw_ids) <= BULK_RETRY_MAX:
+            errors.append(
+                {"path": "/ids", "message": f"must be a list of 1 to {BULK_RETRY_MAX} item ids"}
+            )
+        else:
+            ids = []
+            for i, v in enumerate(raw_ids):
+                # Item ids are strings in every response; numbers are taken too.
+                text = str(v) if is_int(v) else v if isinstance(v, str) else ""
+                if not re.fullmatch(r"[0-9]{1,18}", text):
+                    errors.append({"path": f"/ids/{i}", "message": "must be an item id"})
+                else:
+                    ids.append(int(text))
+    error_type: str | None = None
+    raw_type = body.get("error_type")
+    if "error_type" in body:
+        why = None
+        if not isinstance(raw_type, str) or not 1 <= len(raw_type) <= ERROR_TYPE_MAX:
+            why = f"must be a string of 1 to {ERROR_TYPE_MAX} characters"
+        else:
+            why = _bad_text(raw_type)
+        if why:
+            errors.append({"path": "/error_type", "message": why})
+        else:
+            error_type = raw_type
+    if not errors and "ids" not in body and "error_type" not in body:
+        errors.append({"path": "", "message": "give ids, error_type or both"})
+    if errors:
+        raise ValidationFailed(errors[:50])
+    return (sorted(set(ids)) if ids is not None else None), error_type
+
+
 def after_param(value: str | None) -> int:
     """An ``after`` cursor: an item id (ASCII digits that fit a bigint); absent is 0.
     Anything else is a 400 naming ``after``."""

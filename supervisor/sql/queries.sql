@@ -167,6 +167,50 @@ SELECT id, batch_id, key, status, payload, result, attempts, max_attempts,
  ORDER BY id
  LIMIT $4;
 
+-- name: list_items_by_key
+-- A batch's items whose key lies in [$2, $3) in byte order, so a key prefix (or
+-- one exact key) is one range of items_key_prefix (both bounds always given: a
+-- generic plan then knows the range is narrow); status ($4) and last error
+-- type ($5) filters optional; id order after $6.
+SELECT id, batch_id, key, status, payload, result, attempts, max_attempts,
+       errors -> -1 AS error, run_after, worker, created_at, started_at, finished_at, progress,
+       limit_key
+  FROM @schema.items
+ WHERE batch_id = $1 AND key IS NOT NULL AND key COLLATE "C" >= $2
+   AND key COLLATE "C" < $3
+   AND ($4::text IS NULL OR status = $4)
+   AND ($5::text IS NULL OR (errors <> '[]' AND (errors -> -1) ->> 'type' = $5))
+   AND id > $6
+ ORDER BY id
+ LIMIT $7;
+
+-- name: list_items_by_error_type
+-- A batch's items whose last error has the type $2, in id order after $4 (a
+-- keyset walk of items_error_type); status filter ($3) optional.
+SELECT id, batch_id, key, status, payload, result, attempts, max_attempts,
+       errors -> -1 AS error, run_after, worker, created_at, started_at, finished_at, progress,
+       limit_key
+  FROM @schema.items
+ WHERE batch_id = $1 AND errors <> '[]' AND (errors -> -1) ->> 'type' = $2
+   AND ($3::text IS NULL OR status = $3) AND id > $4
+ ORDER BY id
+ LIMIT $5;
+
+-- name: batch_failures
+-- A batch's failed items grouped by the type of their last error, largest group
+-- first, each with the newest failed item of the group as its sample (read
+-- from items_error_type: only items that ever failed).
+SELECT g.error_type, g.count, g.sample_id, s.key AS sample_key,
+       (s.errors -> -1) ->> 'message' AS sample_message,
+       (s.errors -> -1) ->> 'at' AS sample_at
+  FROM (SELECT (errors -> -1) ->> 'type' AS error_type, count(*) AS count, max(id) AS sample_id
+          FROM @schema.items
+         WHERE batch_id = $1 AND errors <> '[]' AND status = 'failed'
+         GROUP BY 1) g
+  JOIN @schema.items s ON s.id = g.sample_id
+ ORDER BY g.count DESC, g.error_type NULLS LAST
+ LIMIT $2;
+
 -- name: item_results
 -- One page of a batch's outcomes for an export, in id order after the item id $3
 -- (keyset on items_by_batch: a page starts where the last one ended, however deep
@@ -339,6 +383,13 @@ SELECT o_outcome AS outcome, o_status AS status, o_batch AS batch_id
 -- One failed, cancelled or succeeded item back to queued with a fresh attempt budget.
 SELECT o_outcome AS outcome, o_status AS status, o_batch AS batch_id
   FROM @schema.retry_item(p_item => $1, p_tenant => $2, p_actor => $3);
+
+-- name: retry_items
+-- Chosen items of one batch back to queued, each through retry_item
+-- (functions/retry_items.sql): by id ($2), by last error type ($3), or both.
+SELECT o_item AS item, o_outcome AS outcome, o_status AS status
+  FROM @schema.retry_items(p_batch => $1, p_items => $2, p_error_type => $3, p_limit => $4,
+                           p_tenant => $5, p_actor => $6);
 
 -- name: patch_batch
 -- Change priority, max_concurrency, max_failures or not_before of a live batch.
