@@ -114,6 +114,15 @@ class BenchServer:
         finally:
             await conn.close()
 
+    async def wal_bytes(self) -> int:
+        """The server's WAL position in bytes: the difference over a run is the WAL
+        it wrote (every database's; a benchmark runs one at a time)."""
+        conn = await asyncpg.connect(self.server.dsn)
+        try:
+            return int(await conn.fetchval("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
+        finally:
+            await conn.close()
+
     def postgres_cpu_s(self) -> float:
         """User+system CPU seconds of every server process so far (live ones)."""
         total = 0.0
@@ -392,6 +401,10 @@ class Results:
             1000 * cpu_s / items * 1000,
             higher=False,
         )
+
+    def wal_per_1k(self, key: str, wal_bytes: int, items: int) -> None:
+        """``key.wal``: kilobytes of WAL PostgreSQL wrote per 1,000 items."""
+        self.add(f"{key}.wal", f"{key}: WAL per 1k items", "KB", wal_bytes / items, higher=False)
 
     def median(self, key: str) -> float | None:
         m = self.metrics.get(key)

@@ -107,12 +107,14 @@ async def ours(
     try:
         async with running_daemon(ctx.work_dir, dsn, key, database=database) as (d, _):
             async with py_spy(d.pid, profile):
+                wal0 = await ctx.server.wal_bytes()
                 cpu0, pg0 = cpu_seconds(d.pid), ctx.server.postgres_cpu_s()
                 me0 = sum(os.times()[:2])
                 first, accepted, post_s = await submit_from_clients(d, body, batches, ctx.clients)
                 me1 = sum(os.times()[:2])
                 _, last = await wait_all_terminal(dsn, batches, limit_s=1800)
                 cpu1, pg1 = cpu_seconds(d.pid), ctx.server.postgres_cpu_s()
+                wal1 = await ctx.server.wal_bytes()
     finally:
         await ctx.server.drop_database(dsn)
     shape = f"{batches:,} x {size} items, {ctx.clients} clients"
@@ -131,6 +133,7 @@ async def ours(
     results.cpu_per_1k(key, "daemon", "daemon", cpu1 - cpu0, n)
     results.cpu_per_1k(key, "pg", "PostgreSQL", pg1 - pg0, n)
     results.cpu_per_1k(key, "client", "HTTP clients'", me1 - me0, n, note=" (same machine)")
+    results.wal_per_1k(key, wal1 - wal0, n)
 
 
 async def peers(ctx: Ctx, results: Results, key: str, batches: int, size: int) -> None:

@@ -65,10 +65,12 @@ async def one_run(ctx: Ctx, results: Results, n: int, key: str, profile: str | N
                     sample_pg(dsn, profile.replace(".txt", "-pg.txt"), stop)
                 )
             async with py_spy(d.pid, profile):
+                wal0 = await ctx.server.wal_bytes()
                 cpu0, pg0 = cpu_seconds(d.pid), ctx.server.postgres_cpu_s()
                 batch, sent, post_s = await d.post_batch(session, body)
                 b = await d.wait_terminal(session, batch["id"], limit_s=3600, interval=0.1)
                 cpu1, pg1 = cpu_seconds(d.pid), ctx.server.postgres_cpu_s()
+                wal1 = await ctx.server.wal_bytes()
                 stop.set()
                 if sampler is not None:
                     await sampler
@@ -81,6 +83,7 @@ async def one_run(ctx: Ctx, results: Results, n: int, key: str, profile: str | N
             results.add(f"{key}.post", f"{key}: POST accepted", "s", post_s, higher=False)
             results.cpu_per_1k(key, "daemon", "daemon", cpu1 - cpu0, n)
             results.cpu_per_1k(key, "pg", "PostgreSQL", pg1 - pg0, n)
+            results.wal_per_1k(key, wal1 - wal0, n)
     finally:
         await ctx.server.drop_database(dsn)
 
