@@ -221,7 +221,7 @@ async def amain(args: argparse.Namespace) -> int:
         print("--profile needs py-spy on PATH (pip install py-spy)", file=sys.stderr)
         return 2
     runs = args.runs if args.runs is not None else (1 if args.quick else 3)
-    server = BenchServer()
+    server = BenchServer(tcp=args.tcp)
     work = pathlib.Path(tempfile.mkdtemp(prefix="bsv-bench-work-"))
     results = Results()
     try:
@@ -230,7 +230,7 @@ async def amain(args: argparse.Namespace) -> int:
         header = [
             f"batch-supervisor benchmark, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
             f"machine: {machine()}",
-            f"server: {pg}",
+            f"server: {pg}, over {'TCP (127.0.0.1)' if args.tcp else 'its unix socket'}",
             f"versions: {versions()}",
             "load average at start: {:.2f} {:.2f} {:.2f} (other work on the machine skews"
             " every number: run it on a quiet machine)".format(*os.getloadavg()),
@@ -341,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=500.0,
         help="horizon: offered load in items/s, for both shapes (default 500)",
+    )
+    p.add_argument(
+        "--tcp",
+        action="store_true",
+        help="reach PostgreSQL over TCP on 127.0.0.1 (daemons and peers; default: its "
+        "unix socket, like the embedded default); a user's own server is usually on TCP",
     )
     p.add_argument("--json", metavar="PATH", help="also write every sample as JSON")
     return asyncio.run(amain(p.parse_args(argv)))

@@ -61,14 +61,15 @@ def with_database(dsn: str, database: str) -> str:
 
 class BenchServer:
     """One embedded PostgreSQL with fsync on, reached over its unix socket like the
-    embedded default (and every peer uses the same DSN); a database per scenario."""
+    embedded default, or over TCP on 127.0.0.1 (``tcp``; every peer uses the same
+    DSN); a database per scenario."""
 
-    def __init__(self) -> None:
+    def __init__(self, tcp: bool = False) -> None:
         self.base_dir = make_base_dir()
         self.server = embedded.EmbeddedPostgres(
             self.base_dir / "data",
             port=free_port(),
-            listen_tcp=False,
+            listen_tcp=tcp,
             fsync=True,
             server_settings=PG_SETTINGS,
             auth="trust",  # a throwaway server: databases are created as superuser
