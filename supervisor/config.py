@@ -335,10 +335,15 @@ class _Checker:
 
     def handler_ref(self, field: str, name: str, handlers: Mapping[str, Any]) -> None:
         """``field`` names a handler: a problem, with a did-you-mean, unless it exists."""
-        if name not in handlers:
-            hint = difflib.get_close_matches(name, list(handlers), n=1)
+        self.name_ref(field, "handler", name, handlers)
+
+    def name_ref(self, field: str, what: str, name: str, known: Mapping[str, Any]) -> None:
+        """``field`` names a ``what`` (a handler, a pipeline) of ``known``: a problem,
+        with a did-you-mean, unless it exists."""
+        if name not in known:
+            hint = difflib.get_close_matches(name, list(known), n=1)
             more = f" (did you mean {hint[0]!r}?)" if hint else ""
-            self.problems.append(f"{field}: no handler {name!r}{more}")
+            self.problems.append(f"{field}: no {what} {name!r}{more}")
 
     def get(
         self,

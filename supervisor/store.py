@@ -416,7 +416,8 @@ class ScheduleState(_FromRecord):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ScheduleRun(_FromRecord):
-    """One run of a schedule, with its batch's status (None once deleted)."""
+    """One run of a schedule, with its batch's status (None once deleted) or its
+    pipeline run's."""
 
     id: int
     schedule: str
@@ -428,6 +429,8 @@ class ScheduleRun(_FromRecord):
     worker: str | None
     created_at: datetime
     batch_status: str | None
+    pipeline_run_id: uuid.UUID | None  # what a pipeline schedule's run created
+    pipeline_run_status: str | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -441,6 +444,7 @@ class NewScheduleRun:
     batch_id: uuid.UUID | None
     detail: str | None
     worker: str
+    pipeline_run_id: uuid.UUID | None = None  # a pipeline schedule's run (batch_id None)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -1060,6 +1064,7 @@ class Queries:
             run.kind,
             run.outcome,
             run.batch_id,
+            run.pipeline_run_id,
             run.detail,
             run.worker,
         )
