@@ -1056,7 +1056,7 @@ class Queries:
         return [ScheduleState.of(r) for r in await self._ex.fetch("schedule_states", list(names))]
 
     async def claim_schedule_slot(self, run: NewScheduleRun) -> str:
-        """'claimed', 'taken', 'paused' or 'unknown' (see claim_schedule_slot.sql)."""
+        """'claimed', 'taken', 'paused' or 'unknown' (see claim_schedule_slot_v2.sql)."""
         verdict: str = await self._ex.fetchval(
             "claim_schedule_slot",
             run.schedule,
