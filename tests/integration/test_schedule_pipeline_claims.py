@@ -112,3 +112,21 @@ async def test_a_refused_first_stage_leaves_neither_the_slot_nor_the_run(
         await _fire(db, broken, T)
     assert await _state(conn) == (0, 0, 0)
     assert (await _fire(db, cfg, T)).outcome == "created"
+
+
+async def test_items_from_gives_the_first_stage_its_items_and_its_failure_is_the_slots(
+    db: dbm.Database, conn: asyncpg.Connection
+) -> None:
+    await _ready(db, conn)
+    cfg = _cfg(items=[], items_from="tests.handlers:schedule_items")
+    fired = await _fire(db, cfg, T)
+    assert fired.run is not None, fired
+    batch_id = fired.run["stages"][0]["batch_id"]
+    keys = await conn.fetch(
+        "SELECT key, payload FROM supervisor.items WHERE batch_id = $1::uuid", batch_id
+    )
+    assert [r["key"] for r in keys] == ["scheduled"], keys
+    failing = _cfg(items=[], items_from="tests.handlers:schedule_items_fail")
+    failed = await _fire(db, failing, T + timedelta(days=1))
+    assert failed.outcome == "failed" and "no portfolios for s" in (failed.detail or "")
+    assert await _state(conn) == (2, 1, 1)
