@@ -290,16 +290,24 @@ def _submission(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_schedule(sc: dict[str, Any]) -> None:
-    """One schedule on one line: name, state, next fire, last slot and its batch."""
+    """One schedule on one line: name, what it fires (a pipeline's name), state,
+    next fire, last slot and its batch (or pipeline run)."""
     last = sc.get("last_slot") or {}
-    if last:
+    if last and last.get("pipeline_run_id"):
+        status = last.get("pipeline_run_status") or last.get("outcome")
+        target = f"run {last['pipeline_run_id']}"
+        last_text = f"last {last.get('slot_at')} {last.get('kind')} {status} {target}"
+    elif last:
         batch = last.get("batch_id") or "-"
         status = last.get("batch_status") or last.get("outcome")
         last_text = f"last {last.get('slot_at')} {last.get('kind')} {status} {batch}"
     else:
         last_text = "never fired"
     state = "paused" if sc.get("paused") else f"next {sc.get('next_fire_at') or '-'}"
-    print(_printable(f"{sc['name']:<20} {sc['cron']} ({sc['timezone']})  {state}  {last_text}"))
+    fires = f"  pipeline {sc['pipeline']}" if sc.get("pipeline") else ""
+    print(
+        _printable(f"{sc['name']:<20} {sc['cron']} ({sc['timezone']}){fires}  {state}  {last_text}")
+    )
 
 
 async def _schedules(c: client.AsyncClient, args: argparse.Namespace) -> int:
@@ -318,6 +326,8 @@ async def _schedules(c: client.AsyncClient, args: argparse.Namespace) -> int:
         sc = await c.request("POST", f"{url}/{args.action}")
     if args.json:
         print(json.dumps(sc, indent=2))
+    elif args.action == "run" and sc.get("run"):
+        print(f"schedule {_printable(args.name)}: pipeline run {sc['run']['id']}")
     elif args.action == "run":
         print(f"schedule {_printable(args.name)}: batch {sc['batch']['id']}")
     else:

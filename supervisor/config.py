@@ -320,13 +320,15 @@ class HandlerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ScheduleConfig:
-    """``[schedules.NAME]``: a batch submitted at every slot of a cron expression
-    (see supervisor/schedules.py for the slot rules)."""
+    """``[schedules.NAME]``: a batch of ``handler``, or a run of ``pipeline``,
+    submitted at every slot of a cron expression (see supervisor/schedules.py for
+    the slot rules)."""
 
     name: str
     cron: str  # 5 fields, or 6 with seconds first (cronsim)
     timezone: str = "UTC"  # the zone the cron fields are read in (zoneinfo)
-    handler: str = ""
+    handler: str = ""  # exactly one of handler and pipeline
+    pipeline: str = ""
     items: tuple[Any, ...] = ()  # static items, as POST /v1/batches takes them
     items_from: str = ""  # "module:function" called at fire time (instead of items)
     tenant: str = "default"
@@ -341,7 +343,8 @@ class ScheduleConfig:
 
     @property
     def key(self) -> str:
-        """The exclusive key the schedule's batches hold (overlap is decided on it)."""
+        """The exclusive key the schedule's batches (or pipeline runs) hold; overlap
+        is decided on it."""
         return self.exclusive_key or f"schedule:{self.name}"
 
 
@@ -405,10 +408,15 @@ class _Checker:
 
     def handler_ref(self, field: str, name: str, handlers: Mapping[str, Any]) -> None:
         """``field`` names a handler: a problem, with a did-you-mean, unless it exists."""
-        if name not in handlers:
-            hint = difflib.get_close_matches(name, list(handlers), n=1)
+        self.name_ref(field, "handler", name, handlers)
+
+    def name_ref(self, field: str, what: str, name: str, known: Mapping[str, Any]) -> None:
+        """``field`` names a ``what`` (a handler, a pipeline) of ``known``: a problem,
+        with a did-you-mean, unless it exists."""
+        if name not in known:
+            hint = difflib.get_close_matches(name, list(known), n=1)
             more = f" (did you mean {hint[0]!r}?)" if hint else ""
-            self.problems.append(f"{field}: no handler {name!r}{more}")
+            self.problems.append(f"{field}: no {what} {name!r}{more}")
 
     def get(
         self,
@@ -583,8 +591,8 @@ def from_mapping(raw: Mapping[str, Any], path: str = "") -> Config:
 
     tokens = _tokens(ck, ck.section(raw, "auth"))
     handlers = _handlers(ck, ck.section(raw, "handlers"))
-    schedules = _schedules(ck, ck.section(raw, "schedules"), handlers)
     pipelines = _pipelines(ck, ck.section(raw, "pipelines"), handlers)
+    schedules = _schedules(ck, ck.section(raw, "schedules"), handlers, pipelines)
     for i, tok in enumerate(tokens):
         for h in tok.handlers or ():
             if h not in handlers:
@@ -855,6 +863,7 @@ _SCHEDULE_KEYS = [
     "cron",
     "timezone",
     "handler",
+    "pipeline",
     "items",
     "items_from",
     "tenant",
@@ -886,7 +895,10 @@ def cron_problem(expr: str, timezone: str) -> str | None:
 
 
 def _schedules(
-    ck: _Checker, raw: Mapping[str, Any], handlers: Mapping[str, HandlerConfig]
+    ck: _Checker,
+    raw: Mapping[str, Any],
+    handlers: Mapping[str, HandlerConfig],
+    pipelines: Mapping[str, PipelineConfig],
 ) -> dict[str, ScheduleConfig]:
     """``[schedules.NAME]`` tables; the items themselves are checked by
     supervisor.schedules (with the API's own validation) before the daemon starts."""
@@ -906,7 +918,15 @@ def _schedules(
         elif why := cron_problem(cron, timezone):
             ck.problems.append(f"{p}.{why}")
         handler = ck.get(t, p, "handler", str, "")
-        ck.handler_ref(f"{p}.handler", handler, handlers)
+        pipeline = ck.get(t, p, "pipeline", str, "")
+        if bool(handler) == bool(pipeline):
+            ck.problems.append(
+                f"{p}: exactly one of handler (a batch at each slot) or pipeline (a pipeline run)"
+            )
+        elif handler:
+            ck.handler_ref(f"{p}.handler", handler, handlers)
+        else:
+            ck.name_ref(f"{p}.pipeline", "pipeline", pipeline, pipelines)
         items = ck.get(t, p, "items", list, [])
         items_from = ck.get(t, p, "items_from", str, "")
         if bool(items) == bool(items_from):
@@ -921,6 +941,19 @@ def _schedules(
             ck.problems.append(
                 f"{p}.overlap: must be one of {', '.join(OVERLAP_POLICIES)}, got {overlap!r}"
             )
+        elif pipeline and overlap != "skip":
+            ck.problems.append(
+                f'{p}.overlap: "{overlap}" is not available with pipeline: a pipeline run '
+                "cannot wait for its exclusive key to be free, so a pipeline schedule takes "
+                'overlap = "skip" (the slot is skipped while the previous run is running)'
+            )
+        if pipeline:
+            for field in ("priority", "max_attempts"):
+                if field in t:
+                    ck.problems.append(
+                        f"{p}.{field}: not with pipeline: a pipeline run takes neither (each "
+                        "stage's batch has its handler's settings)"
+                    )
         catch_up = ck.get(t, p, "catch_up", str, "skip")
         if catch_up not in CATCH_UP_POLICIES:
             ck.problems.append(
@@ -931,6 +964,7 @@ def _schedules(
             cron=cron,
             timezone=timezone,
             handler=handler,
+            pipeline=pipeline,
             items=tuple(items),
             items_from=items_from,
             tenant=ck.get(t, p, "tenant", str, "default") or "default",

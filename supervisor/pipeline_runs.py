@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from supervisor import batches, models, states, store
@@ -129,11 +129,27 @@ async def write_stage(
     return b.id
 
 
+# Runs first in a run's submitting transaction, with the new run's id (a
+# schedule's slot claim); whatever it raises undoes the submission.
+InTransaction = Callable[[store.Queries, uuid.UUID], Awaitable[None]]
+
+
+class _Refused(Exception):
+    """A unique index refused the run: raised to undo what ``in_tx`` wrote."""
+
+
 async def submit(
-    db: dbm.Database, cfg: Config, nr: NewRun, *, tenant: str, actor: str
+    db: dbm.Database,
+    cfg: Config,
+    nr: NewRun,
+    *,
+    tenant: str,
+    actor: str,
+    in_tx: InTransaction | None = None,
 ) -> tuple[store.RunRow, bool]:
     """The run with its first stage's batch, all or nothing; (run, created), where
-    created is False for an idempotent repeat."""
+    created is False for an idempotent repeat. ``in_tx`` runs first in the same
+    transaction."""
     p = cfg.pipelines[nr.pipeline]
     digest = nr.request_hash() if nr.idempotency_key is not None else None
     q0 = store.Queries(db)
@@ -150,12 +166,19 @@ async def submit(
             exclusive_key=nr.exclusive_key,
             created_by=actor,
         )
-        async with db.transaction("submit_run") as tx:
-            run = await store.Queries(tx).insert_pipeline_run(new)
-            if run is not None:
+        try:
+            async with db.transaction("submit_run") as tx:
+                q = store.Queries(tx)
+                if in_tx is not None:
+                    await in_tx(q, new.id)
+                run = await q.insert_pipeline_run(new)
+                if run is None:
+                    raise _Refused
                 await write_stage(
                     tx, db.schema, cfg, run, 0, nr.items, actor=actor, limit_keys=nr.limit_keys
                 )
+        except _Refused:
+            run = None
         if run is not None:
             fresh = await q0.get_pipeline_run(run.id, tenant=None)
             return fresh or run, True

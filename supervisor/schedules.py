@@ -1,13 +1,15 @@
-"""Scheduled batches (``[schedules.NAME]``): which slots of a cron expression are
-due, firing one through the ordinary submission path, and the component that
-sleeps until the next slot of any schedule.
+"""Scheduled batches and pipeline runs (``[schedules.NAME]``): which slots of a
+cron expression are due, firing one through the ordinary submission path (a
+batch of ``handler``, or a run of ``pipeline``), and the component that sleeps
+until the next slot of any schedule.
 
 No daemon leads. Every daemon computes the same due slots from the database's
 clock and the schedule's durable state (``since``, its latest slot with a run)
 and tries to fire them; a slot is fired by the transaction that inserts its
 ``schedule_runs`` row and its batch together (``claim_schedule_slot`` first in
-``batches.submit``'s transaction), so of N daemons exactly one creates the
-batch and the others find the slot taken.
+``batches.submit``'s transaction; for a pipeline, in ``pipeline_runs.submit``'s,
+with the run and its first stage's batch), so of N daemons exactly one creates
+the batch or run and the others find the slot taken.
 
 Slot rules, evaluated at each tick with the database's ``now``:
 
@@ -24,7 +26,9 @@ schedule's exclusive key: ``skip`` submits with on_conflict reject and records
 the slot as ``skipped`` when refused, ``queue`` submits with on_conflict queue,
 ``cancel`` cancels the earlier runs' unfinished batches in the slot's
 transaction and then queues behind them (so the new batch starts once they
-have stopped).
+have stopped). A pipeline run cannot wait for its exclusive key, so a pipeline
+schedule takes ``skip`` only (the configuration refuses the others): a running
+run holding the key makes the slot ``skipped``.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import anyio.abc
 import anyio.to_thread
 import cronsim
 
-from supervisor import batches, models, store
+from supervisor import batches, key_limits, models, pipeline_runs, store
 from supervisor import db as dbm
 from supervisor.api import schemas
 from supervisor.api.problems import Problem
@@ -155,7 +159,19 @@ class Plan:
 
     cfg: ScheduleConfig
     items_from: Any = None  # the callable, when items come from one
-    key_pointer: str | None = None  # its handler's key_limit key: items get limit keys
+    # its handler's (a pipeline's: its first stage's) key_limit key: items get limit keys
+    key_pointer: str | None = None
+
+    def metadata(self, slot: Slot) -> dict[str, Any]:
+        """The run's metadata: the configured one, and which slot fired it."""
+        c = self.cfg
+        return dict(c.metadata) | {
+            "schedule": {
+                "name": c.name,
+                "slot_at": models.rfc3339(slot.slot_at.astimezone(UTC)),
+                "kind": slot.kind,
+            }
+        }
 
     def body(self, items: list[Any], slot: Slot) -> dict[str, Any]:
         """The POST /v1/batches body of one run."""
@@ -164,14 +180,7 @@ class Plan:
             "handler": c.handler,
             "items": items,
             "priority": c.priority,
-            "metadata": dict(c.metadata)
-            | {
-                "schedule": {
-                    "name": c.name,
-                    "slot_at": models.rfc3339(slot.slot_at.astimezone(UTC)),
-                    "kind": slot.kind,
-                }
-            },
+            "metadata": self.metadata(slot),
             "exclusive_key": c.key,
         }
         if c.max_attempts is not None:
@@ -191,10 +200,30 @@ class Plan:
                 key_pointer=lambda _handler: self.key_pointer,
             )
         except Problem as exc:
-            errors = exc.errors or [{"path": "", "message": exc.detail}]
-            raise ItemsFailed(
-                "; ".join(f"{e['path'] or '/'}: {e['message']}" for e in errors[:5]), errors
-            ) from None
+            raise _items_failed(exc) from None
+
+    def run_submission(self, items: list[Any], slot: Slot, max_items: int) -> pipeline_runs.NewRun:
+        """A pipeline schedule's run, validated exactly as POST
+        /v1/pipelines/{name}/runs would validate its body."""
+        pointer = self.key_pointer
+        body = {"items": items, "metadata": self.metadata(slot), "exclusive_key": self.cfg.key}
+        try:
+            return schemas.run_submission(
+                body,
+                pipeline=self.cfg.pipeline,
+                header_key=None,
+                max_items=max_items,
+                key_limit=(pointer, key_limits.parse_pointer(pointer)) if pointer else None,
+            )
+        except Problem as exc:
+            raise _items_failed(exc) from None
+
+    def validate(self, items: list[Any], slot: Slot, max_items: int) -> None:
+        """Raise ItemsFailed unless these items make a valid run."""
+        if self.cfg.pipeline:
+            self.run_submission(items, slot, max_items)
+        else:
+            self.submission(items, slot, max_items)
 
     async def items(self, slot: Slot, threads: anyio.CapacityLimiter) -> list[Any]:
         """The run's items: the static ones, or what ``items_from`` returns (a
@@ -224,6 +253,11 @@ class Plan:
             ) from exc
 
 
+def _items_failed(exc: Problem) -> ItemsFailed:
+    errors = exc.errors or [{"path": "", "message": exc.detail}]
+    return ItemsFailed("; ".join(f"{e['path'] or '/'}: {e['message']}" for e in errors[:5]), errors)
+
+
 def _load(sched: ScheduleConfig) -> Any:
     module_name, _, attr = sched.items_from.partition(":")
     where = f"schedules.{sched.name}.items_from"
@@ -248,7 +282,10 @@ def build_all(cfg: Config) -> dict[str, Plan]:
     probe = Slot("probe", datetime.now(UTC), "scheduled")
     for name, sched in cfg.schedules.items():
         try:
-            hcfg = cfg.handlers.get(sched.handler)
+            handler = sched.handler
+            if sched.pipeline:  # its items are the first stage's
+                handler = cfg.pipelines[sched.pipeline].stages[0].handler
+            hcfg = cfg.handlers.get(handler)
             kl = hcfg.key_limit if hcfg is not None else None
             plan = Plan(
                 sched,
@@ -256,7 +293,7 @@ def build_all(cfg: Config) -> dict[str, Plan]:
                 kl.key if kl is not None else None,
             )
             if plan.items_from is None:
-                plan.submission(list(sched.items), probe, cfg.server.max_items_per_batch)
+                plan.validate(list(sched.items), probe, cfg.server.max_items_per_batch)
             plans[name] = plan
         except ConfigError as exc:
             problems += exc.problems
@@ -276,11 +313,13 @@ def build_all(cfg: Config) -> dict[str, Plan]:
 @dataclasses.dataclass(frozen=True)
 class Fired:
     """What one attempt at a run did: its outcome (``created``, ``skipped``,
-    ``missed``, ``failed``, or ``taken`` when another daemon had fired it)."""
+    ``missed``, ``failed``, or ``taken`` when another daemon had fired it), and
+    the batch (or, for a pipeline schedule, the pipeline run) it created."""
 
     outcome: str
     batch: dict[str, Any] | None = None
     detail: str | None = None
+    run: dict[str, Any] | None = None
 
 
 async def fire(
@@ -296,7 +335,8 @@ async def fire(
 ) -> Fired:
     """One run: ``kind`` "scheduled" or "catch_up" for a slot, "manual" (with
     ``slot_at`` None) for run-now, "missed" to record a passed-over slot.
-    A manual run refused by the overlap policy raises ExclusiveKeyBusy.
+    A manual run refused by the overlap policy raises ExclusiveKeyBusy (a
+    pipeline schedule's: RunKeyBusy).
     ``threads``: for a plain-def items_from (default: a thread of its own)."""
     name = plan.cfg.name
     q = store.Queries(db)
@@ -317,16 +357,21 @@ async def fire(
     slot = Slot(name, when.astimezone(_zone(plan.cfg)), kind)
     try:
         items = await plan.items(slot, threads or anyio.CapacityLimiter(1))
-        nb = plan.submission(items, slot, cfg.server.max_items_per_batch)
+        if plan.cfg.pipeline:
+            nr = plan.run_submission(items, slot, cfg.server.max_items_per_batch)
+        else:
+            nb = plan.submission(items, slot, cfg.server.max_items_per_batch)
     except ItemsFailed as exc:
         log.error("schedules.items_failed schedule=%s slot=%s: %s", name, when.isoformat(), exc)
         if kind == "manual":
             raise
         return await record("failed", str(exc))
 
-    async def claim(tx: store.Queries, batch_id: Any) -> None:
+    async def claim(tx: store.Queries, batch_id: Any = None, pipeline_run_id: Any = None) -> None:
         verdict = await tx.claim_schedule_slot(
-            store.NewScheduleRun(name, slot_at, kind, "created", batch_id, None, worker)
+            store.NewScheduleRun(
+                name, slot_at, kind, "created", batch_id, None, worker, pipeline_run_id
+            )
         )
         if verdict != "claimed":
             raise SlotTaken(verdict)
@@ -334,13 +379,41 @@ async def fire(
             for earlier in await tx.schedule_unfinished_batches(name):
                 await tx.cancel_batch(earlier, tenant=None, actor=f"schedule:{name}")
 
+    who = actor or f"schedule:{name}"
+    if plan.cfg.pipeline:
+        # Overlap is "skip" (config refuses the others): a run holding the key refuses it.
+        try:
+            run, _ = await pipeline_runs.submit(
+                db,
+                cfg,
+                nr,
+                tenant=plan.cfg.tenant,
+                actor=who,
+                in_tx=lambda tx, run_id: claim(tx, pipeline_run_id=run_id),
+            )
+        except SlotTaken as exc:
+            return Fired("taken", detail=str(exc))
+        except pipeline_runs.RunKeyBusy as exc:
+            if kind == "manual":
+                raise
+            log.info("schedules.skipped schedule=%s slot=%s: %s", name, when.isoformat(), exc)
+            return await record("skipped", str(exc))
+        log.info(
+            "schedules.fired schedule=%s slot=%s kind=%s pipeline_run=%s",
+            name,
+            when.isoformat(),
+            kind,
+            run.id,
+        )
+        return Fired("created", run=await pipeline_runs.describe(q, run))
+
     hcfg = cfg.handlers[plan.cfg.handler]
     try:
         sub = await batches.submit(
             db,
             nb,
             tenant=plan.cfg.tenant,
-            actor=actor or f"schedule:{name}",
+            actor=who,
             attempt_budget=hcfg.max_attempts,
             callback_handler=hcfg.on_complete,
             in_tx=claim,
@@ -442,6 +515,8 @@ def run_json(r: store.ScheduleRun | None) -> dict[str, Any] | None:
         "outcome": r.outcome,
         "batch_id": None if r.batch_id is None else str(r.batch_id),
         "batch_status": r.batch_status,
+        "pipeline_run_id": None if r.pipeline_run_id is None else str(r.pipeline_run_id),
+        "pipeline_run_status": r.pipeline_run_status,
         "detail": r.detail,
         "fired_at": _iso(r.created_at),
         "worker": r.worker,
@@ -468,7 +543,8 @@ async def describe(q: store.Queries, plans: list[Plan]) -> list[dict[str, Any]]:
                 "name": c.name,
                 "cron": c.cron,
                 "timezone": c.timezone,
-                "handler": c.handler,
+                "handler": c.handler or None,
+                "pipeline": c.pipeline or None,
                 "items_from": c.items_from or None,
                 "exclusive_key": c.key,
                 "overlap": c.overlap,

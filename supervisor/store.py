@@ -439,7 +439,8 @@ class ScheduleState(_FromRecord):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ScheduleRun(_FromRecord):
-    """One run of a schedule, with its batch's status (None once deleted)."""
+    """One run of a schedule, with its batch's status (None once deleted) or its
+    pipeline run's."""
 
     id: int
     schedule: str
@@ -451,6 +452,8 @@ class ScheduleRun(_FromRecord):
     worker: str | None
     created_at: datetime
     batch_status: str | None
+    pipeline_run_id: uuid.UUID | None  # what a pipeline schedule's run created
+    pipeline_run_status: str | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -464,6 +467,7 @@ class NewScheduleRun:
     batch_id: uuid.UUID | None
     detail: str | None
     worker: str
+    pipeline_run_id: uuid.UUID | None = None  # a pipeline schedule's run (batch_id None)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -1143,7 +1147,7 @@ class Queries:
         return [ScheduleState.of(r) for r in await self._ex.fetch("schedule_states", list(names))]
 
     async def claim_schedule_slot(self, run: NewScheduleRun) -> str:
-        """'claimed', 'taken', 'paused' or 'unknown' (see claim_schedule_slot.sql)."""
+        """'claimed', 'taken', 'paused' or 'unknown' (see claim_schedule_slot_v2.sql)."""
         verdict: str = await self._ex.fetchval(
             "claim_schedule_slot",
             run.schedule,
@@ -1151,6 +1155,7 @@ class Queries:
             run.kind,
             run.outcome,
             run.batch_id,
+            run.pipeline_run_id,
             run.detail,
             run.worker,
         )

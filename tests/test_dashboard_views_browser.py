@@ -91,6 +91,29 @@ def test_schedules_view_links_last_run_pauses_and_runs_now(
     _same_page(page)
 
 
+def test_a_pipeline_schedules_row_names_the_pipeline_and_links_its_runs(
+    daemons: DaemonFactory, page: Any
+) -> None:
+    nightly = {"cron": "0 0 1 1 *", "pipeline": "long", "items": [{"sleep": 3600}]}
+    d = daemons(
+        "dash-sched-runs",
+        handlers=HANDLERS,
+        extra={"pipelines": PIPELINES, "schedules": {"nightly": nightly}},
+    )
+    _open(page, d.url + "/")
+    page.get_by_test_id("nav-schedules").click()
+    expect(page.get_by_test_id("schedule-row-nightly")).to_contain_text("pipeline long")
+    page.get_by_test_id("schedule-run-nightly").click()
+    _confirm(page)
+    expect(page.get_by_test_id("toast")).to_contain_text("pipeline run")
+    run = wait_for(lambda: _api(d, "GET", "/v1/schedules/nightly")["last_manual_run"], timeout=10)
+    link = page.get_by_test_id("schedule-manual-nightly-run")
+    expect(link).to_have_attribute("href", f"#/runs/{run['pipeline_run_id']}")
+    expect(page.get_by_test_id("schedule-manual-nightly-run-status")).to_have_text("running")
+    _api(d, "POST", f"/v1/pipeline-runs/{run['pipeline_run_id']}/cancel")
+    _same_page(page)
+
+
 def test_pipeline_run_view_follows_its_stages_to_completed(
     daemons: DaemonFactory, page: Any, tmp_path: pathlib.Path
 ) -> None:

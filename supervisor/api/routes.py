@@ -686,6 +686,13 @@ def _pipeline_json(p: Any) -> dict[str, Any]:
     }
 
 
+def _run_key_busy(exc: pipeline_runs.RunKeyBusy) -> Problem:
+    """409 naming the running run that holds the exclusive key."""
+    return Problem(
+        409, str(exc), extensions={"active_run_id": str(exc.run_id), "exclusive_key": exc.key}
+    )
+
+
 @routes.get("/v1/pipelines")
 async def list_pipelines(request: web.Request) -> web.Response:
     principal(request).require("read")
@@ -721,11 +728,7 @@ async def create_run(request: web.Request) -> web.Response:
     except pipeline_runs.RunIdempotencyConflict as exc:
         raise Problem(409, str(exc)) from None
     except pipeline_runs.RunKeyBusy as exc:
-        raise Problem(
-            409,
-            str(exc),
-            extensions={"active_run_id": str(exc.run_id), "exclusive_key": exc.key},
-        ) from None
+        raise _run_key_busy(exc) from None
     body = await pipeline_runs.describe(ctx.q, run)
     return _json(body, 201 if created else 200, {"Location": f"/v1/pipeline-runs/{body['id']}"})
 
@@ -991,8 +994,16 @@ async def run_schedule(request: web.Request) -> web.Response:
         )
     except batches.ExclusiveKeyBusy as exc:
         raise _key_busy(exc) from None
+    except pipeline_runs.RunKeyBusy as exc:
+        raise _run_key_busy(exc) from None
     except schedules.ItemsFailed as exc:
         raise Problem(409, f"the schedule's items could not be built: {exc}") from None
+    if fired.run is not None:  # a pipeline schedule's run
+        return _json(
+            {"schedule": await _schedule_json(request, plan), "run": fired.run},
+            201,
+            {"Location": f"/v1/pipeline-runs/{fired.run['id']}"},
+        )
     b = fired.batch
     if b is None:  # the schedule's row was deleted under us
         raise Problem(409, f"schedule {plan.cfg.name!r} could not be run: {fired.detail}")

@@ -622,10 +622,11 @@ SELECT s.name, s.paused, s.since, s.paused_at, s.paused_by,
   FROM @schema.schedules s WHERE s.name = ANY($1::text[]) ORDER BY s.name;
 
 -- name: claim_schedule_slot
--- Record a run of a schedule (see claim_schedule_slot.sql for the answers).
-SELECT @schema.claim_schedule_slot(
+-- Record a run of a schedule, with the batch or pipeline run it fired (see
+-- claim_schedule_slot_v2.sql for the answers).
+SELECT @schema.claim_schedule_slot_v2(
     p_schedule => $1, p_slot_at => $2, p_kind => $3, p_outcome => $4, p_batch => $5,
-    p_detail => $6, p_worker => $7) AS verdict;
+    p_pipeline_run => $6, p_detail => $7, p_worker => $8) AS verdict;
 
 -- name: schedule_unfinished_batches
 -- The unfinished batches of a schedule's earlier runs (overlap = cancel), locked
@@ -649,10 +650,11 @@ ON CONFLICT (name) DO UPDATE
  WHERE s.paused IS DISTINCT FROM $2;
 
 -- name: schedule_last_runs
--- Per schedule, its latest slot run and its latest manual run, with their
--- batches' status (NULL once a batch is deleted).
+-- Per schedule, its latest slot run and its latest manual run, with the status
+-- of their batches (NULL once a batch is deleted) or pipeline runs.
 SELECT r.id, r.schedule, r.slot_at, r.kind, r.outcome, r.batch_id, r.detail, r.worker,
-       r.created_at, b.status AS batch_status
+       r.created_at, b.status AS batch_status, r.pipeline_run_id,
+       p.status AS pipeline_run_status
   FROM unnest($1::text[]) AS n(name)
  CROSS JOIN LATERAL (
        (SELECT * FROM @schema.schedule_runs x
@@ -660,7 +662,8 @@ SELECT r.id, r.schedule, r.slot_at, r.kind, r.outcome, r.batch_id, r.detail, r.w
        UNION ALL
        (SELECT * FROM @schema.schedule_runs x
          WHERE x.schedule = n.name AND x.kind = 'manual' ORDER BY x.id DESC LIMIT 1)) r
-  LEFT JOIN @schema.batches b ON b.id = r.batch_id;
+  LEFT JOIN @schema.batches b ON b.id = r.batch_id
+  LEFT JOIN @schema.pipeline_runs p ON p.id = r.pipeline_run_id;
 
 -- name: retention_delete_schedule_runs
 -- Forget runs created before $1 seconds ago, but never a schedule's latest slot
