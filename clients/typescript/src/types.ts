@@ -183,6 +183,16 @@ export interface Problem {
   /** Item controls' 409: the item's status and its batch. */
   item_status?: string;
   batch_id?: string;
+  /** A bulk item retry's 409: the chosen items, each with why it was not retried. */
+  skipped?: SkippedItem[];
+}
+
+/** One item a bulk retry (`POST /v1/batches/{id}/items/retry`) did not retry. */
+export interface SkippedItem {
+  id: string;
+  /** Its status (null: no such item in this batch). */
+  status: string | null;
+  reason: string;
 }
 
 // -- Server-Sent Events of GET /v1/batches/{id}/events (supervisor/api/sse.py)
