@@ -207,6 +207,9 @@ class BackoffConfig:
         return max(0.0, base * (1 + self.jitter * (2 * rand - 1)))
 
 
+KEY_BURST_S = 0.1  # a key's rate bucket holds this many seconds' worth of starts
+
+
 @dataclasses.dataclass(frozen=True)
 class KeyLimitConfig:
     """A handler's limits per key (supervisor/key_limits.py): at most
@@ -217,6 +220,11 @@ class KeyLimitConfig:
     concurrency: int | None = None
     rate_limit: str | None = None
     rate_per_s: float | None = None
+
+    @property
+    def burst(self) -> float:
+        """The starts a key's full bucket holds: KEY_BURST_S worth, at least one."""
+        return max(1.0, (self.rate_per_s or 0.0) * KEY_BURST_S)
 
 
 @dataclasses.dataclass(frozen=True)

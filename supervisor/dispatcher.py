@@ -114,6 +114,8 @@ class Dispatcher:
         self._drain_scope = anyio.CancelScope()
         self._stopping = False
         self._orphan_check = False
+        # each keyed claim's items as (limit key, seconds runnable): the metrics
+        self.on_keyed_claim: Callable[[str, list[tuple[str, float]]], None] | None = None
         self._retry_due: float | None = None
         self._meta_cache: dict[str, Any] = {}
         self.db_ok = True
@@ -368,7 +370,7 @@ class Dispatcher:
                 rate=hcfg.rate_per_s,
                 burst=burst,
             )
-        return await self._q.claim_keyed_items(
+        rows = await self._q.claim_keyed_items(
             handler=hcfg.name,
             limit=n,
             worker=self._worker,
@@ -378,8 +380,11 @@ class Dispatcher:
             burst=burst,
             key_cap=kl.concurrency,
             key_rate=kl.rate_per_s,
-            key_burst=max(1.0, (kl.rate_per_s or 0.0) * RATE_BURST_S),
+            key_burst=kl.burst,
         )
+        if rows and self.on_keyed_claim is not None:
+            self.on_keyed_claim(hcfg.name, [(r.limit_key, r.waited_s) for r in rows])
+        return list(rows)
 
     async def _release_orphans(self) -> None:
         """After a failed claim: items the database says we run but we do not know.

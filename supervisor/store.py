@@ -198,6 +198,27 @@ class ClaimedItem(_FromRecord):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class KeyedClaimedItem(ClaimedItem):
+    """A claimed item of a handler with a key limit: its key, and how long it had
+    been runnable when claimed (for the limit-wait metrics)."""
+
+    limit_key: str
+    waited_s: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KeyUsage(_FromRecord):
+    """What one limit key of a handler uses now, over every daemon: its running
+    items, its rate bucket's tokens (None: full, no row) and its pause (None: not
+    paused)."""
+
+    limit_key: str
+    running: int
+    tokens: float | None
+    throttled_until: datetime | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class KeyThrottle(_FromRecord):
     """A limit key paused by its handler's backpressure until ``throttled_until``."""
 
@@ -842,7 +863,7 @@ class Queries:
         key_cap: int | None,
         key_rate: float | None,
         key_burst: float,
-    ) -> list[ClaimedItem]:
+    ) -> list[KeyedClaimedItem]:
         """:meth:`claim_items` under the handler's limits per key as well."""
         rows = await self._ex.fetch(
             "claim_keyed_items",
@@ -857,7 +878,7 @@ class Queries:
             key_rate,
             key_burst,
         )
-        return [ClaimedItem.of(r) for r in rows]
+        return [KeyedClaimedItem.of(r) for r in rows]
 
     async def throttle_keys(
         self, *, handlers: Sequence[str], keys: Sequence[str], seconds: Sequence[float]
@@ -869,6 +890,14 @@ class Queries:
     async def key_throttles(self, *, limit: int) -> list[KeyThrottle]:
         """The limit keys paused now, at most ``limit``."""
         return [KeyThrottle.of(r) for r in await self._ex.fetch("key_throttles", limit)]
+
+    async def key_usage(
+        self, *, handler: str, key_rate: float | None, key_burst: float, limit: int
+    ) -> list[KeyUsage]:
+        """The keys of ``handler`` that use any of their limits now, busiest
+        first, at most ``limit``."""
+        rows = await self._ex.fetch("key_usage", handler, key_rate, key_burst, limit)
+        return [KeyUsage.of(r) for r in rows]
 
     async def assign_limit_keys(self, *, handler: str, tokens: Sequence[str]) -> int:
         """Give the handler's queued items without a limit key theirs; how many."""

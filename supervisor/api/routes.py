@@ -736,6 +736,16 @@ async def workers(request: web.Request) -> web.Response:
 
 
 LIMITS_THROTTLES_MAX = 1000  # throttled keys listed at most, in all
+LIMITS_KEYS_MAX = 1000  # keys in use listed at most, per handler
+
+
+def _key_usage(u: store.KeyUsage) -> dict[str, Any]:
+    return {
+        "limit_key": u.limit_key,
+        "running": u.running,
+        "tokens": None if u.tokens is None else round(u.tokens, 3),
+        "throttled_until": models.rfc3339(u.throttled_until),
+    }
 
 
 @routes.get("/v1/limits")
@@ -751,24 +761,32 @@ async def limits(request: web.Request) -> web.Response:
         paused.setdefault(r.handler, []).append(
             {"limit_key": r.limit_key, "throttled_until": models.rfc3339(r.throttled_until)}
         )
-    return _json(
-        {
-            "handlers": [
-                {
-                    "name": name,
-                    "key_limit": {
-                        "key": kl.key,
-                        "concurrency": kl.concurrency,
-                        "rate_limit": kl.rate_limit,
-                    },
-                    "throttled_keys": paused.get(name, []),
-                }
-                for name, h in sorted(ctx.cfg.handlers.items())
-                if (kl := h.key_limit) is not None
-            ],
-            "truncated": truncated,
-        }
-    )
+    out = []
+    for name, h in sorted(ctx.cfg.handlers.items()):
+        kl = h.key_limit
+        if kl is None:
+            continue
+        # Read from the database, so what every daemon runs is counted.
+        usage = await ctx.q.key_usage(
+            handler=name, key_rate=kl.rate_per_s, key_burst=kl.burst, limit=LIMITS_KEYS_MAX + 1
+        )
+        keys_truncated = len(usage) > LIMITS_KEYS_MAX
+        truncated = truncated or keys_truncated
+        out.append(
+            {
+                "name": name,
+                "key_limit": {
+                    "key": kl.key,
+                    "concurrency": kl.concurrency,
+                    "rate_limit": kl.rate_limit,
+                    "burst": kl.burst if kl.rate_per_s is not None else None,
+                },
+                "throttled_keys": paused.get(name, []),
+                "keys": [_key_usage(u) for u in usage[:LIMITS_KEYS_MAX]],
+                "keys_truncated": keys_truncated,
+            }
+        )
+    return _json({"handlers": out, "truncated": truncated})
 
 
 @routes.get("/healthz")

@@ -237,8 +237,8 @@ SELECT * FROM @schema.claim_items(
 
 -- name: claim_keyed_items
 -- claim_items for a handler with a key limit: at most $8 running and $9/s starts
--- per limit key, fair across keys (functions/claim_keyed_items.sql).
-SELECT * FROM @schema.claim_keyed_items(
+-- per limit key, fair across keys (functions/claim_keyed_items_v2.sql).
+SELECT * FROM @schema.claim_keyed_items_v2(
     p_handler => $1, p_limit => $2, p_worker => $3, p_lease => $4,
     p_global_cap => $5, p_rate => $6, p_burst => $7,
     p_key_cap => $8, p_key_rate => $9, p_key_burst => $10);
@@ -768,3 +768,36 @@ SELECT th.handler, th.limit_key, th.throttled_until FROM @schema.key_throttles t
  WHERE th.throttled_until > now()
  ORDER BY th.handler, th.throttled_until, th.limit_key
  LIMIT $1;
+
+-- name: key_usage
+-- The limit keys of handler $1 in use now, over every daemon: their running
+-- items (the items_key_running index), their rate bucket's tokens refilled to
+-- now at $2/s up to the burst $3 (buckets full again are left out, as if they
+-- had no row) and their pause, if any. Busiest first (most running, then the
+-- emptiest bucket), at most $4 keys.
+WITH running AS (
+    SELECT r.limit_key, count(*)::integer AS n FROM @schema.items r
+     WHERE r.handler = $1 AND r.status = 'running' AND r.limit_key IS NOT NULL
+     GROUP BY r.limit_key
+), buckets AS (
+    SELECT b.limit_key, least($3::double precision,
+                              b.tokens + extract(epoch FROM now() - b.updated_at) * $2) AS tokens
+      FROM @schema.key_rate_buckets b
+     WHERE b.handler = $1 AND $2::double precision IS NOT NULL
+), paused AS (
+    SELECT th.limit_key, th.throttled_until FROM @schema.key_throttles th
+     WHERE th.handler = $1 AND th.throttled_until > now()
+), used AS (
+    SELECT r.limit_key FROM running r
+    UNION SELECT b.limit_key FROM buckets b WHERE b.tokens < $3
+    UNION SELECT p.limit_key FROM paused p
+)
+SELECT u.limit_key, coalesce(r.n, 0) AS running,
+       CASE WHEN b.tokens < $3 THEN b.tokens END AS tokens, p.throttled_until
+  FROM used u
+  LEFT JOIN running r ON r.limit_key = u.limit_key
+  LEFT JOIN buckets b ON b.limit_key = u.limit_key
+  LEFT JOIN paused p ON p.limit_key = u.limit_key
+ ORDER BY coalesce(r.n, 0) DESC, b.tokens ASC NULLS LAST, p.throttled_until DESC NULLS LAST,
+          u.limit_key
+ LIMIT $4;

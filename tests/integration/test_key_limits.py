@@ -50,7 +50,7 @@ async def claim(
     key_cap: int | None = None,
     key_rate: float | None = None,
     global_cap: int | None = None,
-) -> list[store.ClaimedItem]:
+) -> list[store.KeyedClaimedItem]:
     """Claim up to ``n`` items as the dispatcher does for a handler with a key limit."""
     return await store.Queries(db).claim_keyed_items(
         handler=HANDLER,

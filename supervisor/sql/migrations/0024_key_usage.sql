@@ -1,0 +1,5 @@
+-- 0024_key_usage: what the limits per key are doing, for GET /v1/limits and the
+-- limit-wait metrics. claim_keyed_items_v2 is claim_keyed_items returning each
+-- claimed item's limit key and how long it had been runnable: the daemon turns
+-- that into batch_supervisor_limit_wait_seconds. claim_keyed_items stays for
+-- daemons of the previous release during a rolling upgrade.
