@@ -36,24 +36,30 @@ def parse_pointer(pointer: str) -> tuple[str, ...]:
     return tuple(tokens)
 
 
-def key_of(payload: Any, tokens: tuple[str, ...]) -> str:
-    """The limit key of one payload; ValueError (the reason) for a value that
-    cannot be a key."""
+def _value_at(payload: Any, tokens: tuple[str, ...]) -> Any:
+    """The value at a pointer's tokens, or None where the payload has none."""
     value = payload
     for token in tokens:
         if isinstance(value, dict):
             if token not in value:
-                return MISSING
+                return None
             value = value[token]
         elif isinstance(value, list):
             if not token.isdigit() or (token != "0" and token.startswith("0")):
-                return MISSING
+                return None
             index = int(token)
             if index >= len(value):
-                return MISSING
+                return None
             value = value[index]
         else:
-            return MISSING
+            return None
+    return value
+
+
+def key_of(payload: Any, tokens: tuple[str, ...]) -> str:
+    """The limit key of one payload; ValueError (the reason) for a value that
+    cannot be a key."""
+    value = _value_at(payload, tokens)
     if value is None:
         return MISSING
     if isinstance(value, str):
