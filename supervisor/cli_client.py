@@ -337,6 +337,8 @@ async def _limits(c: client.AsyncClient, args: argparse.Namespace) -> int:
         caps = ", ".join(
             f"{k} {kl[k]}" for k in ("concurrency", "rate_limit") if kl.get(k) is not None
         )
+        if kl.get("budget") is not None:
+            caps += f"{', ' if caps else ''}budget {kl['budget']:g} per {kl['budget_period']}"
         paused = h["throttled_keys"]
         keys = h.get("keys", [])
         line = (
@@ -348,6 +350,8 @@ async def _limits(c: client.AsyncClient, args: argparse.Namespace) -> int:
             parts = [f"running {u['running']}/{kl['concurrency'] or '-'}"]
             if u["tokens"] is not None:
                 parts.append(f"tokens {u['tokens']:g}/{kl['burst']:g}")
+            if "budget" in u:
+                parts.append(f"budget {u['budget']['used']:g}/{u['budget']['budget']:g}")
             if u["throttled_until"] is not None:
                 parts.append(f"throttled until {u['throttled_until']}")
             print(_printable(f"  {u['limit_key']!r}: " + ", ".join(parts)))

@@ -156,6 +156,7 @@ class Plan:
     cfg: ScheduleConfig
     items_from: Any = None  # the callable, when items come from one
     key_pointer: str | None = None  # its handler's key_limit key: items get limit keys
+    cost_pointer: str | None = None  # its key budget's cost: checked in each item
 
     def body(self, items: list[Any], slot: Slot) -> dict[str, Any]:
         """The POST /v1/batches body of one run."""
@@ -189,6 +190,7 @@ class Plan:
                 handler_exists=lambda name: name == self.cfg.handler,
                 max_items=max_items,
                 key_pointer=lambda _handler: self.key_pointer,
+                cost_pointer=lambda _handler: self.cost_pointer,
             )
         except Problem as exc:
             errors = exc.errors or [{"path": "", "message": exc.detail}]
@@ -254,6 +256,7 @@ def build_all(cfg: Config) -> dict[str, Plan]:
                 sched,
                 _load(sched) if sched.items_from else None,
                 kl.key if kl is not None else None,
+                kl.cost if kl is not None and kl.budget is not None else None,
             )
             if plan.items_from is None:
                 plan.submission(list(sched.items), probe, cfg.server.max_items_per_batch)

@@ -272,6 +272,9 @@ async def test_a_keyed_claim_reads_indexes_not_the_queue(
         1,
         100.0,
         1.0,
+        None,
+        60.0,
+        None,
     )
     assert len(rows) == 100
     assert any("items_key_runnable" in p for p in plans), plans

@@ -1,6 +1,20 @@
--- claim_keyed_items_v2: claim_keyed_items, returning besides each claimed item
--- its limit key and how long it waited (from when it became runnable, run_after,
--- to this claim), which the daemon turns into the limit-wait metrics.
+-- claim_keyed_items_v2: claim_keyed_items with a budget per key, returning
+-- besides each claimed item its limit key, how long it waited (from when it
+-- became runnable, run_after, to this claim: the limit-wait metrics) and what
+-- it was charged against its key's budget, in which period.
+--
+-- The budget: at most p_budget cost units started per key per period of
+-- p_budget_period seconds (fixed periods counted from the Unix epoch, so every
+-- daemon has the same ones; key_budgets holds each key's current period and what
+-- it used). An item's cost is the number at p_cost_path in its payload (1
+-- without one, or without p_cost_path; anything but a number >= 0 was refused at
+-- submission and counts as 1 here). Within a key, items start in turn while
+-- their running total fits what is left; the first one that does not fit holds
+-- back those behind it (no overtaking: a big item is never starved by small
+-- ones). An item alone costing more than the whole budget starts as the first
+-- item of a period no cost has been charged to yet, and uses that period up.
+-- The daemon corrects a key's charge when its handler reports the actual cost
+-- (correct_key_budgets), for the period that charged it, if still current.
 --
 -- claim_items for a handler with a key limit (key_limit in
 -- its configuration): besides pause, a batch's max_concurrency, the handler's
@@ -29,10 +43,12 @@
 CREATE OR REPLACE FUNCTION @schema.claim_keyed_items_v2(
     p_handler text, p_limit integer, p_worker text, p_lease uuid,
     p_global_cap integer, p_rate double precision, p_burst double precision,
-    p_key_cap integer, p_key_rate double precision, p_key_burst double precision)
+    p_key_cap integer, p_key_rate double precision, p_key_burst double precision,
+    p_budget double precision, p_budget_period double precision, p_cost_path text[])
 RETURNS TABLE (id bigint, batch_id uuid, key text, payload jsonb, attempts integer,
                max_attempts integer, batch_metadata jsonb, limit_key text,
-               waited_s double precision)
+               waited_s double precision, cost double precision,
+               budget_period_start timestamptz)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -53,6 +69,9 @@ DECLARE
     v_keys text[];
     v_free integer[];
     v_key_tokens double precision[];
+    v_budget_left double precision[];  -- of each key's budget this period (NULL: no budget)
+    v_fresh boolean[];  -- nothing charged to the key's budget this period yet
+    v_period timestamptz;  -- the budget period now
     -- the candidates, in claim order
     v_cids bigint[];
     v_cbatch uuid[];
@@ -61,12 +80,17 @@ DECLARE
     v_ids bigint[];
     v_items_batch uuid[];
     v_items_key text[];
+    v_items_cost double precision[];
     v_ord bigint[];
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('@sname:claim:' || p_handler));
     -- The buckets' clock is read under the lock: a claim that waited for it must
     -- not date its bucket writes before those of the claim it waited for.
     v_now := clock_timestamp();
+    IF p_budget IS NOT NULL THEN
+        v_period := to_timestamp(floor(extract(epoch FROM v_now) / p_budget_period)
+                                 * p_budget_period);
+    END IF;
     IF p_global_cap IS NOT NULL THEN
         SELECT count(*) INTO v_running FROM @schema.items i
          WHERE i.status = 'running' AND i.handler = p_handler;
@@ -91,10 +115,11 @@ BEGIN
     -- minus its running items) and its tokens (refilled up to the burst), both as
     -- of now, under the lock.
     SELECT array_agg(w.k ORDER BY w.ord), array_agg(w.free ORDER BY w.ord),
-           array_agg(w.tokens ORDER BY w.ord)
-      INTO v_keys, v_free, v_key_tokens
+           array_agg(w.tokens ORDER BY w.ord), array_agg(p_budget - w.used ORDER BY w.ord),
+           array_agg(w.used <= 0 ORDER BY w.ord)
+      INTO v_keys, v_free, v_key_tokens, v_budget_left, v_fresh
       FROM (
-        SELECT v.k, v.ord, t.tokens,
+        SELECT v.k, v.ord, t.tokens, g.used,
                least(v_limit,
                      CASE WHEN p_key_cap IS NULL THEN v_limit
                           ELSE p_key_cap - (SELECT count(*)::integer FROM @schema.items r
@@ -102,6 +127,8 @@ BEGIN
                                                AND r.status = 'running') END,
                      CASE WHEN p_key_rate IS NULL THEN v_limit
                           ELSE floor(t.tokens)::integer END,
+                     -- a key whose budget this period is spent has no room
+                     CASE WHEN g.used >= p_budget THEN 0 ELSE v_limit END,
                      -- a throttled key (key_throttles) has no room until its time
                      CASE WHEN EXISTS (SELECT 1 FROM @schema.key_throttles th
                                         WHERE th.handler = p_handler AND th.limit_key = v.k
@@ -147,6 +174,12 @@ BEGIN
                                         WHERE b.handler = p_handler AND b.limit_key = v.k),
                                       p_key_burst) END AS tokens
           ) t
+          CROSS JOIN LATERAL (
+            SELECT CASE WHEN p_budget IS NULL THEN NULL
+                        ELSE coalesce((SELECT kb.used FROM @schema.key_budgets kb
+                                        WHERE kb.handler = p_handler AND kb.limit_key = v.k
+                                          AND kb.period_start = v_period), 0) END AS used
+          ) g
       ) w;
     IF v_keys IS NULL THEN
         RETURN;  -- no key has queued items
@@ -165,7 +198,8 @@ BEGIN
               INTO v_cids, v_cbatch
               FROM (
                 SELECT p.id, p.batch_id, p.priority, p.rank + x.skip AS rank, k.ord
-                  FROM unnest(v_keys, v_free, v_got) WITH ORDINALITY AS k (k, free, got, ord)
+                  FROM unnest(v_keys, v_free, v_got, v_budget_left, v_fresh)
+                       WITH ORDINALITY AS k (k, free, got, budget_left, fresh, ord)
                  CROSS JOIN LATERAL (
                     SELECT CASE WHEN v_pass = 1 THEN 0 ELSE k.got END AS skip,
                            CASE WHEN v_pass = 1 THEN least(k.free, v_share)
@@ -173,15 +207,25 @@ BEGIN
                                 ELSE least(k.free - k.got, v_limit - v_n_cand) END AS take) x
                  CROSS JOIN LATERAL (
                     SELECT i.id, i.batch_id, bt.priority,
-                           row_number() OVER (ORDER BY i.run_after, i.id) AS rank
+                           row_number() OVER turn AS rank,
+                           -- the key's cost so far in turn order (only with a budget)
+                           CASE WHEN p_budget IS NOT NULL THEN sum(
+                               CASE WHEN p_cost_path IS NOT NULL
+                                     AND jsonb_typeof(i.payload #> p_cost_path) = 'number'
+                                    THEN greatest(0, (i.payload #> p_cost_path)::double precision)
+                                    ELSE 1 END) OVER turn END AS spent
                       FROM @schema.items i JOIN @schema.batches bt ON bt.id = i.batch_id
                      WHERE i.handler = p_handler AND i.limit_key = k.k AND i.status = 'queued'
                        AND i.run_after <= now()
                        AND bt.status IN ('queued', 'running')
                        AND (bt.max_concurrency IS NULL OR bt.running < bt.max_concurrency)
+                    WINDOW turn AS (ORDER BY i.run_after, i.id ROWS UNBOUNDED PRECEDING)
                      ORDER BY i.run_after, i.id
                      OFFSET x.skip LIMIT x.take) p
                  WHERE x.take > 0
+                   -- within the budget left, or the first item of a fresh period
+                   AND (p_budget IS NULL OR p.spent <= k.budget_left
+                        OR (p.rank = 1 AND k.fresh))
               ) c;
             v_n_cand := coalesce(cardinality(v_cids), 0);
             -- Pass 2 only when the shares left the claim short: the keys that had
@@ -225,11 +269,17 @@ BEGIN
                SET status = 'running', attempts = i.attempts + 1, worker = p_worker,
                    lease = p_lease, started_at = now()
               FROM picked WHERE i.id = picked.id
-            RETURNING i.id, i.batch_id, i.limit_key, picked.ord
+            RETURNING i.id, i.batch_id, i.limit_key, picked.ord,
+                      CASE WHEN p_budget IS NULL THEN NULL
+                           WHEN p_cost_path IS NOT NULL
+                            AND jsonb_typeof(i.payload #> p_cost_path) = 'number'
+                           THEN greatest(0, (i.payload #> p_cost_path)::double precision)
+                           ELSE 1 END AS cost
         )
         SELECT array_agg(upd.id ORDER BY upd.ord), array_agg(upd.batch_id ORDER BY upd.ord),
-               array_agg(upd.limit_key ORDER BY upd.ord), array_agg(upd.ord ORDER BY upd.ord)
-          INTO v_ids, v_items_batch, v_items_key, v_ord
+               array_agg(upd.limit_key ORDER BY upd.ord), array_agg(upd.ord ORDER BY upd.ord),
+               array_agg(upd.cost ORDER BY upd.ord)
+          INTO v_ids, v_items_batch, v_items_key, v_ord, v_items_cost
           FROM upd;
     END IF;
     v_total := coalesce(cardinality(v_ids), 0);
@@ -272,11 +322,32 @@ BEGIN
         UPDATE @schema.rate_buckets r SET tokens = v_tokens - v_total, updated_at = v_now
          WHERE r.handler = p_handler;
     END IF;
+    IF p_budget IS NOT NULL THEN
+        -- Charge each key's period (a row of an earlier period starts over), in key
+        -- order, the order correct_key_budgets locks rows in too.
+        INSERT INTO @schema.key_budgets AS kb (handler, limit_key, period_start, used)
+        SELECT p_handler, x.k, v_period, sum(x.c)
+          FROM unnest(v_items_key, v_items_cost) AS x (k, c)
+         GROUP BY x.k
+         ORDER BY x.k
+            ON CONFLICT (handler, limit_key) DO UPDATE
+            SET used = CASE WHEN kb.period_start = excluded.period_start
+                            THEN kb.used + excluded.used ELSE excluded.used END,
+                period_start = excluded.period_start;
+        -- Rows of past periods say nothing a missing row does not; skip those a
+        -- correction holds (it matches nothing current anyway).
+        DELETE FROM @schema.key_budgets kb
+         USING (SELECT o.limit_key FROM @schema.key_budgets o
+                 WHERE o.handler = p_handler AND o.period_start < v_period
+                   FOR UPDATE SKIP LOCKED) old
+         WHERE kb.handler = p_handler AND kb.limit_key = old.limit_key;
+    END IF;
 
     RETURN QUERY SELECT i.id, i.batch_id, i.key, i.payload, i.attempts, i.max_attempts,
                         bt.metadata, i.limit_key,
-                        greatest(0, extract(epoch FROM i.started_at - i.run_after))::double precision
-                   FROM unnest(v_ids, v_ord) AS x (id, ord)
+                        greatest(0, extract(epoch FROM i.started_at - i.run_after))::double precision,
+                        x.cost, v_period
+                   FROM unnest(v_ids, v_ord, v_items_cost) AS x (id, ord, cost)
                    JOIN @schema.items i ON i.id = x.id
                    JOIN @schema.batches bt ON bt.id = i.batch_id
                   ORDER BY x.ord;
