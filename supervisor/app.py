@@ -190,6 +190,7 @@ class Daemon:
         ob = outbox_mod.Outbox(db, actor, applied, cfg.server.max_items_per_batch)
         reports = progress.Reports(store.Queries(db), uuid.UUID(self.lease))
         disp = dispatcher.Dispatcher(cfg, db, built, ob, self.lease, reports, self.tracer)
+        disp.on_keyed_claim = self.metrics.limit_waited
         self.metrics.track_progress_stalls(built, reports.stalled_s)
         self.metrics.track_in_flight(built, lambda handler: disp.per_handler[handler], disp.waiting)
         for name, h in built.items():

@@ -336,7 +336,8 @@ async def _schedules(c: client.AsyncClient, args: argparse.Namespace) -> int:
 
 
 async def _limits(c: client.AsyncClient, args: argparse.Namespace) -> int:
-    """``limits``: one line per keyed handler, then one per throttled key."""
+    """``limits``: one line per keyed handler, then one per key in use (busiest
+    first), then one per throttled key."""
     data = await c.limits()
     if args.json:
         print(json.dumps(data, indent=2))
@@ -346,13 +347,28 @@ async def _limits(c: client.AsyncClient, args: argparse.Namespace) -> int:
         caps = ", ".join(
             f"{k} {kl[k]}" for k in ("concurrency", "rate_limit") if kl.get(k) is not None
         )
+        if kl.get("budget") is not None:
+            caps += f"{', ' if caps else ''}budget {kl['budget']:g} per {kl['budget_period']}"
         paused = h["throttled_keys"]
-        line = f"{h['name']:<20} key {kl['key']} ({caps})  throttled keys: {len(paused)}"
+        keys = h.get("keys", [])
+        line = (
+            f"{h['name']:<20} key {kl['key']} ({caps})  keys in use: {len(keys)}"
+            f"{'+' if h.get('keys_truncated') else ''}  throttled keys: {len(paused)}"
+        )
         print(_printable(line))
+        for u in keys:
+            parts = [f"running {u['running']}/{kl['concurrency'] or '-'}"]
+            if u["tokens"] is not None:
+                parts.append(f"tokens {u['tokens']:g}/{kl['burst']:g}")
+            if "budget" in u:
+                parts.append(f"budget {u['budget']['used']:g}/{u['budget']['budget']:g}")
+            if u["throttled_until"] is not None:
+                parts.append(f"throttled until {u['throttled_until']}")
+            print(_printable(f"  {u['limit_key']!r}: " + ", ".join(parts)))
         for t in paused:
             print(_printable(f"  {t['limit_key']!r} until {t['throttled_until']}"))
     if data["truncated"]:
-        print("(more throttled keys than listed)")
+        print("(more keys than listed)")
     return 0
 
 

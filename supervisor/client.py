@@ -605,8 +605,9 @@ class AsyncClient:
             await asyncio.sleep(min(5.0, 0.2 * 2**failures))
 
     async def limits(self) -> dict[str, Any]:
-        """``GET /v1/limits`` (admin): each keyed handler's key_limit and the limit
-        keys throttled now (``{"handlers": [...], "truncated": bool}``)."""
+        """``GET /v1/limits`` (admin): each keyed handler's key_limit, its keys in
+        use now (running items, bucket tokens, pause) and the limit keys throttled
+        now (``{"handlers": [...], "truncated": bool}``)."""
         return dict(await self.request("GET", "/v1/limits"))
 
     # -- schedules

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import importlib.util
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -276,16 +277,30 @@ class BackoffConfig:
         return max(0.0, base * (1 + self.jitter * (2 * rand - 1)))
 
 
+KEY_BURST_S = 0.1  # a key's rate bucket holds this many seconds' worth of starts
+
+
 @dataclasses.dataclass(frozen=True)
 class KeyLimitConfig:
     """A handler's limits per key (supervisor/key_limits.py): at most
-    ``concurrency`` running and ``rate_per_s`` starts per key, across every daemon."""
+    ``concurrency`` running, ``rate_per_s`` starts and ``budget`` cost started per
+    ``budget_period_s`` per key, across every daemon."""
 
     key: str  # the JSON Pointer into the payload, as configured
     tokens: tuple[str, ...]  # its reference tokens
     concurrency: int | None = None
     rate_limit: str | None = None
     rate_per_s: float | None = None
+    budget: float | None = None  # cost units started per key per period
+    budget_period: str = "1m"
+    budget_period_s: float = 60.0
+    cost: str | None = None  # the JSON Pointer to an item's cost (none: each costs 1)
+    cost_tokens: tuple[str, ...] | None = None
+
+    @property
+    def burst(self) -> float:
+        """The starts a key's full bucket holds: KEY_BURST_S worth, at least one."""
+        return max(1.0, (self.rate_per_s or 0.0) * KEY_BURST_S)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -827,7 +842,7 @@ def _key_limit(ck: _Checker, t: Mapping[str, Any], p: str) -> KeyLimitConfig | N
     if not isinstance(k, dict):
         ck.problems.append(f"{kp}: expected a table, got {type(k).__name__}")
         return None
-    ck.unknown(kp, k, ["key", "concurrency", "rate_limit"])
+    ck.unknown(kp, k, ["key", "concurrency", "rate_limit", "budget", "budget_period", "cost"])
     pointer = ck.get(k, kp, "key", str, None)
     tokens: tuple[str, ...] = ()
     if pointer is None:
@@ -848,14 +863,37 @@ def _key_limit(ck: _Checker, t: Mapping[str, Any], p: str) -> KeyLimitConfig | N
         except ValueError as exc:
             ck.problems.append(f"{kp}.rate_limit: {exc}")
     concurrency = ck.positive_int(k, kp, "concurrency", None)
-    if "concurrency" not in k and "rate_limit" not in k:
-        ck.problems.append(f"{kp}: needs concurrency, rate_limit or both (the limits per key)")
+    if not {"concurrency", "rate_limit", "budget"} & set(k):
+        ck.problems.append(
+            f"{kp}: needs concurrency, rate_limit or budget (the limits per key), or several"
+        )
+    budget = ck.get(k, kp, "budget", (int, float), None)
+    if budget is not None and not 0 < budget < math.inf:
+        ck.problems.append(f"{kp}.budget: must be a number greater than zero, got {budget!r}")
+        budget = None
+    period_s = ck.duration(k, kp, "budget_period", 60.0)
+    period = ck.get(k, kp, "budget_period", (str, int, float), "1m")
+    cost = ck.get(k, kp, "cost", str, None)
+    cost_tokens = None
+    if cost is not None:
+        try:
+            cost_tokens = key_limits.parse_pointer(cost)
+        except ValueError as exc:
+            ck.problems.append(f"{kp}.cost: {exc}")
+    for name in ("budget_period", "cost"):
+        if name in k and "budget" not in k:
+            ck.problems.append(f"{kp}.{name}: only means something with {kp}.budget")
     return KeyLimitConfig(
         key=pointer or "",
         tokens=tokens,
         concurrency=concurrency,
         rate_limit=rate_limit,
         rate_per_s=rate_per_s,
+        budget=None if budget is None else float(budget),
+        budget_period=str(period),
+        budget_period_s=period_s,
+        cost=cost,
+        cost_tokens=cost_tokens,
     )
 
 

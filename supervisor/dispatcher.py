@@ -33,6 +33,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -74,6 +75,16 @@ class Running:
     limit: float  # how far item.extend() may move the deadline (max_timeout)
     # items it adds to its batch (key, payload JSON, limit key), written with its success
     added: list[executor.Added] = dataclasses.field(default_factory=list)
+    cost: float | None = None  # the cost it reported (item.report_cost), the last one
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What a claim charged an attempt's key budget: its key, the period, the cost."""
+
+    limit_key: str
+    period_start: datetime
+    cost: float
 
 
 class Dispatcher:
@@ -123,6 +134,10 @@ class Dispatcher:
         self._drain_scope = anyio.CancelScope()
         self._stopping = False
         self._orphan_check = False
+        # each keyed claim's items as (limit key, seconds runnable): the metrics
+        self.on_keyed_claim: Callable[[str, list[tuple[str, float]]], None] | None = None
+        # claimed attempts charged to a key budget, until their outcome is handed over
+        self._charges: dict[AttemptKey, Charge] = {}
         self._retry_due: float | None = None
         self._meta_cache: dict[str, Any] = {}
         self.db_ok = True
@@ -379,7 +394,7 @@ class Dispatcher:
                 rate=hcfg.rate_per_s,
                 burst=burst,
             )
-        return await self._q.claim_keyed_items(
+        rows = await self._q.claim_keyed_items(
             handler=hcfg.name,
             limit=n,
             worker=self._worker,
@@ -389,8 +404,19 @@ class Dispatcher:
             burst=burst,
             key_cap=kl.concurrency,
             key_rate=kl.rate_per_s,
-            key_burst=max(1.0, (kl.rate_per_s or 0.0) * RATE_BURST_S),
+            key_burst=kl.burst,
+            budget=kl.budget,
+            budget_period_s=kl.budget_period_s,
+            cost_path=kl.cost_tokens,
         )
+        for r in rows:
+            if r.cost is not None and r.budget_period_start is not None:
+                self._charges[(r.id, r.attempts)] = Charge(
+                    r.limit_key, r.budget_period_start, r.cost
+                )
+        if rows and self.on_keyed_claim is not None:
+            self.on_keyed_claim(hcfg.name, [(r.limit_key, r.waited_s) for r in rows])
+        return list(rows)
 
     async def _load_traces(self, rows: list[store.ClaimedItem]) -> None:
         """Remember the submission trace context of the batches these claimed
@@ -530,7 +556,7 @@ class Dispatcher:
             self._window.finished()
             self.per_handler[item.handler] -= 1
             if result is not None:
-                self._finish(item, result, started, run.added)
+                self._finish(item, result, started, run.added, run.cost)
             if traced is not None:
                 assert self._tracer is not None
                 self._tracer.end_attempt(traced, result)
@@ -564,6 +590,13 @@ class Dispatcher:
         run.deadline = max(run.deadline, wanted)
         return max(0.0, run.deadline - now)
 
+    def report_cost(self, item: Item, cost: float) -> None:
+        """Keep the cost a running attempt reports for its outcome (any thread: one
+        attribute written)."""
+        run = self._running.get((int(item.id), item.attempt))
+        if run is not None:
+            run.cost = cost
+
     def add_items(self, item: Item, entries: Iterable[Any]) -> int:
         """Validate items a running attempt adds to its batch and keep them for its
         outcome write (see :mod:`supervisor.outbox`); raises ValueError naming a
@@ -578,6 +611,9 @@ class Dispatcher:
             dedupe=True,
             key_limit=(kl.key, kl.tokens) if kl is not None else None,
             limit_keys=limit_keys,
+            cost=(kl.cost, kl.cost_tokens)
+            if kl is not None and kl.budget is not None and kl.cost and kl.cost_tokens
+            else None,
         )
         if errors:
             raise ValueError(
@@ -624,9 +660,19 @@ class Dispatcher:
         result: executor.Attempt,
         started: float,
         added: list[executor.Added] | None = None,
+        cost: float | None = None,
     ) -> None:
-        """Hand an outcome to the outbox; the claim stays counted until it is written."""
-        self._outbox.put(executor.record(item, self._lease, result, started, added or ()))
+        """Hand an outcome to the outbox; the claim stays counted until it is written.
+        A reported cost corrects its key budget's charge."""
+        charge = self._charges.pop((int(item.id), item.attempt), None)
+        correction = None
+        if charge is not None and cost is not None and cost != charge.cost:
+            correction = executor.CostCorrection(
+                charge.limit_key, charge.period_start, cost - charge.cost
+            )
+        self._outbox.put(
+            executor.record(item, self._lease, result, started, added or (), correction)
+        )
         self.owned -= 1
         self._owned_per_handler[item.handler] -= 1
         if self._ready and self._idle_workers:

@@ -69,6 +69,16 @@ class Attempt:
 Added = tuple[str | None, str, str | None]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class CostCorrection:
+    """An attempt's reported cost minus what its claim charged its key's budget,
+    for the budget period that charged it."""
+
+    limit_key: str
+    period_start: datetime
+    delta: float
+
+
 @dataclasses.dataclass(slots=True)
 class OutcomeRecord:
     """One fenced write: the outcome of attempt ``attempt`` under ``lease``."""
@@ -88,6 +98,8 @@ class OutcomeRecord:
     # items the attempt added to its batch: written with a succeeded outcome, in
     # its transaction (see supervisor.outbox)
     added: Sequence[Added] = ()
+    # the key budget correction its reported cost asks for (see supervisor.outbox)
+    cost_correction: CostCorrection | None = None
 
 
 def storable_text(text: str) -> str:
@@ -354,6 +366,7 @@ def record(
     attempt: Attempt,
     started: float,
     added: Sequence[Added] = (),
+    cost_correction: CostCorrection | None = None,
 ) -> OutcomeRecord:
     """The write of an attempt's outcome; what it added goes only with a success."""
     return OutcomeRecord(
@@ -369,4 +382,5 @@ def record(
         duration_s=time.monotonic() - started,
         throttle_key=attempt.throttle_key,
         added=added if attempt.outcome is states.Outcome.SUCCEEDED else (),
+        cost_correction=cost_correction,
     )

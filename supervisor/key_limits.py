@@ -12,11 +12,16 @@ payload without that value (or with ``null`` there) gets the key ``""``, which
 all such items share, so they are limited together rather than not at all. Any
 other value (a float, an object, an array) or a string longer than
 KEY_MAX characters is refused at submission (422).
+
+A key's budget counts cost units instead of starts: an item's cost is the number
+at the budget's ``cost`` pointer (1 without one), checked here at submission
+(422 for anything but a number >= 0) and read again from the payload by the claim.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 KEY_MAX = 1000
@@ -36,24 +41,43 @@ def parse_pointer(pointer: str) -> tuple[str, ...]:
     return tuple(tokens)
 
 
-def key_of(payload: Any, tokens: tuple[str, ...]) -> str:
-    """The limit key of one payload; ValueError (the reason) for a value that
-    cannot be a key."""
+def _value_at(payload: Any, tokens: tuple[str, ...]) -> Any:
+    """The value at a pointer's tokens, or None where the payload has none."""
     value = payload
     for token in tokens:
         if isinstance(value, dict):
             if token not in value:
-                return MISSING
+                return None
             value = value[token]
         elif isinstance(value, list):
             if not token.isdigit() or (token != "0" and token.startswith("0")):
-                return MISSING
+                return None
             index = int(token)
             if index >= len(value):
-                return MISSING
+                return None
             value = value[index]
         else:
-            return MISSING
+            return None
+    return value
+
+
+def cost_of(payload: Any, tokens: tuple[str, ...]) -> float:
+    """An item's cost under its key's budget: the number at the cost pointer, 1
+    without one (missing or null); ValueError (the reason) for anything else."""
+    value = _value_at(payload, tokens)
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"the cost must be a number >= 0, not {type(value).__name__}")
+    if not 0 <= value < math.inf:
+        raise ValueError(f"the cost must be a number >= 0, not {value!r}")
+    return float(value)
+
+
+def key_of(payload: Any, tokens: tuple[str, ...]) -> str:
+    """The limit key of one payload; ValueError (the reason) for a value that
+    cannot be a key."""
+    value = _value_at(payload, tokens)
     if value is None:
         return MISSING
     if isinstance(value, str):

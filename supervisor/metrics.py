@@ -32,6 +32,10 @@ ITEM_OUTCOMES = ("succeeded", "failed", "retried", "cancelled", "released", "rec
 UNFINISHED_BATCH_STATES = tuple(
     s.value for s in states.BatchStatus if s not in states.BATCH_TERMINAL
 )
+# Limit keys are payload values (domains, API keys): unbounded. Each handler gets
+# a series for its first KEY_SERIES_MAX keys and folds the rest into OTHER_KEY.
+KEY_SERIES_MAX = 20
+OTHER_KEY = "_other"
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
 
@@ -48,6 +52,22 @@ class Metrics:
             ["handler"],
             registry=r,
         )
+        self.limit_wait = Histogram(
+            PREFIX + "limit_wait_seconds",
+            "Items of handlers with a key limit: time from runnable (queued, retry "
+            "due) to claimed, where a key's limits hold them.",
+            ["handler"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.key_limit_wait = Counter(
+            PREFIX + "key_limit_wait_seconds_total",
+            "limit_wait_seconds summed per limit key: the first "
+            f"{KEY_SERIES_MAX} keys seen per handler, the others as limit_key={OTHER_KEY!r}.",
+            ["handler", "limit_key"],
+            registry=r,
+        )
+        self._key_series: dict[str, dict[str, Any]] = {}
         self.item_duration = Histogram(
             PREFIX + "item_duration_seconds",
             "Handler attempt duration.",
@@ -166,6 +186,24 @@ class Metrics:
             self.progress_stalled.labels(name).set_function(
                 functools.partial(lambda h: stalled_s().get(h, 0.0), name)
             )
+
+    def limit_waited(self, handler: str, waits: Sequence[tuple[str, float]]) -> None:
+        """A keyed claim's items: each (limit key, seconds it had been runnable)."""
+        if not waits:
+            return
+        hist = self.limit_wait.labels(handler)
+        series = self._key_series.setdefault(handler, {})
+        for limit_key, seconds in waits:
+            hist.observe(seconds)
+            child = series.get(limit_key)
+            if child is None:
+                # A key keeps its series once it has one: moving a key between
+                # its own series and OTHER_KEY would make both counters jump.
+                label = limit_key if len(series) < KEY_SERIES_MAX else OTHER_KEY
+                child = self.key_limit_wait.labels(handler, label)
+                if label != OTHER_KEY:
+                    series[limit_key] = child
+            child.inc(seconds)
 
     def db_error(self, operation: str) -> None:
         self.db_errors.labels(operation).inc()

@@ -24,6 +24,8 @@ class AttemptControls(Protocol):
 
     def add_items(self, item: Item, entries: Iterable[Any]) -> int: ...
 
+    def report_cost(self, item: Item, cost: float) -> None: ...
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Progress:
@@ -133,6 +135,19 @@ class Item:
         if self.controls is None:
             return float(seconds)
         return self.controls.extend(self, float(seconds))
+
+    def report_cost(self, cost: float) -> None:
+        """Say what this attempt actually cost, in its key budget's units (tokens
+        an LLM call used, say), when its estimate (the payload's cost value) was
+        off: when the attempt ends, its key's budget for the period that charged
+        it is corrected by the difference, if that period is not over. The last
+        report counts. Does nothing for a handler without a key budget."""
+        if isinstance(cost, bool) or not isinstance(cost, int | float):
+            raise TypeError(f"report_cost: the cost must be a number, not {type(cost).__name__}")
+        if not 0 <= cost < math.inf:
+            raise ValueError(f"report_cost: the cost must be a finite number >= 0, not {cost!r}")
+        if self.controls is not None:
+            self.controls.report_cost(self, float(cost))
 
     def add_items(self, items: Iterable[Any]) -> int:
         """Add items to this item's batch (fan-out: a crawler adding the links it

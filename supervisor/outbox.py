@@ -81,6 +81,7 @@ class Outbox:
                 self._wakeup = anyio.Event()
                 continue
             chunk = self._next_chunk()
+            await self._correct_budgets(chunk)
             applied = await self._write_isolating(chunk)
             del self._pending[: len(chunk)]
             self._on_applied(chunk, applied)
@@ -159,6 +160,34 @@ class Outbox:
                     rec.outcome.value,
                 )
         return applied
+
+    async def _correct_budgets(self, chunk: Sequence[OutcomeRecord]) -> None:
+        """Correct the key budgets the chunk's attempts reported costs for, once,
+        before their outcomes free their keys' slots: the claims that fill them
+        see the actual cost. Advisory, like progress: a correction PostgreSQL
+        refuses changes no outcome."""
+        fixes = [(r.handler, r.cost_correction) for r in chunk if r.cost_correction is not None]
+        if not fixes:
+            return
+        try:
+            async for attempt in dbm.retrying():
+                with attempt:
+                    await self._q.correct_key_budgets(
+                        handlers=[h for h, _ in fixes],
+                        keys=[c.limit_key for _, c in fixes],
+                        periods=[c.period_start for _, c in fixes],
+                        deltas=[c.delta for _, c in fixes],
+                    )
+        except DatabaseUnavailable:
+            raise
+        except Exception as exc:
+            # Never worth an outcome: the budget keeps the claim's estimate.
+            log.error(
+                "outcome.cost_correction_rejected items=%s error=%s: %s",
+                len(fixes),
+                type(exc).__name__,
+                executor.storable_text(str(exc))[:500],
+            )
 
     async def _throttle_keys(self, q: store.Queries, chunk: list[OutcomeRecord]) -> None:
         """Pause the limit keys the chunk's attempts throttled (backpressure per

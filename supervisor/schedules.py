@@ -161,6 +161,7 @@ class Plan:
     items_from: Any = None  # the callable, when items come from one
     # its handler's (a pipeline's: its first stage's) key_limit key: items get limit keys
     key_pointer: str | None = None
+    cost_pointer: str | None = None  # its key budget's cost: checked in each item
 
     def metadata(self, slot: Slot) -> dict[str, Any]:
         """The run's metadata: the configured one, and which slot fired it."""
@@ -198,6 +199,7 @@ class Plan:
                 handler_exists=lambda name: name == self.cfg.handler,
                 max_items=max_items,
                 key_pointer=lambda _handler: self.key_pointer,
+                cost_pointer=lambda _handler: self.cost_pointer,
             )
         except Problem as exc:
             raise _items_failed(exc) from None
@@ -291,6 +293,7 @@ def build_all(cfg: Config) -> dict[str, Plan]:
                 sched,
                 _load(sched) if sched.items_from else None,
                 kl.key if kl is not None else None,
+                kl.cost if kl is not None and kl.budget is not None else None,
             )
             if plan.items_from is None:
                 plan.validate(list(sched.items), probe, cfg.server.max_items_per_batch)

@@ -200,6 +200,31 @@ class ClaimedItem(_FromRecord):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class KeyedClaimedItem(ClaimedItem):
+    """A claimed item of a handler with a key limit: its key, and how long it had
+    been runnable when claimed (for the limit-wait metrics)."""
+
+    limit_key: str
+    waited_s: float
+    cost: float | None  # charged to the key's budget (None: the handler has none)
+    budget_period_start: datetime | None  # the budget period charged
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KeyUsage(_FromRecord):
+    """What one limit key of a handler uses now, over every daemon: its running
+    items, its rate bucket's tokens (None: full, no row), its pause (None: not
+    paused) and the cost charged to its budget this period (None: none)."""
+
+    limit_key: str
+    running: int
+    tokens: float | None
+    throttled_until: datetime | None
+    budget_used: float | None
+    budget_period_start: datetime | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class KeyThrottle(_FromRecord):
     """A limit key paused by its handler's backpressure until ``throttled_until``."""
 
@@ -937,8 +962,13 @@ class Queries:
         key_cap: int | None,
         key_rate: float | None,
         key_burst: float,
-    ) -> list[ClaimedItem]:
-        """:meth:`claim_items` under the handler's limits per key as well."""
+        budget: float | None = None,
+        budget_period_s: float = 60.0,
+        cost_path: Sequence[str] | None = None,
+    ) -> list[KeyedClaimedItem]:
+        """:meth:`claim_items` under the handler's limits per key as well: at most
+        ``budget`` cost units (each item's at ``cost_path``, else 1) started per
+        key per ``budget_period_s``."""
         rows = await self._ex.fetch(
             "claim_keyed_items",
             handler,
@@ -951,8 +981,25 @@ class Queries:
             key_cap,
             key_rate,
             key_burst,
+            budget,
+            budget_period_s,
+            None if cost_path is None else list(cost_path),
         )
-        return [ClaimedItem.of(r) for r in rows]
+        return [KeyedClaimedItem.of(r) for r in rows]
+
+    async def correct_key_budgets(
+        self,
+        *,
+        handlers: Sequence[str],
+        keys: Sequence[str],
+        periods: Sequence[datetime],
+        deltas: Sequence[float],
+    ) -> None:
+        """Add each delta (actual cost minus charged) to its key's budget period,
+        if that period is still current."""
+        await self._ex.execute(
+            "correct_key_budgets", list(handlers), list(keys), list(periods), list(deltas)
+        )
 
     async def throttle_keys(
         self, *, handlers: Sequence[str], keys: Sequence[str], seconds: Sequence[float]
@@ -964,6 +1011,22 @@ class Queries:
     async def key_throttles(self, *, limit: int) -> list[KeyThrottle]:
         """The limit keys paused now, at most ``limit``."""
         return [KeyThrottle.of(r) for r in await self._ex.fetch("key_throttles", limit)]
+
+    async def key_usage(
+        self,
+        *,
+        handler: str,
+        key_rate: float | None,
+        key_burst: float,
+        limit: int,
+        budget_period_s: float | None = None,
+    ) -> list[KeyUsage]:
+        """The keys of ``handler`` that use any of their limits now, busiest
+        first, at most ``limit`` (``budget_period_s``: its key budget's period)."""
+        rows = await self._ex.fetch(
+            "key_usage", handler, key_rate, key_burst, limit, budget_period_s
+        )
+        return [KeyUsage.of(r) for r in rows]
 
     async def assign_limit_keys(self, *, handler: str, tokens: Sequence[str]) -> int:
         """Give the handler's queued items without a limit key theirs; how many."""

@@ -18,11 +18,12 @@ from typing import Any
 from supervisor import Item, PermanentError, RetryAfter
 
 
-def _log_run(item: Item, event: str) -> None:
+def _log_run(item: Item, event: str, **extra: Any) -> None:
     path = os.environ.get("BSV_TEST_RUNLOG")
     if path:
         line = json.dumps(
-            {
+            extra
+            | {
                 "id": item.id,
                 "batch": item.batch_id,
                 "handler": item.handler,
@@ -45,6 +46,18 @@ async def echo(item: Item) -> Any:
         await asyncio.sleep(float(p["sleep"]))
     _log_run(item, "done")
     return {"echo": item.payload, "attempt": item.attempt}
+
+
+async def costly(item: Item) -> Any:
+    """echo that reports the attempt's actual cost (``actual`` in the payload) to
+    its key budget, and logs it with its start."""
+    p = item.payload if isinstance(item.payload, dict) else {}
+    _log_run(item, "start", actual=p.get("actual"))
+    await asyncio.sleep(float(p.get("sleep", 0)))
+    if "actual" in p:
+        item.report_cost(p["actual"])
+    _log_run(item, "done")
+    return {"echo": item.payload}
 
 
 async def throttle_key(item: Item) -> Any:

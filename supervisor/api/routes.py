@@ -10,7 +10,7 @@ import dataclasses
 import json
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 import anyio
@@ -175,6 +175,16 @@ def _key_pointer(cfg: Config) -> Callable[[str], str | None]:
     return pointer
 
 
+def _cost_pointer(cfg: Config) -> Callable[[str], str | None]:
+    """The JSON Pointer of each handler's key budget cost (None: it has none)."""
+
+    def pointer(name: str) -> str | None:
+        kl = cfg.handlers[name].key_limit
+        return kl.cost if kl is not None and kl.budget is not None else None
+
+    return pointer
+
+
 @routes.post("/v1/batches")
 async def create_batch(request: web.Request) -> web.Response:
     ctx = ctx_of(request)
@@ -191,6 +201,7 @@ async def create_batch(request: web.Request) -> web.Response:
             handler_exists=lambda name: name in ctx.cfg.handlers,
             max_items=ctx.cfg.server.max_items_per_batch,
             key_pointer=_key_pointer(ctx.cfg),
+            cost_pointer=_cost_pointer(ctx.cfg),
         )
 
     # A large submission holds several times its size while it is parsed, checked
@@ -864,6 +875,25 @@ async def workers(request: web.Request) -> web.Response:
 
 
 LIMITS_THROTTLES_MAX = 1000  # throttled keys listed at most, in all
+LIMITS_KEYS_MAX = 1000  # keys in use listed at most, per handler
+
+
+def _key_usage(u: store.KeyUsage, budget: float | None, period_s: float) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "limit_key": u.limit_key,
+        "running": u.running,
+        "tokens": None if u.tokens is None else round(u.tokens, 3),
+        "throttled_until": models.rfc3339(u.throttled_until),
+    }
+    if budget is not None:
+        start = u.budget_period_start
+        out["budget"] = {
+            "used": u.budget_used or 0.0,
+            "budget": budget,
+            "period_start": models.rfc3339(start),
+            "period_end": models.rfc3339(start + timedelta(seconds=period_s)) if start else None,
+        }
+    return out
 
 
 @routes.get("/v1/limits")
@@ -879,24 +909,41 @@ async def limits(request: web.Request) -> web.Response:
         paused.setdefault(r.handler, []).append(
             {"limit_key": r.limit_key, "throttled_until": models.rfc3339(r.throttled_until)}
         )
-    return _json(
-        {
-            "handlers": [
-                {
-                    "name": name,
-                    "key_limit": {
-                        "key": kl.key,
-                        "concurrency": kl.concurrency,
-                        "rate_limit": kl.rate_limit,
-                    },
-                    "throttled_keys": paused.get(name, []),
-                }
-                for name, h in sorted(ctx.cfg.handlers.items())
-                if (kl := h.key_limit) is not None
-            ],
-            "truncated": truncated,
-        }
-    )
+    out = []
+    for name, h in sorted(ctx.cfg.handlers.items()):
+        kl = h.key_limit
+        if kl is None:
+            continue
+        # Read from the database, so what every daemon runs is counted.
+        usage = await ctx.q.key_usage(
+            handler=name,
+            key_rate=kl.rate_per_s,
+            key_burst=kl.burst,
+            limit=LIMITS_KEYS_MAX + 1,
+            budget_period_s=kl.budget_period_s if kl.budget is not None else None,
+        )
+        keys_truncated = len(usage) > LIMITS_KEYS_MAX
+        truncated = truncated or keys_truncated
+        out.append(
+            {
+                "name": name,
+                "key_limit": {
+                    "key": kl.key,
+                    "concurrency": kl.concurrency,
+                    "rate_limit": kl.rate_limit,
+                    "burst": kl.burst if kl.rate_per_s is not None else None,
+                    "budget": kl.budget,
+                    "budget_period": kl.budget_period if kl.budget is not None else None,
+                    "cost": kl.cost if kl.budget is not None else None,
+                },
+                "throttled_keys": paused.get(name, []),
+                "keys": [
+                    _key_usage(u, kl.budget, kl.budget_period_s) for u in usage[:LIMITS_KEYS_MAX]
+                ],
+                "keys_truncated": keys_truncated,
+            }
+        )
+    return _json({"handlers": out, "truncated": truncated})
 
 
 @routes.get("/healthz")

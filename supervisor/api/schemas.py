@@ -238,13 +238,16 @@ def item_entries(
     dedupe: bool = False,
     key_limit: tuple[str, tuple[str, ...]] | None = None,
     limit_keys: list[str] | None = None,
+    cost: tuple[str, tuple[str, ...]] | None = None,
 ) -> list[tuple[str | None, str]]:
     """Each entry of an items array as (key, payload JSON text): a bare payload, or
     ``{"payload": ..., "key": ...}``. Problems go to ``errors`` (at most about 50),
     named by JSON Pointer under ``path``. A key given twice is an error, or with
     ``dedupe`` the later entry is dropped (a handler adding every link it found).
     ``key_limit`` (the handler's pointer and its tokens): each returned entry's
-    limit key is appended to ``limit_keys``, in step."""
+    limit key is appended to ``limit_keys``, in step. ``cost`` (the pointer of
+    the key budget's cost and its tokens): each payload's value there must be a
+    number >= 0, or absent."""
     items: list[tuple[str | None, str]] = []
     seen: dict[str, int] = {}
     for i, entry in enumerate(raw_items):
@@ -284,6 +287,11 @@ def item_entries(
                 limit_keys.append(key_limits.key_of(payload, tokens))
             except ValueError as exc:
                 errors.append({"path": f"{payload_path}{pointer}", "message": str(exc)})
+        if cost is not None:
+            try:
+                key_limits.cost_of(payload, cost[1])
+            except ValueError as exc:
+                errors.append({"path": f"{payload_path}{cost[0]}", "message": str(exc)})
         if len(errors) >= 50:
             break
     return items
@@ -329,11 +337,13 @@ def submission(
     handler_exists: Callable[[str], bool],
     max_items: int,
     key_pointer: Callable[[str], str | None] = lambda _handler: None,
+    cost_pointer: Callable[[str], str | None] = lambda _handler: None,
 ) -> NewBatch:
     """Validate a POST /v1/batches body into a NewBatch, or raise with every error.
 
     ``key_pointer``: the JSON Pointer of a handler's key limit (None: it has none);
-    each item's limit key is taken from its payload here, once."""
+    each item's limit key is taken from its payload here, once. ``cost_pointer``:
+    that of its key budget's cost (None: none), whose values are checked here."""
     if not isinstance(body, dict):
         raise ValidationFailed([{"path": "", "message": "the body must be a JSON object"}])
     errors: list[dict[str, str]] = []
@@ -348,6 +358,7 @@ def submission(
     pointer = key_pointer(handler) if isinstance(handler, str) and handler_exists(handler) else None
     tokens = key_limits.parse_pointer(pointer) if pointer is not None else None
     limit_keys: list[str] | None = [] if tokens is not None else None
+    cost = cost_pointer(handler) if pointer is not None and isinstance(handler, str) else None
     raw_items = body.get("items")
     items: list[tuple[str | None, str]] = []
     if not isinstance(raw_items, list) or not raw_items:
@@ -364,6 +375,7 @@ def submission(
             errors,
             key_limit=(pointer, tokens) if pointer is not None and tokens is not None else None,
             limit_keys=limit_keys,
+            cost=(cost, key_limits.parse_pointer(cost)) if cost is not None else None,
         )
 
     metadata = body.get("metadata", {})

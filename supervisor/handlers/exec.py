@@ -120,9 +120,11 @@ class _Stdout(_Capture):
     """stdout: the result, less the attempt's control lines, which are acted on.
 
     ``::bsv-progress {"done": 3, "total": 10, "note": "page 3"}`` reports progress
-    (``item.progress``), ``::bsv-extend 600`` asks for more time (``item.extend``)
-    and ``::bsv-add-items [...]`` adds items to the batch (``item.add_items``, a
-    JSON array of entries): one per line, at the start of a line. They are not
+    (``item.progress``), ``::bsv-extend 600`` asks for more time (``item.extend``),
+    ``::bsv-add-items [...]`` adds items to the batch (``item.add_items``, a
+    JSON array of entries) and ``::bsv-cost 1234`` reports what the attempt
+    actually cost its key's budget (``item.report_cost``): one per line, at the
+    start of a line. They are not
     part of the result. A malformed one is logged and dropped."""
 
     def __init__(self, item: Item) -> None:
@@ -182,10 +184,12 @@ class _Stdout(_Capture):
                 if not isinstance(entries, list):
                     raise TypeError("expected a JSON array of items")
                 self._item.add_items(entries)
+            elif verb == "cost":
+                self._item.report_cost(float(arg))
             else:
                 raise ValueError(
-                    "unknown control line (expected ::bsv-progress, ::bsv-extend or "
-                    "::bsv-add-items)"
+                    "unknown control line (expected ::bsv-progress, ::bsv-extend, "
+                    "::bsv-add-items or ::bsv-cost)"
                 )
         except (ValueError, TypeError, RuntimeError) as exc:
             log.warning(

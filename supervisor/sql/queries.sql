@@ -287,12 +287,14 @@ SELECT * FROM @schema.claim_items(
     p_global_cap => $5, p_rate => $6, p_burst => $7);
 
 -- name: claim_keyed_items
--- claim_items for a handler with a key limit: at most $8 running and $9/s starts
--- per limit key, fair across keys (functions/claim_keyed_items.sql).
-SELECT * FROM @schema.claim_keyed_items(
+-- claim_items for a handler with a key limit: at most $8 running, $9/s starts
+-- and $11 cost units started per $12 seconds (cost at the path $13) per limit
+-- key, fair across keys (functions/claim_keyed_items_v2.sql).
+SELECT * FROM @schema.claim_keyed_items_v2(
     p_handler => $1, p_limit => $2, p_worker => $3, p_lease => $4,
     p_global_cap => $5, p_rate => $6, p_burst => $7,
-    p_key_cap => $8, p_key_rate => $9, p_key_burst => $10);
+    p_key_cap => $8, p_key_rate => $9, p_key_burst => $10,
+    p_budget => $11, p_budget_period => $12, p_cost_path => $13::text[]);
 
 -- name: assign_limit_keys
 -- The limit keys of a handler's queued items that have none (submitted before it
@@ -829,3 +831,67 @@ SELECT th.handler, th.limit_key, th.throttled_until FROM @schema.key_throttles t
  WHERE th.throttled_until > now()
  ORDER BY th.handler, th.throttled_until, th.limit_key
  LIMIT $1;
+
+-- name: key_usage
+-- The limit keys of handler $1 in use now, over every daemon: their running
+-- items (the items_key_running index), their rate bucket's tokens refilled to
+-- now at $2/s up to the burst $3 (buckets full again are left out, as if they
+-- had no row), the cost charged to their budget in the current period of $5
+-- seconds (none: no budget) and their pause, if any. Busiest first (most
+-- running, then the most budget used, then the emptiest bucket), at most $4 keys.
+WITH running AS (
+    SELECT r.limit_key, count(*)::integer AS n FROM @schema.items r
+     WHERE r.handler = $1 AND r.status = 'running' AND r.limit_key IS NOT NULL
+     GROUP BY r.limit_key
+), buckets AS (
+    SELECT b.limit_key, least($3::double precision,
+                              b.tokens + extract(epoch FROM now() - b.updated_at) * $2) AS tokens
+      FROM @schema.key_rate_buckets b
+     WHERE b.handler = $1 AND $2::double precision IS NOT NULL
+), paused AS (
+    SELECT th.limit_key, th.throttled_until FROM @schema.key_throttles th
+     WHERE th.handler = $1 AND th.throttled_until > now()
+), budgets AS (
+    SELECT kb.limit_key, kb.used, kb.period_start FROM @schema.key_budgets kb
+     WHERE kb.handler = $1 AND kb.used > 0
+       AND kb.period_start = to_timestamp(floor(extract(epoch FROM now()) / $5::double precision)
+                                          * $5::double precision)
+), used AS (
+    SELECT r.limit_key FROM running r
+    UNION SELECT b.limit_key FROM buckets b WHERE b.tokens < $3
+    UNION SELECT p.limit_key FROM paused p
+    UNION SELECT g.limit_key FROM budgets g
+)
+SELECT u.limit_key, coalesce(r.n, 0) AS running,
+       CASE WHEN b.tokens < $3 THEN b.tokens END AS tokens, p.throttled_until,
+       g.used AS budget_used, g.period_start AS budget_period_start
+  FROM used u
+  LEFT JOIN running r ON r.limit_key = u.limit_key
+  LEFT JOIN buckets b ON b.limit_key = u.limit_key
+  LEFT JOIN paused p ON p.limit_key = u.limit_key
+  LEFT JOIN budgets g ON g.limit_key = u.limit_key
+ ORDER BY coalesce(r.n, 0) DESC, g.used DESC NULLS LAST, b.tokens ASC NULLS LAST,
+          p.throttled_until DESC NULLS LAST, u.limit_key
+ LIMIT $4;
+
+-- name: correct_key_budgets
+-- Corrects what keys' budgets were charged for attempts whose handlers reported
+-- their actual cost: each (handler $1, key $2, period $3) gets the deltas $4
+-- (actual minus charged), if that period is still the key's (a period that is
+-- over is not charged again), never below zero. Rows are locked in (handler,
+-- key) order, the order claims charge them in, so the two never deadlock.
+WITH d AS (
+    SELECT u.h, u.k, u.p, sum(u.delta) AS delta
+      FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::double precision[])
+           AS u (h, k, p, delta)
+     GROUP BY u.h, u.k, u.p
+), locked AS (
+    SELECT kb.handler, kb.limit_key FROM @schema.key_budgets kb
+      JOIN d ON d.h = kb.handler AND d.k = kb.limit_key AND d.p = kb.period_start
+     ORDER BY kb.handler, kb.limit_key
+       FOR UPDATE OF kb
+)
+UPDATE @schema.key_budgets kb SET used = greatest(0, kb.used + d.delta)
+  FROM d, locked l
+ WHERE l.handler = kb.handler AND l.limit_key = kb.limit_key
+   AND d.h = kb.handler AND d.k = kb.limit_key AND d.p = kb.period_start;

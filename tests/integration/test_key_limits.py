@@ -50,7 +50,7 @@ async def claim(
     key_cap: int | None = None,
     key_rate: float | None = None,
     global_cap: int | None = None,
-) -> list[store.ClaimedItem]:
+) -> list[store.KeyedClaimedItem]:
     """Claim up to ``n`` items as the dispatcher does for a handler with a key limit."""
     return await store.Queries(db).claim_keyed_items(
         handler=HANDLER,
@@ -272,6 +272,9 @@ async def test_a_keyed_claim_reads_indexes_not_the_queue(
         1,
         100.0,
         1.0,
+        None,
+        60.0,
+        None,
     )
     assert len(rows) == 100
     assert any("items_key_runnable" in p for p in plans), plans

@@ -87,8 +87,18 @@ def test_get_limits_lists_the_throttled_keys_and_the_metric_counts_them(daemons:
         "handlers": [
             {
                 "name": "scrape",
-                "key_limit": {"key": "/domain", "concurrency": 1, "rate_limit": None},
+                "key_limit": {
+                    "key": "/domain",
+                    "concurrency": 1,
+                    "rate_limit": None,
+                    "burst": None,
+                    "budget": None,
+                    "budget_period": None,
+                    "cost": None,
+                },
                 "throttled_keys": [],
+                "keys": [],
+                "keys_truncated": False,
             }
         ],
         "truncated": False,

@@ -49,7 +49,7 @@ def test_a_bad_key_limit_is_reported_with_dotted_paths() -> None:
     assert problems(scrape({"key": "domain", "concurency": 1})) == [
         f"{p}.concurency: unknown key (did you mean 'concurrency'?)",
         f"{p}.key: 'domain' is not a JSON Pointer into the payload, like '/domain'",
-        f"{p}: needs concurrency, rate_limit or both (the limits per key)",
+        f"{p}: needs concurrency, rate_limit or budget (the limits per key), or several",
     ]
     assert problems(scrape({"concurrency": 0, "rate_limit": "fast"})) == [
         f'{p}.key: required, a JSON Pointer into the payload like "/domain"',
