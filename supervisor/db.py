@@ -71,7 +71,7 @@ def retrying(
     )
     return tenacity.AsyncRetrying(
         retry=tenacity.retry_if_exception(is_transient),
-        wait=tenacity.wait_exponential_jitter(initial=0.05, max=max_wait_s),
+        wait=tenacity.wait_exponential_jitter(multiplier=0.05, max=max_wait_s),
         stop=stop,
         reraise=True,
         before_sleep=lambda rs: log.warning(
