@@ -89,7 +89,7 @@ def test_two_daemons_fire_exactly_one_batch_per_slot_without_gaps(
     extra = every_second(catch_up="latest")
     d1 = daemons("d1", extra=extra)
     d2 = daemons("d2", extra=extra)
-    created(db_url, 15)
+    created(db_url, 30)  # 30 s of a schedule firing every second
     for d in (d1, d2):
         assert d.stop() == 0, d.log()
     got = runs(db_url)
