@@ -49,7 +49,7 @@ def test_a_chain_survives_sigkills_at_any_moment_and_each_dependent_starts_once(
         last = chain[-1]["id"]
 
         def chain_done() -> bool:
-            status = steady.batch(last)["status"]
+            status: str = steady.batch(last)["status"]
             # A chain that ended any other way is a finding: say where it broke.
             assert status not in ("completed_with_errors", "failed", "cancelled"), [
                 (b["id"], steady.batch(b["id"])["status"], steady.batch(b["id"])["counts"])
